@@ -1,0 +1,45 @@
+# latent-atlas: two commands on a fresh machine.
+#   make run    set up .venv and run the default pipeline (embedded SmolLM2 on the shipped corpus)
+#   make test   set up .venv and run the tests (unit + the real DAG on config/ci.yaml)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= all
+# torch goes in first, pinned, so that pip never resolves a bare `torch` to a multi-GB CUDA build.
+# On a GPU workstation, set TORCH_SPEC to the build you want (or install torch yourself first).
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= config/config.yaml
+
+.PHONY: install run test lint report dry-run benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,reports]"
+	touch $@
+
+run: install
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
+
+dry-run: install
+	$(BIN)/snakemake --dry-run --configfile $(CONFIG)
+
+report: install
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --report report.html
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src scripts tests benchmarks
+	$(BIN)/ruff format --check src scripts tests benchmarks
+	$(BIN)/snakemake --lint --configfile $(CONFIG)
+
+benchmark: install
+	$(BIN)/python benchmarks/extraction.py
+
+clean:
+	rm -rf results .snakemake report.html

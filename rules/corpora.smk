@@ -1,0 +1,18 @@
+localrules:
+    prepare_corpus,
+
+
+rule prepare_corpus:
+    """Read a corpus into the documents table (doc_id, text, label, split, source)."""
+    input:
+        get_corpus_source,
+    output:
+        table="results/corpora/{corpus}.parquet",
+    params:
+        spec=get_corpus_spec,
+    log:
+        "logs/corpora/{corpus}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/prepare_corpus.py"

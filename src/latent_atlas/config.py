@@ -1,0 +1,127 @@
+"""Configuration: JSON-schema validation with defaults filled in, and the selections it describes.
+
+The workflow validates ``config/*.yaml`` against ``workflow/schemas/config.schema.yaml`` with
+:func:`validate_config` at parse time, so a bad key fails before any job runs, with a message that names
+the key, the problem and where to fix it.
+"""
+
+import copy
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import jsonschema.protocols
+import yaml
+
+from latent_atlas.errors import ConfigError
+
+LayerSpec = str | int | list[int] | Mapping[str, int]
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read a YAML file, raising :class:`ConfigError` that names the file on failure."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file not found: {path}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+
+
+def _fill_defaults(validator_class: type[jsonschema.protocols.Validator]) -> type[jsonschema.protocols.Validator]:
+    """Extend a validator so that ``default:`` values of missing properties are written into the instance."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(
+        validator: jsonschema.protocols.Validator, properties: Mapping[str, Any], instance: Any, schema: Any
+    ) -> Iterator[jsonschema.ValidationError]:
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultFillingValidator = _fill_defaults(jsonschema.Draft202012Validator)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    """Return the dotted config key an error refers to (``<top level>`` for the root)."""
+    parts = [str(part) for part in error.absolute_path]
+    return ".".join(parts) if parts else "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """Return a one-line description of a schema violation, naming the key."""
+    key = _key_path(error)
+    if error.validator == "additionalProperties":
+        return f"config key '{key}': {error.message} (check the spelling against the schema)"
+    if error.validator == "required":
+        return f"config key '{key}': {error.message}"
+    return f"config key '{key}': {error.message}"
+
+
+def validate_config(config: dict[str, Any], schema: dict[str, Any], source: str = "the config") -> None:
+    """Validate ``config`` in place against ``schema``, filling in schema defaults.
+
+    Args:
+        config: the parsed config; defaults are written into it.
+        schema: a JSON schema (draft 2020-12) whose ``default:`` values fill missing keys.
+        source: where the config came from, for the message (e.g. ``config/config.yaml``).
+
+    Raises:
+        ConfigError: listing every violation, each naming its key.
+    """
+    validator = _DefaultFillingValidator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = "\n".join(f"  - {_describe(error)}" for error in errors)
+        raise ConfigError(f"invalid configuration in {source}:\n{lines}\nFix these keys and run again.")
+    check_references(config, source)
+
+
+def check_references(config: Mapping[str, Any], source: str = "the config") -> None:
+    """Check that every model and corpus named under ``run`` is defined under ``models``/``corpora``."""
+    run = config.get("run", {})
+    for section, names in (("models", run.get("models", [])), ("corpora", run.get("corpora", []))):
+        defined = config.get(section, {})
+        for name in names:
+            if name not in defined:
+                known = ", ".join(sorted(defined)) or "none"
+                raise ConfigError(
+                    f"config key 'run.{section}' names '{name}', which is not defined under "
+                    f"'{section}' in {source} (defined: {known}). Add it there or remove it from run."
+                )
+
+
+def select_layers(spec: LayerSpec, n_layers: int) -> list[int]:
+    """Return the residual layers (0 = embedding output .. ``n_layers``) a layer spec selects.
+
+    Args:
+        spec: ``"all"``; a list of layer numbers (negative counts from the end: -1 = ``n_layers``);
+            or ``{"every": k}``: 0, k, 2k, … plus the last layer.
+        n_layers: number of blocks L of the model.
+
+    Raises:
+        ConfigError: for layers out of range or an unknown form.
+    """
+    top = n_layers
+    if spec == "all":
+        return list(range(top + 1))
+    if isinstance(spec, Mapping) and set(spec) == {"every"}:
+        step = int(spec["every"])
+        if step < 1:
+            raise ConfigError(f"extraction.layers.every must be >= 1, got {step}")
+        return sorted(set(range(0, top + 1, step)) | {top})
+    if isinstance(spec, list) and spec and all(isinstance(layer, int) for layer in spec):
+        resolved = sorted({layer + top + 1 if layer < 0 else layer for layer in spec})
+        bad = [layer for layer in resolved if not 0 <= layer <= top]
+        if bad:
+            raise ConfigError(
+                f"extraction.layers selects layers {bad}, outside 0..{top} for a model with {n_layers} blocks"
+            )
+        return resolved
+    raise ConfigError(f"extraction.layers must be 'all', a list of ints or {{every: k}}, got {spec!r}")

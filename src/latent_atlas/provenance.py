@@ -1,0 +1,117 @@
+"""Provenance: hashes, code version, and outputs that appear only when complete."""
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import latent_atlas
+
+_HASH_BLOCK = 1 << 22
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Return the hex sha256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """Serialise ``obj`` to JSON with sorted keys and no whitespace, so equal configs hash equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_hash(obj: Any) -> str:
+    """Return a short, stable hash of a config fragment (first 16 hex digits of its sha256)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
+@cache
+def code_version() -> str:
+    """Return the package version plus the git commit of the checkout, with ``-dirty`` if modified.
+
+    Outside a git checkout (an installed wheel) only the package version is returned.
+    """
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return latent_atlas.__version__
+    return f"{latent_atlas.__version__}+g{commit}" if commit else latent_atlas.__version__
+
+
+def utc_now() -> str:
+    """Return the current UTC time in ISO 8601, to the second."""
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+
+
+def provenance_record(config_fragment: Any, **extra: Any) -> dict[str, Any]:
+    """Return the provenance every output carries: config hash, code version, time, and ``extra``."""
+    return {
+        "config_hash": config_hash(config_fragment),
+        "code_version": code_version(),
+        "created": utc_now(),
+        **extra,
+    }
+
+
+def temporary_sibling(path: Path) -> Path:
+    """Return a temporary name next to ``path`` (same filesystem, so a rename is atomic)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path to write; rename it to ``path`` only if the block succeeds.
+
+    A crash or an exception leaves no file at ``path`` (an existing one is kept untouched), so no later
+    run can mistake a half-written output for a complete one. Works for files and directories.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(final)
+    _remove(tmp)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to the temporary output {tmp}")
+        _remove(final)
+        os.replace(tmp, final)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or directory tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> None:
+    """Write ``payload`` as indented JSON, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_parquet_with_provenance(table: Any, path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+    """Write a polars table to parquet atomically, with ``meta`` as JSON under the ``latent_atlas`` key."""
+    with atomic_output(path) as tmp:
+        table.write_parquet(tmp, metadata={"latent_atlas": json.dumps(meta, default=str)})

