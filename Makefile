@@ -36,6 +36,7 @@ test: install
 lint: install
 	$(BIN)/ruff check src scripts tests benchmarks
 	$(BIN)/ruff format --check src scripts tests benchmarks
+	$(BIN)/snakefmt --check workflow/Snakefile rules/
 	$(BIN)/snakemake --lint --configfile $(CONFIG)
 
 benchmark: install

@@ -5,15 +5,15 @@ rule extract_activations:
         corpus="results/corpora/{corpus}.parquet",
     output:
         store="results/activations/{model}/{corpus}.h5",
-    params:
-        settings=config["extraction"],
-        provenance=get_extraction_provenance,
-    threads: workflow.cores
-    resources:
-        gpu=1,
     log:
         "logs/activations/{model}/{corpus}.log",
     conda:
         ENV
+    threads: 8  # torch threads; capped by --cores locally, set per cluster in its profile
+    resources:
+        gpu=1,
+    params:
+        settings=config["extraction"],
+        provenance=get_extraction_provenance,
     script:
         "../scripts/extract_activations.py"

@@ -7,7 +7,9 @@ from latent_atlas.config import load_yaml, validate_config
 from latent_atlas.provenance import config_hash
 
 SCHEMA = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
-validate_config(config, load_yaml(SCHEMA), source="the config (config/*.yaml and --config)")
+validate_config(
+    config, load_yaml(SCHEMA), source="the config (config/*.yaml and --config)"
+)
 
 ENV = "../environment.yml"
 
@@ -25,7 +27,9 @@ wildcard_constraints:
 def get_final_output():
     """Every target of the default run: stores and their figures for each (model, corpus)."""
     models, corpora = config["run"]["models"], config["run"]["corpora"]
-    stores = expand("results/activations/{model}/{corpus}.h5", model=models, corpus=corpora)
+    stores = expand(
+        "results/activations/{model}/{corpus}.h5", model=models, corpus=corpora
+    )
     figures = expand(
         "results/figures/activations/{model}.{corpus}.norms.{ext}",
         model=models,
@@ -58,4 +62,8 @@ def get_extraction_provenance(wildcards):
         "corpus": config["corpora"][wildcards.corpus],
         "extraction": config["extraction"],
     }
-    return {"model": wildcards.model, "corpus": wildcards.corpus, "config_hash": config_hash(fragment)}
+    return {
+        "model": wildcards.model,
+        "corpus": wildcards.corpus,
+        "config_hash": config_hash(fragment),
+    }

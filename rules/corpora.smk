@@ -8,11 +8,11 @@ rule prepare_corpus:
         get_corpus_source,
     output:
         table="results/corpora/{corpus}.parquet",
-    params:
-        spec=get_corpus_spec,
     log:
         "logs/corpora/{corpus}.log",
     conda:
         ENV
+    params:
+        spec=get_corpus_spec,
     script:
         "../scripts/prepare_corpus.py"

@@ -44,13 +44,15 @@ def tiny_loaded(request: pytest.FixtureRequest, tiny_model_dirs: dict[str, Path]
 def tiny_corpus() -> pl.DataFrame:
     """A documents table of eight short sentences in two labels and both splits."""
     n = len(SENTENCES)
-    return pl.DataFrame({
-        "doc_id": [f"d{i}" for i in range(n)],
-        "text": SENTENCES,
-        "label": ["a" if i % 2 else "b" for i in range(n)],
-        "split": ["heldout" if i % 4 == 3 else "train" for i in range(n)],
-        "source": ["test"] * n,
-    })
+    return pl.DataFrame(
+        {
+            "doc_id": [f"d{i}" for i in range(n)],
+            "text": SENTENCES,
+            "label": ["a" if i % 2 else "b" for i in range(n)],
+            "split": ["heldout" if i % 4 == 3 else "train" for i in range(n)],
+            "source": ["test"] * n,
+        }
+    )
 
 
 STORE_ATTRS = {"model": "tiny", "corpus": "tiny-corpus", "corpus_sha256": "0" * 64, "config_hash": "test"}

@@ -29,7 +29,9 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
 
 
-def _fill_defaults(validator_class: type[jsonschema.protocols.Validator]) -> type[jsonschema.protocols.Validator]:
+def _fill_defaults(
+    validator_class: type[jsonschema.protocols.Validator],
+) -> type[jsonschema.protocols.Validator]:
     """Extend a validator so that ``default:`` values of missing properties are written into the instance."""
     validate_properties = validator_class.VALIDATORS["properties"]
 

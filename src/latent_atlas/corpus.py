@@ -133,12 +133,14 @@ def _normalise(name: str, spec: Mapping[str, Any], raw: pl.DataFrame, source: st
     n = raw.height
     ids = _column(raw, spec.get("id_field", "doc_id"), [f"{name}-{i:05d}" for i in range(n)]).cast(pl.String)
     labels = _column(raw, spec.get("label_field", "label"), [None] * n).cast(pl.String)
-    table = pl.DataFrame({
-        "doc_id": ids,
-        "text": raw[text_field].cast(pl.String),
-        "label": labels,
-        "source": [source] * n,
-    })
+    table = pl.DataFrame(
+        {
+            "doc_id": ids,
+            "text": raw[text_field].cast(pl.String),
+            "label": labels,
+            "source": [source] * n,
+        }
+    )
     if table["doc_id"].is_duplicated().any():
         dupes = table.filter(pl.col("doc_id").is_duplicated())["doc_id"].unique().head(5).to_list()
         raise CorpusError(f"corpus '{name}' has duplicate document ids, e.g. {dupes}")

@@ -93,8 +93,10 @@ def tokenize_documents(tokenizer: Any, texts: Sequence[str], max_length: int) ->
 
 
 def pack_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
-    """Pack items, given in descending length order, into batches of at most ``batch_size`` items
-    whose padded size (items x longest) stays within ``max_batch_tokens``.
+    """Pack items, given in descending length order, into consecutive batches.
+
+    Each batch holds at most ``batch_size`` items and its padded size (items x longest) stays within
+    ``max_batch_tokens``; a single item longer than the budget gets a batch of its own.
     """
     batches: list[list[int]] = []
     current: list[int] = []
@@ -176,8 +178,10 @@ def extract_activations(
         raise ConfigError(f"no documents in splits {list(settings.splits)}; check extraction.splits")
     layers = select_layers(settings.layers, loaded.n_layers)
     plan = plan_extraction(loaded.tokenizer, corpus["text"].to_list(), settings)
-    docs = corpus[plan.doc_index].select("doc_id", "label", "split").with_columns(
-        token_start=pl.Series(plan.row_start), token_count=pl.Series([len(k) for k in plan.keep])
+    docs = (
+        corpus[plan.doc_index]
+        .select("doc_id", "label", "split")
+        .with_columns(token_start=pl.Series(plan.row_start), token_count=pl.Series([len(k) for k in plan.keep]))
     )
     store_attrs = {
         **attrs,
@@ -191,8 +195,9 @@ def extract_activations(
     }
     store_dtype = torch.float16 if settings.dtype == "float16" else torch.float32
     pad_id = _pad_id(loaded.tokenizer)
-    with StoreWriter(out_path, plan.n_rows, loaded.d_model, layers, settings.dtype, store_attrs,
-                     settings.compression) as writer:  # fmt: skip
+    with StoreWriter(
+        out_path, plan.n_rows, loaded.d_model, layers, settings.dtype, store_attrs, settings.compression
+    ) as writer:
         _write_token_table(writer, plan)
         writer.write_docs(docs)
         bar = tqdm(total=plan.n_rows, unit="tok", disable=not progress, file=sys.stderr, desc="extract")

@@ -26,9 +26,7 @@ def _tensor_of(output: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def capture_residuals(
-    parts: ModelParts, layers: Sequence[int], sink: Sink, final_norm: bool = True
-) -> Iterator[None]:
+def capture_residuals(parts: ModelParts, layers: Sequence[int], sink: Sink, final_norm: bool = True) -> Iterator[None]:
     """Call ``sink(address, states)`` during each forward pass for the selected residual layers.
 
     Args:

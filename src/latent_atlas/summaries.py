@@ -29,10 +29,12 @@ def layer_norms(store_path: str | os.PathLike[str]) -> pl.DataFrame:
         )
         frames = []
         for address in store.addresses:
-            norms = np.concatenate([
-                np.linalg.norm(store.read(address, slice(start, start + _BLOCK_ROWS)), axis=1)
-                for start in range(0, store.n_tokens, _BLOCK_ROWS)
-            ])
+            norms = np.concatenate(
+                [
+                    np.linalg.norm(store.read(address, slice(start, start + _BLOCK_ROWS)), axis=1)
+                    for start in range(0, store.n_tokens, _BLOCK_ROWS)
+                ]
+            )
             frames.append(group.with_columns(norm=pl.Series(norms), address=pl.lit(address)))
         attrs = store.attrs
     table = (

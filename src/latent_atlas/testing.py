@@ -7,10 +7,70 @@ import torch
 
 TINY_ARCHITECTURES = ("llama", "gemma3", "gpt2")
 _WORDS = (
-    "the a of and to in is was for on that with as it by at from be this are or his her an which "
-    "you we they not but have had has one two three dog cat house river city old new small large "
-    "red blue green said went came saw made time year day night way people world water light sound"
-).split()
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "it",
+    "by",
+    "at",
+    "from",
+    "be",
+    "this",
+    "are",
+    "or",
+    "his",
+    "her",
+    "an",
+    "which",
+    "you",
+    "we",
+    "they",
+    "not",
+    "but",
+    "have",
+    "had",
+    "has",
+    "one",
+    "two",
+    "three",
+    "dog",
+    "cat",
+    "house",
+    "river",
+    "city",
+    "old",
+    "new",
+    "small",
+    "large",
+    "red",
+    "blue",
+    "green",
+    "said",
+    "went",
+    "came",
+    "saw",
+    "made",
+    "time",
+    "year",
+    "day",
+    "night",
+    "way",
+    "people",
+    "world",
+    "water",
+    "light",
+    "sound",
+)
 
 
 def tiny_tokenizer() -> Any:
@@ -22,9 +82,7 @@ def tiny_tokenizer() -> Any:
     words = specials + sorted(set(_WORDS)) + [".", ",", "!", "?"]
     vocab = {word: index for index, word in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
-    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
     )
@@ -36,21 +94,40 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, d_model: int = 64
 
     if arch == "llama":
         return LlamaConfig(
-            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
-            num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=1,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            pad_token_id=1,
+        )
     if arch == "gemma3":
         return Gemma3TextConfig(
-            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
-            num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-            max_position_embeddings=512, sliding_window=8, pad_token_id=1,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=512,
+            sliding_window=8,
+            pad_token_id=1,
+        )
     if arch == "gpt2":
         return GPT2Config(
-        vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=512,
-        bos_token_id=2, eos_token_id=3, pad_token_id=1,
-    )  # fmt: skip
+            vocab_size=vocab_size,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=1,
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; use one of {TINY_ARCHITECTURES}")
 
 

@@ -39,9 +39,11 @@ def test_shipped_configs_are_valid(overlay):
 
 
 def test_defaults_are_filled_in():
-    config = {"run": {"models": ["m"], "corpora": ["c"]},
-              "models": {"m": {"source": "local", "path": "/x"}},
-              "corpora": {"c": {"format": "jsonl", "path": "c.jsonl"}}}  # fmt: skip
+    config = {
+        "run": {"models": ["m"], "corpora": ["c"]},
+        "models": {"m": {"source": "local", "path": "/x"}},
+        "corpora": {"c": {"format": "jsonl", "path": "c.jsonl"}},
+    }
     validate_config(config, SCHEMA)
     assert config["paths"] == {"resources": "resources"}
     assert config["extraction"]["layers"] == "all"
@@ -119,7 +121,9 @@ def test_select_layers(spec, expected):
     assert select_layers(spec, 5) == expected
 
 
-@pytest.mark.parametrize(("spec", "message"), [([7], r"outside 0\.\.5"), ("some", "must be 'all'"), ({"every": 0}, ">= 1")])
+@pytest.mark.parametrize(
+    ("spec", "message"), [([7], r"outside 0\.\.5"), ("some", "must be 'all'"), ({"every": 0}, ">= 1")]
+)
 def test_select_layers_rejects(spec, message):
     with pytest.raises(ConfigError, match=message):
         select_layers(spec, 5)

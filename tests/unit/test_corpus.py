@@ -11,9 +11,15 @@ from latent_atlas.errors import CorpusError
 
 REPO = Path(__file__).resolve().parents[2]
 REGISTERS = {
-    "narrative", "informational_description", "opinion", "interactive_discussion", "how_to",
-    "informational_persuasion", "lyrical", "spoken",
-}  # fmt: skip
+    "narrative",
+    "informational_description",
+    "opinion",
+    "interactive_discussion",
+    "how_to",
+    "informational_persuasion",
+    "lyrical",
+    "spoken",
+}
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -24,8 +30,14 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 def test_jsonl_with_all_fields(tmp_path):
     rows = [{"id": f"x{i}", "body": f"text {i}", "genre": "g", "part": "test" if i == 2 else "train"} for i in range(4)]
     path = _jsonl(tmp_path / "c.jsonl", rows)
-    spec = {"format": "jsonl", "path": str(path), "text_field": "body", "label_field": "genre",
-            "id_field": "id", "split_field": "part"}  # fmt: skip
+    spec = {
+        "format": "jsonl",
+        "path": str(path),
+        "text_field": "body",
+        "label_field": "genre",
+        "id_field": "id",
+        "split_field": "part",
+    }
     table = read_corpus("c", spec)
     assert table.columns == list(COLUMNS)
     assert table["doc_id"].to_list() == ["x0", "x1", "x2", "x3"]
@@ -64,7 +76,9 @@ def test_parquet(tmp_path):
 
 def test_max_docs_per_label_keeps_each_split(tmp_path):
     rows = [{"text": f"t{i}", "label": "ab"[i % 2], "split": ["train", "heldout"][i // 10]} for i in range(20)]
-    table = read_corpus("c", {"format": "jsonl", "path": str(_jsonl(tmp_path / "c.jsonl", rows)), "max_docs_per_label": 2})
+    table = read_corpus(
+        "c", {"format": "jsonl", "path": str(_jsonl(tmp_path / "c.jsonl", rows)), "max_docs_per_label": 2}
+    )
     counts = table.group_by("label", "split").len().sort("label", "split")
     assert counts["len"].to_list() == [2, 2, 2, 2]
     assert table["text"].to_list() == ["t0", "t1", "t2", "t3", "t10", "t11", "t12", "t13"]
@@ -128,3 +142,40 @@ def test_shipped_register_corpus():
     assert set(heldout["label"]) == REGISTERS
     assert 0.1 < heldout.height / table.height < 0.3
     assert table["text"].n_unique() == table.height
+
+
+def test_hf_datasets_reader_plumbing(monkeypatch):
+    """The `hf` format calls datasets.load_dataset with the configured names (no network in tests)."""
+    import sys
+    import types
+
+    import pyarrow as pa
+
+    calls = []
+
+    def load_dataset(dataset, config, split, revision):
+        calls.append((dataset, config, split, revision))
+        table = pa.table({"sentence": ["one text", "another text"], "genre": ["x", "y"]})
+        return types.SimpleNamespace(data=types.SimpleNamespace(table=table))
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    spec = {
+        "format": "hf",
+        "dataset": "org/set",
+        "config": "en",
+        "hf_split": "validation",
+        "text_field": "sentence",
+        "label_field": "genre",
+    }
+    table = read_corpus("h", spec)
+    assert calls == [("org/set", "en", "validation", None)]
+    assert table["text"].to_list() == ["one text", "another text"]
+    assert table["source"][0] == "hf:org/set/en:validation"
+
+
+def test_hf_format_without_datasets_installed(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(CorpusError, match=r"needs the 'datasets' package: pip install 'latent-atlas\[hf\]'"):
+        read_corpus("h", {"format": "hf", "dataset": "x"})

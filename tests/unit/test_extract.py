@@ -24,7 +24,13 @@ def _reference(loaded, text: str):
 
 
 def _extract(loaded, corpus, path, **settings):
-    defaults = {"dtype": "float32", "max_length": 64, "batch_size": 3, "max_batch_tokens": 64, "device": "cpu"}
+    defaults = {
+        "dtype": "float32",
+        "max_length": 64,
+        "batch_size": 3,
+        "max_batch_tokens": 64,
+        "device": "cpu",
+    }
     return extract_activations(
         loaded, corpus, path, ExtractionSettings(**{**defaults, **settings}), STORE_ATTRS, progress=False
     )
@@ -89,8 +95,9 @@ def test_layer_and_token_selection(tiny_model_dirs, tiny_corpus, tmp_path):
 
     loaded = load_model(tiny_model_dirs["gpt2"], device="cpu")
     all_path = _extract(loaded, tiny_corpus, tmp_path / "all.h5")
-    some = _extract(loaded, tiny_corpus, tmp_path / "some.h5", layers=[0, -1], token_fraction=0.5, seed=3,
-                    splits=["heldout"])  # fmt: skip
+    some = _extract(
+        loaded, tiny_corpus, tmp_path / "some.h5", layers=[0, -1], token_fraction=0.5, seed=3, splits=["heldout"]
+    )
     with ActivationStore(all_path) as full, ActivationStore(some) as part:
         assert part.layers == [0, loaded.n_layers]
         docs = part.docs()

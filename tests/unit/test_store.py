@@ -16,15 +16,31 @@ def _write(path, n_tokens=10, dtype="float32", fail_after_states=False):
     rng = np.random.default_rng(0)
     states = {f"resid.{layer:02d}": rng.normal(size=(n_tokens, D)).astype(np.float32) for layer in LAYERS}
     states["ln_final"] = rng.normal(size=(n_tokens, D)).astype(np.float32)
-    docs = pl.DataFrame({
-        "doc_id": ["x", "y"], "label": ["a", None], "split": ["train", "heldout"],
-        "token_start": [0, 6], "token_count": [6, n_tokens - 6],
-    })  # fmt: skip
-    attrs = {"model": "m", "model_sha256": "f" * 64, "corpus": "c", "corpus_sha256": "e" * 64,
-             "config_hash": "h", "code_version": "v", "n_layers": 4, "created": "now"}  # fmt: skip
+    docs = pl.DataFrame(
+        {
+            "doc_id": ["x", "y"],
+            "label": ["a", None],
+            "split": ["train", "heldout"],
+            "token_start": [0, 6],
+            "token_count": [6, n_tokens - 6],
+        }
+    )
+    attrs = {
+        "model": "m",
+        "model_sha256": "f" * 64,
+        "corpus": "c",
+        "corpus_sha256": "e" * 64,
+        "config_hash": "h",
+        "code_version": "v",
+        "n_layers": 4,
+        "created": "now",
+    }
     with StoreWriter(path, n_tokens, D, LAYERS, dtype, attrs) as writer:
-        writer.write_tokens(np.arange(n_tokens) + 100, np.r_[np.zeros(6), np.ones(n_tokens - 6)],
-                            np.r_[np.arange(6), np.arange(n_tokens - 6)])  # fmt: skip
+        writer.write_tokens(
+            np.arange(n_tokens) + 100,
+            np.r_[np.zeros(6), np.ones(n_tokens - 6)],
+            np.r_[np.arange(6), np.arange(n_tokens - 6)],
+        )
         writer.write_docs(docs)
         for address, values in states.items():
             writer.write_states(address, 0, values[:4])
@@ -96,7 +112,7 @@ def test_missing_file(tmp_path):
 
 def test_not_hdf5(tmp_path):
     (tmp_path / "s.h5").write_bytes(b"not an hdf5 file at all" * 100)
-    with pytest.raises(StoreError, match="cannot be opened as HDF5.*truncated or not an HDF5 file"):
+    with pytest.raises(StoreError, match=r"cannot be opened as HDF5.*truncated or not an HDF5 file"):
         ActivationStore(tmp_path / "s.h5")
 
 

@@ -6,10 +6,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import seaborn as sns
 
-from latent_atlas.provenance import atomic_output, code_version  # noqa: E402
+from latent_atlas.provenance import atomic_output, code_version
 
 PALETTE = "colorblind"
 
@@ -21,8 +21,7 @@ def apply_style() -> None:
 
 def save_figure(figure: plt.Figure, pdf: str | os.PathLike[str], png: str | os.PathLike[str], stamp: str) -> None:
     """Save a figure as PDF and PNG (300 dpi), stamped with its provenance, each written atomically."""
-    figure.text(0.995, 0.995, f"{stamp} · latent-atlas {code_version()}", ha="right", va="top",
-                fontsize=6, color="0.5")  # fmt: skip
+    figure.text(0.995, 0.995, f"{stamp} · latent-atlas {code_version()}", ha="right", va="top", fontsize=6, color="0.5")
     for path, kind in ((pdf, "pdf"), (png, "png")):
         with atomic_output(path) as tmp:
             figure.savefig(tmp, format=kind, dpi=300, bbox_inches="tight")

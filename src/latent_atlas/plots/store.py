@@ -9,9 +9,7 @@ import seaborn as sns
 from latent_atlas.plots import apply_style, save_figure
 
 
-def plot_layer_norms(
-    table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str
-) -> None:
+def plot_layer_norms(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str) -> None:
     """Plot mean residual norm by layer, one line per label; position 0 and later positions side by side.
 
     Args:
@@ -29,8 +27,9 @@ def plot_layer_norms(
         if data.empty:
             axis.set_axis_off()
             continue
-        sns.lineplot(data=data, x="layer", y="mean_norm", hue="label", marker="o", markersize=3, ax=axis,
-                     legend=axis is axes[0])  # fmt: skip
+        sns.lineplot(
+            data=data, x="layer", y="mean_norm", hue="label", marker="o", markersize=3, ax=axis, legend=axis is axes[0]
+        )
         axis.set(title=label, xlabel="layer (resid.LL; 0 = embeddings)", ylabel="mean ‖h‖₂", yscale="log")
     if axes[0].get_legend() is not None:
         sns.move_legend(axes[0], "upper left", bbox_to_anchor=(0, -0.22), ncol=4, frameon=False, title=None)

@@ -1,0 +1,136 @@
+"""The real Snakemake DAG: lint, parse-time validation, a fast dry run, and the end-to-end run on SmolLM2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(*args: str, cwd: Path = REPO, timeout: int = 1800) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def workdir(root: Path) -> Path:
+    """A working directory that sees the repo's config/ and reuses its downloads in resources/."""
+    (root / "config").symlink_to(REPO / "config")
+    (root / "overlay.yaml").write_text(yaml.safe_dump({"paths": {"resources": str(REPO / "resources")}}))
+    return root
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dry_run_plans_the_whole_dag_without_importing_torch(tmp_path):
+    root = workdir(tmp_path)
+    args = ["--dry-run", "--snakefile", str(REPO / "workflow/Snakefile"), "--directory", str(root)]
+    probe = (
+        f"import sys\nfrom snakemake.cli import main\ntry:\n    main({args!r})\n"
+        "except SystemExit as e:\n    code = e.code\nprint('EXIT', code, 'TORCH', 'torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert "EXIT 0 TORCH False" in result.stdout, result.stdout + result.stderr
+    for rule in ("acquire_model", "prepare_corpus", "extract_activations", "plot_store_norms"):
+        assert f"rule {rule}:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("overlay", "message"),
+    [
+        ({"extraction": {"dtype": "float8"}}, "config key 'extraction.dtype': 'float8' is not one of"),
+        ({"run": {"models": ["gpt-x"]}}, "'run.models' names 'gpt-x', which is not defined under 'models'"),
+        ({"extraction": {"batchsize": 3}}, "'batchsize' was unexpected"),
+    ],
+)
+def test_invalid_config_fails_at_parse_time(tmp_path, overlay, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(overlay))
+    result = snakemake("--dry-run", "--configfile", "config/config.yaml", str(bad))
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_default_dag_on_the_real_smollm2(tmp_path_factory):
+    root = workdir(tmp_path_factory.mktemp("e2e"))
+    args = [
+        "--snakefile",
+        str(REPO / "workflow/Snakefile"),
+        "--directory",
+        str(root),
+        "--configfile",
+        "config/config.yaml",
+        "config/ci.yaml",
+        str(root / "overlay.yaml"),
+    ]
+    result = snakemake(*args, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+
+    model_dir = root / "results/models/smollm2-135m"
+    store_path = root / "results/activations/smollm2-135m/registers.h5"
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert (manifest["n_layers"], manifest["d_model"], manifest["vocab_size"]) == (30, 576, 49152)
+    assert manifest["tied_embeddings"] is True and "dequantised" in manifest["quantisation"]
+
+    from latent_atlas.corpus import load_corpus_table
+    from latent_atlas.models import load_model
+    from latent_atlas.store import ActivationStore
+
+    loaded = load_model(model_dir, device="cpu")
+    prompt = loaded.tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        next_token = loaded.model(**prompt).logits[0, -1].argmax()
+    assert loaded.tokenizer.decode(next_token) == " Paris"
+
+    corpus, corpus_meta = load_corpus_table(root / "results/corpora/registers.parquet")
+    assert corpus.height == 32
+    expect = {"model_sha256": manifest["weights_sha256"], "corpus_sha256": corpus_meta["corpus_sha256"]}
+    with ActivationStore(store_path, expect=expect) as store:
+        attrs = store.attrs
+        assert store.layers == [0, 10, 20, 30] and store.d_model == 576
+        assert attrs["model"] == "smollm2-135m" and attrs["corpus"] == "registers" and attrs["config_hash"]
+        assert attrs["code_version"].startswith("0.") and attrs["dtype"] == "float16"
+        assert store.docs().height == 32
+        doc_id = corpus["doc_id"][5]
+        rows = store.doc_rows(doc_id)
+        text = corpus.filter(corpus["doc_id"] == doc_id)["text"][0]
+        encoded = loaded.tokenizer(text, return_tensors="pt", truncation=True, max_length=128)
+        assert store.tokens()["token_id"][rows.start : rows.stop].to_list() == encoded["input_ids"][0].tolist()
+        with torch.no_grad():
+            out = loaded.model(**encoded, output_hidden_states=True)
+        for layer in (0, 10, 20):
+            reference = out.hidden_states[layer][0].numpy()
+            stored = store.read(layer, rows)
+            assert np.linalg.norm(stored - reference) / np.linalg.norm(reference) < 2e-3
+        ln_final = torch.from_numpy(store.read("ln_final", rows))
+        reference = out.hidden_states[30][0]
+        assert torch.linalg.norm(ln_final - reference) / torch.linalg.norm(reference) < 2e-3
+        with torch.no_grad():
+            renormed = loaded.parts.final_norm(torch.from_numpy(store.read(30, rows)))
+            logits = loaded.parts.lm_head(ln_final)
+        assert torch.linalg.norm(renormed - reference) / torch.linalg.norm(reference) < 2e-3
+        agreement = (logits.argmax(-1) == out.logits[0].argmax(-1)).float().mean()
+        assert agreement > 0.95
+
+    for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
+        figure = root / f"results/figures/activations/smollm2-135m.registers.norms.{ext}"
+        assert figure.read_bytes()[:4] == magic
+
+    report = snakemake(*args, "--report", str(root / "report.html"))
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (root / "report.html").read_text(errors="ignore")
+    assert "attention sinks with very large norms" in html  # the figure's caption, rendered
+    assert "smollm2-135m.registers.norms.png" in html
