@@ -52,7 +52,7 @@ def child(method: str, model_dir: str, corpus_path: str, n_docs: int, threads: i
     write_seconds = _time_hdf5_writes()
     start = time.perf_counter()
     if method == "extract":
-        with tempfile.TemporaryDirectory(dir=".") as folder:
+        with tempfile.TemporaryDirectory() as folder:
             extract_activations(loaded, corpus, Path(folder) / "s.h5", settings, {"model": "bench"}, progress=False)
     else:
         pad = loaded.tokenizer.pad_token_id or 0

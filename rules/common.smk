@@ -25,7 +25,7 @@ wildcard_constraints:
 
 
 def get_final_output():
-    """Every target of the default run: stores and their figures for each (model, corpus)."""
+    """Every target of the default run: stores, lens tables and their figures for each (model, corpus)."""
     models, corpora = config["run"]["models"], config["run"]["corpora"]
     stores = expand(
         "results/activations/{model}/{corpus}.h5", model=models, corpus=corpora
@@ -36,7 +36,14 @@ def get_final_output():
         corpus=corpora,
         ext=["pdf", "png"],
     )
-    return stores + figures
+    lens_figures = expand(
+        "results/figures/lenses/{model}.{corpus}.{figure}.{ext}",
+        model=models,
+        corpus=corpora,
+        figure=["curves", "agreement"],
+        ext=["pdf", "png"],
+    )
+    return stores + figures + lens_figures
 
 
 def get_model_spec(wildcards):

@@ -1,0 +1,35 @@
+rule train_tuned_lens:
+    """Train tuned-lens translators on the stored states of the training split."""
+    input:
+        manifest="results/models/{model}/manifest.json",
+        store="results/activations/{model}/{corpus}.h5",
+    output:
+        lens="results/lenses/{model}/{corpus}.tuned-lens.pt",
+    log:
+        "logs/lenses/{model}/{corpus}.tuned.log",
+    conda:
+        ENV
+    threads: 8
+    params:
+        settings=config["lenses"],
+    script:
+        "../scripts/train_tuned_lens.py"
+
+
+rule evaluate_lenses:
+    """Evaluate every lens at every lens layer on held-out tokens: KL, CE, entropy, agreement, rank."""
+    input:
+        manifest="results/models/{model}/manifest.json",
+        store="results/activations/{model}/{corpus}.h5",
+        tuned="results/lenses/{model}/{corpus}.tuned-lens.pt",
+    output:
+        table="results/lenses/{model}/{corpus}.parquet",
+    log:
+        "logs/lenses/{model}/{corpus}.evaluate.log",
+    conda:
+        ENV
+    threads: 8
+    params:
+        settings=config["lenses"],
+    script:
+        "../scripts/evaluate_lenses.py"

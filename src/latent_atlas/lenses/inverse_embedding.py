@@ -1,0 +1,37 @@
+"""Reading a state with the *input* embedding (Dar et al. 2023; METHODS §3).
+
+Which input token's embedding does a state look like? ``transpose`` scores h against each embedding row
+(h W_E^T); ``pinv`` solves for the token coefficients c with c W_E ≈ h (h W_E^+, the principled right
+inverse, computed by SVD in float64). The raw state is first rescaled to the mean embedding norm, so the
+scores live on the embedding scale at every depth (residual norms grow a hundredfold with depth); only
+rankings are comparable across variants. No final norm is applied: this lens reads the raw stream.
+"""
+
+from typing import Literal
+
+import torch
+
+from latent_atlas.lenses.base import Lens
+from latent_atlas.linalg import pinv_svd
+
+Variant = Literal["transpose", "pinv"]
+
+
+class InverseEmbeddingLens(Lens):
+    """Scores ``rescale(h) @ R`` with ``R`` = W_E^T (transpose) or W_E^+ (pinv), shape ``(d, V)``."""
+
+    def __init__(self, embedding: torch.Tensor, variant: Variant = "transpose") -> None:
+        super().__init__()
+        if variant not in ("transpose", "pinv"):
+            raise ValueError(f"variant must be 'transpose' or 'pinv', got {variant!r}")
+        self.variant = variant
+        self.name = f"inverse_embedding_{variant}"
+        weight = embedding.detach().to(torch.float64)
+        reader = weight.T if variant == "transpose" else pinv_svd(weight).pseudo_inverse
+        self.register_buffer("reader", reader.to(torch.float32).contiguous())
+        self.register_buffer("scale", weight.norm(dim=-1).mean().to(torch.float32))
+
+    def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Scores of every input token for states rescaled to the mean embedding norm."""
+        rescaled = h * (self.scale / h.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return rescaled @ self.reader

@@ -1,0 +1,96 @@
+"""What the workflow's lens rules call: build every lens for a model, train the tuned lens, evaluate."""
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import polars as pl
+import torch
+
+from latent_atlas.config import select_layers
+from latent_atlas.lenses.base import Lens, Unembed
+from latent_atlas.lenses.evaluate import evaluate_lenses, evaluation_tokens
+from latent_atlas.lenses.inverse_embedding import InverseEmbeddingLens
+from latent_atlas.lenses.logit import LogitLens
+from latent_atlas.lenses.semantic_basis import SemanticBasisLens
+from latent_atlas.lenses.tuned import TunedLens, train_tuned_lens, training_settings
+from latent_atlas.models import LoadedModel
+from latent_atlas.provenance import provenance_record
+from latent_atlas.store import ActivationStore
+
+
+def lens_layers(settings: Mapping[str, Any], store: ActivationStore) -> list[int]:
+    """The layers the lens section selects, for the model the store was made from."""
+    return select_layers(settings.get("layers", "all"), int(store.attrs["n_layers"]))
+
+
+def build_lenses(loaded: LoadedModel, settings: Mapping[str, Any], tuned: TunedLens | None) -> dict[str, Lens]:
+    """Every lens of METHODS §1-4 for one model, keyed by name (the ``lens`` column)."""
+    unembed = Unembed.from_parts(loaded.parts)
+    embedding = loaded.parts.embed.weight
+    lenses: list[Lens] = [
+        LogitLens(unembed),
+        SemanticBasisLens(unembed, temperature=settings.get("semantic_basis", {}).get("temperature", 0.05)),
+        InverseEmbeddingLens(embedding, "transpose"),
+        InverseEmbeddingLens(embedding, "pinv"),
+    ]
+    if tuned is not None:
+        lenses.insert(1, tuned)
+    return {lens.name: lens for lens in lenses}
+
+
+def train_tuned_lens_on_store(
+    loaded: LoadedModel,
+    store_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    settings: Mapping[str, Any],
+    on_step: Callable[[int, float], None] | None = None,
+) -> TunedLens:
+    """Train translators for the lens layers on the store's training split and save them."""
+    tuned_settings = settings.get("tuned", {})
+    training = training_settings(tuned_settings)
+    unembed = Unembed.from_parts(loaded.parts)
+    lens = TunedLens(unembed, loaded.n_layers, loaded.d_model)
+    with ActivationStore(store_path, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
+        layers = lens_layers(settings, store)
+        tokens = evaluation_tokens(
+            store,
+            tuned_settings.get("split", "train"),
+            tuned_settings.get("train_tokens"),
+            settings.get("skip_first_position", True),
+            seed=training.seed,
+        )
+        final = torch.from_numpy(store.read("ln_final", tokens.rows))
+        losses = train_tuned_lens(
+            lens, lambda layer: torch.from_numpy(store.read(layer, tokens.rows)), final, layers, training, on_step
+        )
+        extra = provenance_record(dict(settings), store=str(store_path), train_tokens=len(tokens.rows), losses=losses)
+    lens.save(out_path, extra=extra)
+    return lens
+
+
+def evaluate_lenses_on_store(
+    loaded: LoadedModel,
+    store_path: str | os.PathLike[str],
+    tuned_path: str | os.PathLike[str] | None,
+    settings: Mapping[str, Any],
+) -> pl.DataFrame:
+    """Evaluate every lens at every lens layer on the held-out split; long format with provenance columns."""
+    unembed = Unembed.from_parts(loaded.parts)
+    tuned = TunedLens.load(tuned_path, unembed) if tuned_path else None
+    lenses = build_lenses(loaded, settings, tuned)
+    with ActivationStore(store_path, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
+        tokens = evaluation_tokens(
+            store,
+            settings.get("split", "heldout"),
+            settings.get("max_tokens"),
+            settings.get("skip_first_position", True),
+            seed=settings.get("seed", 0),
+        )
+        table = evaluate_lenses(
+            store, unembed, lenses, lens_layers(settings, store), tokens, settings.get("chunk_size", 256)
+        )
+        attrs = store.attrs
+    return table.with_columns(
+        model=pl.lit(attrs["model"]), corpus=pl.lit(attrs["corpus"]), split=pl.lit(settings.get("split", "heldout"))
+    ).select("model", "corpus", "split", "lens", "address", "layer", "metric", "value", "n_tokens")

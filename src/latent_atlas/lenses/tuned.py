@@ -1,0 +1,167 @@
+"""The tuned lens (Belrose et al. 2023; METHODS §2): per-layer affine translators, then the unembedding.
+
+TL_l(h) = U(h + A_l h + b_l) with A_l = 0, b_l = 0 at initialisation, so an untrained tuned lens is the
+logit lens exactly. Translators are trained on stored activations (no forward passes of the model) to
+minimise KL(p_final || softmax(TL_l(h_l))) with the published recipe: SGD with Nesterov momentum 0.9,
+lr = lr_scale * (1 - 0.9), weight decay 1e-3, linear decay to 0, gradient-norm clip 1.0.
+"""
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+
+from latent_atlas.errors import LatentAtlasError
+from latent_atlas.lenses.base import Lens, Unembed
+from latent_atlas.provenance import atomic_output
+
+
+class TunedLens(Lens):
+    """A logit lens with a residual affine translator for each layer 0..L-1 (layer L is the identity)."""
+
+    name = "tuned"
+
+    def __init__(self, unembed: Unembed, n_layers: int, d_model: int) -> None:
+        super().__init__()
+        self.unembed = unembed
+        self.n_layers, self.d_model = n_layers, d_model
+        self.translators = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(n_layers))
+        for translator in self.translators:
+            nn.init.zeros_(translator.weight)
+            nn.init.zeros_(translator.bias)
+        self.trained_layers: list[int] = []
+
+    def transform(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Translate a state: h + A_l h + b_l (the identity at the last layer)."""
+        if layer >= self.n_layers:
+            return h
+        return h + self.translators[layer](h)
+
+    def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The unembedding of the translated state."""
+        return self.unembed(self.transform(h, layer))
+
+    def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
+        """Write the translators and their config (with the unembedding's fingerprint) to one file, atomically."""
+        config = {
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "trained_layers": self.trained_layers,
+            "unembed_fingerprint": self.unembed.fingerprint(),
+            **(extra or {}),
+        }
+        with atomic_output(path) as tmp:
+            torch.save({"config": json.dumps(config, default=str), "translators": self.translators.state_dict()}, tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], unembed: Unembed) -> "TunedLens":
+        """Load a saved lens; fails if it is missing or was trained against a different unembedding."""
+        if not Path(path).is_file():
+            raise LatentAtlasError(f"no tuned lens at {path}; train it with `snakemake {path}`")
+        saved = torch.load(path, weights_only=True)
+        config = json.loads(saved["config"])
+        if config["unembed_fingerprint"] != unembed.fingerprint():
+            raise LatentAtlasError(
+                f"the tuned lens in {path} was trained for another model (unembedding fingerprint "
+                f"{config['unembed_fingerprint']}, this model's {unembed.fingerprint()}); retrain it"
+            )
+        lens = cls(unembed, config["n_layers"], config["d_model"])
+        lens.translators.load_state_dict(saved["translators"])
+        lens.trained_layers = list(config["trained_layers"])
+        return lens
+
+    @staticmethod
+    def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The config saved with a lens (training settings, losses, provenance)."""
+        return json.loads(torch.load(path, weights_only=True)["config"])
+
+
+@dataclass(frozen=True)
+class TunedLensTraining:
+    """Training budget and the published optimiser recipe (``lenses.tuned`` in config)."""
+
+    steps: int = 250
+    tokens_per_step: int = 256
+    lr_scale: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    clip_grad_norm: float = 1.0
+    seed: int = 0
+
+
+def kl_to_target(target_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p_target || softmax(logits)), in nats."""
+    log_probs = functional.log_softmax(logits.float(), dim=-1)
+    return (target_log_probs.exp() * (target_log_probs - log_probs)).sum(-1).mean()
+
+
+def train_tuned_lens(
+    lens: TunedLens,
+    states: Callable[[int], torch.Tensor],
+    final_states: torch.Tensor,
+    layers: Sequence[int],
+    settings: TunedLensTraining,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train the translators of ``layers`` to match the model's final distribution.
+
+    Args:
+        lens: the lens to train (translators of other layers are left untouched).
+        states: ``states(layer)`` returns the training states of that layer, ``(N, d)`` float32.
+        final_states: post-final-norm states of the same N tokens (``ln_final``), whose LM-head
+            distribution is the target.
+        layers: layers to train (each < ``lens.n_layers``).
+        settings: budget and optimiser.
+        on_step: called with (step, mean loss over layers) after each step.
+
+    Returns:
+        The mean KL over layers at each step.
+    """
+    layers = [layer for layer in layers if layer < lens.n_layers]
+    parameters = [p for layer in layers for p in lens.translators[layer].parameters()]
+    optimiser = torch.optim.SGD(
+        parameters,
+        lr=settings.lr_scale * (1 - settings.momentum),
+        momentum=settings.momentum,
+        nesterov=True,
+        weight_decay=settings.weight_decay,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1 - step / settings.steps)
+    data = {layer: states(layer) for layer in layers}
+    generator = np.random.default_rng(settings.seed)
+    n_tokens = final_states.shape[0]
+    losses = []
+    for step in range(settings.steps):
+        rows = torch.from_numpy(generator.choice(n_tokens, size=min(settings.tokens_per_step, n_tokens), replace=False))
+        with torch.no_grad():
+            target = functional.log_softmax(lens.unembed.lm_head(final_states[rows]).float(), dim=-1)
+        optimiser.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for layer in layers:  # one backward per layer bounds memory to one layer's logits
+            loss = kl_to_target(target, lens.logits(data[layer][rows], layer))
+            loss.backward()
+            step_loss += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(parameters, settings.clip_grad_norm)
+        optimiser.step()
+        schedule.step()
+        losses.append(step_loss / max(len(layers), 1))
+        if on_step is not None:
+            on_step(step, losses[-1])
+        if not math.isfinite(losses[-1]):
+            raise LatentAtlasError(f"tuned-lens training diverged at step {step}; lower lenses.tuned.lr_scale")
+    lens.trained_layers = sorted(set(lens.trained_layers) | set(layers))
+    return losses
+
+
+def training_settings(section: dict[str, Any]) -> TunedLensTraining:
+    """Build training settings from config, ignoring keys it does not use."""
+    known = set(asdict(TunedLensTraining()))
+    return TunedLensTraining(**{k: v for k, v in section.items() if k in known})

@@ -1,0 +1,32 @@
+"""Linear algebra in float64: pseudo-inverses by SVD with their conditioning (METHODS §0.4, §4)."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PseudoInverse:
+    """A pseudo-inverse and what its conditioning was.
+
+    Attributes:
+        pseudo_inverse: W^+ (float64), shape ``(n, m)`` for W of shape ``(m, n)``.
+        singular_values: all singular values of W, descending.
+        rank: how many singular values were kept (those above ``rcond * s_max``).
+        condition_number: s_max / s_min over the kept values.
+    """
+
+    pseudo_inverse: torch.Tensor
+    singular_values: torch.Tensor
+    rank: int
+    condition_number: float
+
+
+def pinv_svd(matrix: torch.Tensor, rcond: float = 1e-6) -> PseudoInverse:
+    """Pseudo-inverse by SVD in float64 (W = U S V^T, W^+ = V S^-1 U^T), cutting relative to s_max."""
+    weight = matrix.detach().to(torch.float64)
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    keep = s > rcond * s[0]
+    inverse = (vh[keep].T / s[keep]) @ u[:, keep].T
+    rank = int(keep.sum())
+    return PseudoInverse(inverse, s, rank, float(s[0] / s[keep][-1]))

@@ -1,0 +1,54 @@
+"""Figures of the lens family: per-layer curves, one line per lens."""
+
+import os
+
+import matplotlib.pyplot as plt
+import polars as pl
+import seaborn as sns
+
+from latent_atlas.plots import apply_style, save_figure
+
+LENS_ORDER = ("logit", "tuned", "semantic_basis", "inverse_embedding_transpose", "inverse_embedding_pinv")
+PANELS = (
+    ("kl_to_final", "KL(p_final ‖ p_lens) [nats]", "symlog"),
+    ("ce_next_token", "cross-entropy to next token [nats]", "log"),
+    ("top1_agreement", "top-1 agreement with final", "linear"),
+)
+
+
+def _lines(axis: plt.Axes, data: pl.DataFrame, metric: str, legend: bool) -> None:
+    """Draw one metric by layer, one line per lens, in a fixed lens order."""
+    subset = data.filter(pl.col("metric") == metric).to_pandas()
+    order = [lens for lens in LENS_ORDER if lens in set(subset["lens"])]
+    sns.lineplot(data=subset, x="layer", y="value", hue="lens", hue_order=order, marker="o", ax=axis, legend=legend)
+
+
+def plot_lens_comparison(
+    table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str
+) -> None:
+    """KL to the final distribution, next-token cross-entropy and top-1 agreement by layer, per lens."""
+    apply_style()
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(14, 4), sharex=True)
+    for index, (axis, (metric, label, scale)) in enumerate(zip(axes, PANELS, strict=True)):
+        _lines(axis, table, metric, legend=index == 0)
+        axis.set(xlabel="layer (resid.LL)", ylabel=label)
+        if scale == "symlog":  # KL is 0 at the last layer for the logit and tuned lenses: keep it on the axis
+            axis.set_yscale("symlog", linthresh=1e-2)
+        else:
+            axis.set_yscale(scale)
+    sns.move_legend(axes[0], "upper left", bbox_to_anchor=(0, -0.18), ncol=5, frameon=False, title=None)
+    figure.suptitle(f"Vocabulary lenses by layer — {title}")
+    save_figure(figure, pdf, png, f"{table['model'][0]} · {table['corpus'][0]} · {table['split'][0]}")
+
+
+def plot_lens_agreement(
+    table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str
+) -> None:
+    """Top-1 agreement of every lens with the ordinary logit lens, by layer (semantic bases vs logits)."""
+    apply_style()
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    _lines(axis, table.filter(pl.col("lens") != "logit"), "agreement_with_logit", legend=True)
+    axis.set(xlabel="layer (resid.LL)", ylabel="top-1 agreement with the logit lens", ylim=(-0.02, 1.02))
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title=None)
+    figure.suptitle(f"Agreement with ordinary logits — {title}")
+    save_figure(figure, pdf, png, f"{table['model'][0]} · {table['corpus'][0]} · {table['split'][0]}")
