@@ -10,7 +10,6 @@ from latent_atlas.extract import ExtractionSettings, extract_activations
 from latent_atlas.lenses import InverseEmbeddingLens, LogitLens, SemanticBasisLens, TunedLens, Unembed
 from latent_atlas.lenses.evaluate import evaluate_lenses, evaluation_tokens
 from latent_atlas.lenses.tuned import TunedLensTraining, train_tuned_lens
-from latent_atlas.linalg import pinv_svd
 from latent_atlas.models import load_model
 from latent_atlas.store import ActivationStore
 from latent_atlas.testing import _WORDS
