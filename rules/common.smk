@@ -22,6 +22,7 @@ def _alternatives(names):
 wildcard_constraints:
     model=_alternatives(config["models"]),
     corpus=_alternatives(config["corpora"]),
+    probe=_alternatives(config["probes"]) or "(?!)",
 
 
 def get_final_output():
@@ -40,10 +41,19 @@ def get_final_output():
         "results/figures/lenses/{model}.{corpus}.{figure}.{ext}",
         model=models,
         corpus=corpora,
-        figure=["curves", "agreement"],
+        figure=["curves", "agreement", "grid"],
         ext=["pdf", "png"],
     )
-    return stores + figures + lens_figures
+    probe_names = config["run"].get("probes", list(config["probes"]))
+    probes = expand(
+        "results/probes/{model}/{probe}.json", model=models, probe=probe_names
+    )
+    projections = expand(
+        "results/projections/{model}/{table}.parquet",
+        model=models,
+        table=["mlp", "heads", "alignment"],
+    )
+    return stores + figures + lens_figures + probes + projections
 
 
 def get_model_spec(wildcards):
@@ -73,4 +83,23 @@ def get_extraction_provenance(wildcards):
         "model": wildcards.model,
         "corpus": wildcards.corpus,
         "config_hash": config_hash(fragment),
+    }
+
+
+def get_probe_inputs(wildcards):
+    """A probe reads the model, the tuned lens of the first corpus in run, and its saved vectors if any."""
+    tuned_corpus = config["run"]["corpora"][0]
+    inputs = {
+        "manifest": f"results/models/{wildcards.model}/manifest.json",
+        "tuned": f"results/lenses/{wildcards.model}/{tuned_corpus}.tuned-lens.pt",
+    }
+    vectors = [spec["vector"] for spec in config["probes"].values() if "vector" in spec]
+    return inputs | {f"vector_{i}": path for i, path in enumerate(vectors)}
+
+
+def get_grid_inputs(wildcards):
+    """The token grid reads the model and the tuned lens trained on this corpus."""
+    return {
+        "manifest": f"results/models/{wildcards.model}/manifest.json",
+        "tuned": f"results/lenses/{wildcards.model}/{wildcards.corpus}.tuned-lens.pt",
     }

@@ -72,3 +72,35 @@ rule plot_lens_comparison:
         ENV
     script:
         "../scripts/plot_lens_comparison.py"
+
+
+rule plot_token_grid:
+    """Logit- and tuned-lens top tokens at every (layer, position) of an example sentence."""
+    input:
+        unpack(get_grid_inputs),
+    output:
+        table="results/lenses/{model}/{corpus}.grid.parquet",
+        pdf=report(
+            "results/figures/lenses/{model}.{corpus}.grid.pdf",
+            caption="../workflow/report/lens_grid.rst",
+            category="Lenses",
+            labels={
+                "model": "{model}",
+                "corpus": "{corpus}",
+                "figure": "token grid (pdf)",
+            },
+        ),
+        png=report(
+            "results/figures/lenses/{model}.{corpus}.grid.png",
+            caption="../workflow/report/lens_grid.rst",
+            category="Lenses",
+            labels={"model": "{model}", "corpus": "{corpus}", "figure": "token grid"},
+        ),
+    log:
+        "logs/figures/{model}.{corpus}.grid.log",
+    conda:
+        ENV
+    params:
+        settings=config["lenses"],
+    script:
+        "../scripts/plot_token_grid.py"

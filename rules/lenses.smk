@@ -33,3 +33,40 @@ rule evaluate_lenses:
         settings=config["lenses"],
     script:
         "../scripts/evaluate_lenses.py"
+
+
+rule read_probe:
+    """Read one probe point with every lens and patchscope."""
+    input:
+        unpack(get_probe_inputs),
+    output:
+        reading="results/probes/{model}/{probe}.json",
+    log:
+        "logs/probes/{model}/{probe}.log",
+    conda:
+        ENV
+    threads: 8
+    params:
+        probes=config["probes"],
+        settings=config["lenses"],
+    script:
+        "../scripts/read_probe.py"
+
+
+rule project_parameters:
+    """Read MLP key/value vectors and head OV/QK circuits in the vocabulary (no forward passes)."""
+    input:
+        manifest="results/models/{model}/manifest.json",
+    output:
+        mlp="results/projections/{model}/mlp.parquet",
+        heads="results/projections/{model}/heads.parquet",
+        alignment="results/projections/{model}/alignment.parquet",
+    log:
+        "logs/projections/{model}.log",
+    conda:
+        ENV
+    threads: 8
+    params:
+        settings=config["projections"],
+    script:
+        "../scripts/project_parameters.py"

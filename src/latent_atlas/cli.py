@@ -31,6 +31,29 @@ def _inspect(args: argparse.Namespace) -> None:
             print(summary.sort("label", "split"))
 
 
+def _probe(args: argparse.Namespace) -> None:
+    """Read one point with every lens and patchscope, and print a table (or JSON)."""
+    import torch
+
+    from latent_atlas.lenses.base import Unembed
+    from latent_atlas.lenses.patchscope import residual_state
+    from latent_atlas.lenses.pipeline import build_lenses
+    from latent_atlas.lenses.probe import format_reading, load_vector, read_point
+    from latent_atlas.lenses.tuned import TunedLens
+    from latent_atlas.models import load_model
+
+    loaded = load_model(args.model, device=args.device)
+    if args.vector:
+        vector = load_vector(args.vector, loaded.d_model)
+    else:
+        vector = residual_state(loaded, args.text, args.layer, args.position)
+    tuned = TunedLens.load(args.tuned, Unembed.from_parts(loaded.parts)) if args.tuned else None
+    lenses = build_lenses(loaded, {}, tuned)
+    with torch.no_grad():
+        reading = read_point(loaded, lenses, vector, args.layer, args.k, args.targets.split(","), args.max_new_tokens)
+    print(json.dumps(reading, indent=2) if args.json else format_reading(reading, args.k))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="latent-atlas", description=__doc__)
@@ -39,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("store", help="path to results/activations/{model}/{corpus}.h5")
     inspect.add_argument("--json", action="store_true", help="print the provenance as JSON")
     inspect.set_defaults(handler=_inspect)
+
+    probe = commands.add_parser("probe", help="read a point of the latent space with every lens and patchscope")
+    probe.add_argument("--model", required=True, help="a model directory, e.g. results/models/smollm2-135m")
+    source = probe.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="take the state of this text ...")
+    source.add_argument("--vector", help="... or load it from a .npy file of shape (d,)")
+    probe.add_argument("--layer", type=int, required=True, help="residual layer: 0 = embeddings .. L = last block")
+    probe.add_argument("--position", type=int, default=-1, help="token position in --text (default: last)")
+    probe.add_argument("--tuned", help="a trained tuned lens (results/lenses/{model}/{corpus}.tuned-lens.pt)")
+    probe.add_argument("--k", type=int, default=8, help="tokens per lens")
+    probe.add_argument("--targets", default="identity,entity_description", help="patchscope target prompts")
+    probe.add_argument("--max-new-tokens", type=int, default=20, help="patchscope generation length")
+    probe.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    probe.add_argument("--json", action="store_true", help="print the full reading as JSON")
+    probe.set_defaults(handler=_probe)
     return parser
 
 

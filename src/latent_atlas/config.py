@@ -88,7 +88,8 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any], source: str 
 def check_references(config: Mapping[str, Any], source: str = "the config") -> None:
     """Check that every model and corpus named under ``run`` is defined under ``models``/``corpora``."""
     run = config.get("run", {})
-    for section, names in (("models", run.get("models", [])), ("corpora", run.get("corpora", []))):
+    sections = ("models", "corpora", "probes")
+    for section, names in ((section, run.get(section, [])) for section in sections):
         defined = config.get(section, {})
         for name in names:
             if name not in defined:
@@ -97,6 +98,26 @@ def check_references(config: Mapping[str, Any], source: str = "the config") -> N
                     f"config key 'run.{section}' names '{name}', which is not defined under "
                     f"'{section}' in {source} (defined: {known}). Add it there or remove it from run."
                 )
+    probes = config.get("probes", {})
+    for name in probes:
+        probe_layer(probes, name)
+
+
+def probe_layer(probes: Mapping[str, Any], name: str, seen: tuple[str, ...] = ()) -> int:
+    """The layer a probe reads, following midpoints; fails on unknown names, cycles and mixed layers."""
+    if name in seen:
+        raise ConfigError(f"config key 'probes.{seen[0]}': midpoints refer to each other in a cycle ({name})")
+    if name not in probes:
+        raise ConfigError(f"config key 'probes.{seen[-1]}.midpoint' names '{name}', which is not a probe")
+    spec = probes[name]
+    if "midpoint" not in spec:
+        return int(spec["layer"])
+    layers = {probe_layer(probes, other, (*seen, name)) for other in spec["midpoint"]}
+    if len(layers) != 1:
+        raise ConfigError(
+            f"config key 'probes.{name}.midpoint' joins probes at layers {sorted(layers)}; a midpoint needs one layer"
+        )
+    return layers.pop()
 
 
 def select_layers(spec: LayerSpec, n_layers: int) -> list[int]:

@@ -125,9 +125,26 @@ def test_default_dag_on_the_real_smollm2(tmp_path_factory):
         agreement = (logits.argmax(-1) == out.logits[0].argmax(-1)).float().mean()
         assert agreement > 0.95
 
-    for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
-        figure = root / f"results/figures/activations/smollm2-135m.registers.norms.{ext}"
-        assert figure.read_bytes()[:4] == magic
+    import polars as pl
+
+    lenses = pl.read_parquet(root / "results/lenses/smollm2-135m/registers.parquet")
+    assert set(lenses["lens"]) == {"logit", "tuned", "semantic_basis", "inverse_embedding_transpose",
+                                   "inverse_embedding_pinv"}  # fmt: skip
+    assert sorted(set(lenses["layer"])) == [0, 10, 20, 30]
+    last_kl = lenses.filter((pl.col("layer") == 30) & (pl.col("metric") == "kl_to_final"))
+    assert dict(zip(last_kl["lens"], last_kl["value"], strict=True))["logit"] < 1e-3  # float16 store
+    probe = json.loads((root / "results/probes/smollm2-135m/eiffel-paris.json").read_text())
+    assert probe["address"] == "resid.09" and probe["provenance"]["model_sha256"] == manifest["weights_sha256"]
+    assert set(probe["patchscopes"]) == {"identity", "entity_description"}
+    assert "logit" in probe["lenses"] and "tuned" not in probe["lenses"]  # ci.yaml trains resid.00/10/20/30 only
+    assert "Paris" in probe["patchscopes"]["identity"]["generated"]
+    assert set(pl.read_parquet(root / "results/projections/smollm2-135m/alignment.parquet")["layer"]) == {30}
+
+    figures = ["activations/smollm2-135m.registers.norms", "lenses/smollm2-135m.registers.curves",
+               "lenses/smollm2-135m.registers.agreement", "lenses/smollm2-135m.registers.grid"]  # fmt: skip
+    for name in figures:
+        for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
+            assert (root / f"results/figures/{name}.{ext}").read_bytes()[:4] == magic
 
     report = snakemake(*args, "--report", str(root / "report.html"))
     assert report.returncode == 0, report.stderr[-3000:]

@@ -127,3 +127,23 @@ def test_select_layers(spec, expected):
 def test_select_layers_rejects(spec, message):
     with pytest.raises(ConfigError, match=message):
         select_layers(spec, 5)
+
+
+@pytest.mark.parametrize(
+    ("probes", "message"),
+    [
+        ({"m": {"midpoint": ["a", "b"]}, "a": {"text": "x", "layer": 1}, "b": {"text": "y", "layer": 2}},
+         r"'probes\.m\.midpoint' joins probes at layers \[1, 2\]"),
+        ({"m": {"midpoint": ["a", "zz"]}, "a": {"text": "x", "layer": 1}}, r"'probes\.m\.midpoint' names 'zz'"),
+        ({"m": {"midpoint": ["n", "n"]}, "n": {"midpoint": ["m", "m"]}}, "in a cycle"),
+        ({"m": {"text": "x"}}, r"config key 'probes\.m'"),
+    ],
+)  # fmt: skip
+def test_bad_probes_fail_at_validation(probes, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_merged({"probes": probes}), SCHEMA)
+
+
+def test_run_probes_must_be_defined():
+    with pytest.raises(ConfigError, match=r"'run\.probes' names 'nope'"):
+        validate_config(_merged({"run": {"probes": ["nope"]}}), SCHEMA)

@@ -183,3 +183,13 @@ def test_evaluation_metrics_at_the_last_layer(llama_store):
         }
         with pytest.raises(Exception, match="does not hold"):
             evaluate_lenses(store, unembed, {"logit": LogitLens(unembed)}, [99], tokens)
+
+
+def test_tied_models_share_one_svd_with_the_same_result(tiny_model_dirs):
+    from latent_atlas.lenses.pipeline import build_lenses
+
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu")
+    lenses = build_lenses(loaded, {}, None)
+    fresh = InverseEmbeddingLens(loaded.parts.embed.weight, "pinv")
+    torch.testing.assert_close(lenses["inverse_embedding_pinv"].reader, fresh.reader, atol=1e-5, rtol=0)
+    assert set(lenses) == {"logit", "semantic_basis", "inverse_embedding_transpose", "inverse_embedding_pinv"}

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from latent_atlas.lenses.base import Lens
-from latent_atlas.linalg import pinv_svd
+from latent_atlas.linalg import PseudoInverse, pinv_svd
 
 Variant = Literal["transpose", "pinv"]
 
@@ -20,14 +20,29 @@ Variant = Literal["transpose", "pinv"]
 class InverseEmbeddingLens(Lens):
     """Scores ``rescale(h) @ R`` with ``R`` = W_E^T (transpose) or W_E^+ (pinv), shape ``(d, V)``."""
 
-    def __init__(self, embedding: torch.Tensor, variant: Variant = "transpose") -> None:
+    def __init__(
+        self, embedding: torch.Tensor, variant: Variant = "transpose", transposed_pinv: PseudoInverse | None = None
+    ) -> None:
+        """Build the reader.
+
+        Args:
+            embedding: W_E, shape ``(V, d)``.
+            variant: ``transpose`` or ``pinv``.
+            transposed_pinv: an already computed pseudo-inverse of W_E^T (tied models share it with the
+                semantic-basis lens: (W_E)^+ = ((W_E^T)^+)^T), to skip a second SVD.
+        """
         super().__init__()
         if variant not in ("transpose", "pinv"):
             raise ValueError(f"variant must be 'transpose' or 'pinv', got {variant!r}")
         self.variant = variant
         self.name = f"inverse_embedding_{variant}"
         weight = embedding.detach().to(torch.float64)
-        reader = weight.T if variant == "transpose" else pinv_svd(weight).pseudo_inverse
+        if variant == "transpose":
+            reader = weight.T
+        elif transposed_pinv is not None:
+            reader = transposed_pinv.pseudo_inverse.T
+        else:
+            reader = pinv_svd(weight).pseudo_inverse
         self.register_buffer("reader", reader.to(torch.float32).contiguous())
         self.register_buffer("scale", weight.norm(dim=-1).mean().to(torch.float32))
 

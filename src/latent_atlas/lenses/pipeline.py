@@ -1,5 +1,6 @@
 """What the workflow's lens rules call: build every lens for a model, train the tuned lens, evaluate."""
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +19,8 @@ from latent_atlas.models import LoadedModel
 from latent_atlas.provenance import provenance_record
 from latent_atlas.store import ActivationStore
 
+DEFAULT_GRID_TEXT = "The Eiffel Tower is located in the city of Paris, the capital of France."
+
 
 def lens_layers(settings: Mapping[str, Any], store: ActivationStore) -> list[int]:
     """The layers the lens section selects, for the model the store was made from."""
@@ -28,11 +31,13 @@ def build_lenses(loaded: LoadedModel, settings: Mapping[str, Any], tuned: TunedL
     """Every lens of METHODS §1-4 for one model, keyed by name (the ``lens`` column)."""
     unembed = Unembed.from_parts(loaded.parts)
     embedding = loaded.parts.embed.weight
+    semantic = SemanticBasisLens(unembed, temperature=settings.get("semantic_basis", {}).get("temperature", 0.05))
+    tied = torch.equal(embedding, loaded.parts.lm_head.weight)
     lenses: list[Lens] = [
         LogitLens(unembed),
-        SemanticBasisLens(unembed, temperature=settings.get("semantic_basis", {}).get("temperature", 0.05)),
+        semantic,
         InverseEmbeddingLens(embedding, "transpose"),
-        InverseEmbeddingLens(embedding, "pinv"),
+        InverseEmbeddingLens(embedding, "pinv", transposed_pinv=semantic.pinv if tied else None),
     ]
     if tuned is not None:
         lenses.insert(1, tuned)
@@ -94,3 +99,71 @@ def evaluate_lenses_on_store(
     return table.with_columns(
         model=pl.lit(attrs["model"]), corpus=pl.lit(attrs["corpus"]), split=pl.lit(settings.get("split", "heldout"))
     ).select("model", "corpus", "split", "lens", "address", "layer", "metric", "value", "n_tokens")
+
+
+def read_probe(
+    loaded: LoadedModel,
+    name: str,
+    probes: Mapping[str, Mapping[str, Any]],
+    tuned_path: str | os.PathLike[str] | None,
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Resolve a configured probe and read it with every lens and patchscope."""
+    from latent_atlas.lenses.probe import probe_vector, read_point
+
+    vector, layer = probe_vector(loaded, name, probes)
+    tuned = TunedLens.load(tuned_path, Unembed.from_parts(loaded.parts)) if tuned_path else None
+    scope = settings.get("patchscope", {})
+    reading = read_point(
+        loaded,
+        build_lenses(loaded, settings, tuned),
+        vector,
+        layer,
+        k=settings.get("top_k", 10),
+        targets=scope.get("targets", ("identity", "entity_description")),
+        max_new_tokens=scope.get("max_new_tokens", 20),
+    )
+    return {"probe": name, "spec": dict(probes[name]), **reading}
+
+
+def project_parameters(loaded: LoadedModel, settings: Mapping[str, Any]) -> dict[str, pl.DataFrame]:
+    """MLP key/value and head OV/QK projections to the vocabulary, with decoded tokens (METHODS §3)."""
+    from latent_atlas.lenses.projections import project_heads, project_mlp
+
+    mlp_layers = select_layers(settings.get("mlp_layers", [1]), loaded.n_layers)
+    mlp_tokens, alignment = project_mlp(
+        loaded, [layer for layer in mlp_layers if layer > 0], settings.get("top_k", 10), settings.get("overlap_k", 100)
+    )
+    size = settings.get("head_vocabulary_size")
+    vocabulary = torch.arange(min(size, loaded.manifest["vocab_size"])) if size else None
+    head_layers = [layer for layer in select_layers(settings.get("head_layers", [1]), loaded.n_layers) if layer > 0]
+    heads = project_heads(loaded, head_layers, settings.get("head_top_k", 20), vocabulary)
+    decode = _decoder(loaded)
+    return {
+        "mlp": mlp_tokens.with_columns(token=pl.col("token_id").map_elements(decode, return_dtype=pl.String)),
+        "heads": heads.with_columns(
+            source=pl.col("source_id").map_elements(decode, return_dtype=pl.String),
+            target=pl.col("target_id").map_elements(decode, return_dtype=pl.String),
+        ),
+        "alignment": alignment,
+    }
+
+
+def _decoder(loaded: LoadedModel) -> Callable[[int], str]:
+    """Decode one token id, memoised (token tables repeat ids a lot)."""
+
+    @functools.cache
+    def decode(token_id: int) -> str:
+        return loaded.tokenizer.decode([token_id])
+
+    return decode
+
+
+def grid_for_text(loaded: LoadedModel, tuned_path: str | os.PathLike[str], settings: Mapping[str, Any]) -> pl.DataFrame:
+    """The logit- and tuned-lens token grid of the configured example sentence at the lens layers."""
+    from latent_atlas.lenses.grid import token_grid
+
+    unembed = Unembed.from_parts(loaded.parts)
+    lenses = {"logit": LogitLens(unembed), "tuned": TunedLens.load(tuned_path, unembed)}
+    layers = select_layers(settings.get("layers", "all"), loaded.n_layers)
+    return token_grid(loaded, lenses, settings.get("grid_text", DEFAULT_GRID_TEXT), layers)

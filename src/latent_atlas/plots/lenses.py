@@ -52,3 +52,37 @@ def plot_lens_agreement(
     sns.move_legend(axis, "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title=None)
     figure.suptitle(f"Agreement with ordinary logits — {title}")
     save_figure(figure, pdf, png, f"{table['model'][0]} · {table['corpus'][0]} · {table['split'][0]}")
+
+
+def plot_token_grid(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str) -> None:
+    """One heat map per lens: layers (rows) x positions (columns), top token written in, probability as colour."""
+    apply_style()
+    lenses = [lens for lens in LENS_ORDER if lens in set(table["lens"])]
+    n_positions = table["position"].max() + 1
+    n_layers = table["layer"].n_unique()
+    figure, axes = plt.subplots(
+        1, len(lenses), figsize=(max(6, 0.9 * n_positions) * len(lenses), 0.42 * n_layers + 2), squeeze=False
+    )
+    for axis, lens in zip(axes[0], lenses, strict=True):
+        data = table.filter(pl.col("lens") == lens).sort("layer", descending=True)
+        probability = data.pivot(on="position", index="layer", values="probability").drop("layer")
+        labels = data.pivot(on="position", index="layer", values="top_token").drop("layer")
+        layers = data["layer"].unique(maintain_order=True).to_list()
+        sns.heatmap(
+            probability.to_numpy(),
+            annot=[[repr(token)[1:-1][:8] for token in row] for row in labels.rows()],
+            fmt="",
+            annot_kws={"fontsize": 6},
+            cmap="Blues",
+            vmin=0,
+            vmax=1,
+            cbar=axis is axes[0][-1],
+            cbar_kws={"label": "probability of the top token"},
+            ax=axis,
+        )
+        inputs = data.filter(pl.col("layer") == layers[0]).sort("position")["input_token"].to_list()
+        axis.set_xticks([i + 0.5 for i in range(len(inputs))], [repr(t)[1:-1] for t in inputs], rotation=45, ha="right")
+        axis.set_yticks([i + 0.5 for i in range(len(layers))], [f"resid.{layer:02d}" for layer in layers], rotation=0)
+        axis.set(title=f"{lens} lens", xlabel="input token (the lens predicts the next one)", ylabel="")
+    figure.suptitle(f"Top token by layer and position — {title}")
+    save_figure(figure, pdf, png, title)
