@@ -9,7 +9,7 @@ from latent_atlas.errors import LatentAtlasError
 from latent_atlas.extract import ExtractionSettings, extract_activations
 from latent_atlas.lenses import InverseEmbeddingLens, LogitLens, SemanticBasisLens, TunedLens, Unembed
 from latent_atlas.lenses.evaluate import evaluate_lenses, evaluation_tokens
-from latent_atlas.lenses.tuned import TunedLensTraining, train_tuned_lens
+from latent_atlas.lenses.tuned import TunedLensTraining, sampled_batches, train_tuned_lens
 from latent_atlas.models import load_model
 from latent_atlas.store import ActivationStore
 from latent_atlas.testing import _WORDS
@@ -73,13 +73,12 @@ def test_trained_tuned_lens_beats_the_logit_lens_on_held_out_tokens(llama_store,
     with ActivationStore(path) as store:
         train = evaluation_tokens(store, "train", None, skip_first_position=True)
         final = torch.from_numpy(store.read("ln_final", train.rows))
-        losses = train_tuned_lens(
-            lens,
-            lambda layer: torch.from_numpy(store.read(layer, train.rows)),
-            final,
-            range(loaded.n_layers),
-            TunedLensTraining(steps=150, tokens_per_step=128, lr_scale=4.0),
+        settings = TunedLensTraining(steps=150, tokens_per_step=128, lr_scale=4.0)
+        layers = range(loaded.n_layers)
+        batches = sampled_batches(
+            lambda layer: torch.from_numpy(store.read(layer, train.rows)), final, layers, settings
         )
+        losses = train_tuned_lens(lens, batches, layers, settings)
         assert np.mean(losses[-10:]) < np.mean(losses[:10])
         heldout = evaluation_tokens(store, "heldout", None, skip_first_position=True)
         table = evaluate_lenses(store, unembed, {"logit": LogitLens(unembed), "tuned": lens}, store.layers, heldout)

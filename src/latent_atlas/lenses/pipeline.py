@@ -14,7 +14,7 @@ from latent_atlas.lenses.evaluate import evaluate_lenses, evaluation_tokens
 from latent_atlas.lenses.inverse_embedding import InverseEmbeddingLens
 from latent_atlas.lenses.logit import LogitLens
 from latent_atlas.lenses.semantic_basis import SemanticBasisLens
-from latent_atlas.lenses.tuned import TunedLens, train_tuned_lens, training_settings
+from latent_atlas.lenses.tuned import TunedLens, sampled_batches, train_tuned_lens, training_settings
 from latent_atlas.models import LoadedModel
 from latent_atlas.provenance import provenance_record
 from latent_atlas.store import ActivationStore
@@ -66,9 +66,11 @@ def train_tuned_lens_on_store(
             seed=training.seed,
         )
         final = torch.from_numpy(store.read("ln_final", tokens.rows))
-        losses = train_tuned_lens(
-            lens, lambda layer: torch.from_numpy(store.read(layer, tokens.rows)), final, layers, training, on_step
+        layers = [layer for layer in layers if layer < lens.n_layers]
+        batches = sampled_batches(
+            lambda layer: torch.from_numpy(store.read(layer, tokens.rows)), final, layers, training
         )
+        losses = train_tuned_lens(lens, batches, layers, training, on_step)
         extra = provenance_record(dict(settings), store=str(store_path), train_tokens=len(tokens.rows), losses=losses)
     lens.save(out_path, extra=extra)
     return lens

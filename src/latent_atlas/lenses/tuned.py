@@ -9,7 +9,7 @@ lr = lr_scale * (1 - 0.9), weight decay 1e-3, linear decay to 0, gradient-norm c
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,10 +103,32 @@ def kl_to_target(target_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.
     return (target_log_probs.exp() * (target_log_probs - log_probs)).sum(-1).mean()
 
 
-def train_tuned_lens(
-    lens: TunedLens,
+@dataclass(frozen=True)
+class TrainingBatch:
+    """One optimiser step's data: states of each trained layer and the post-norm states of the same tokens."""
+
+    states: dict[int, torch.Tensor]
+    final: torch.Tensor
+
+
+def sampled_batches(
     states: Callable[[int], torch.Tensor],
     final_states: torch.Tensor,
+    layers: Sequence[int],
+    settings: TunedLensTraining,
+) -> Iterator[TrainingBatch]:
+    """Batches of ``tokens_per_step`` random rows of in-memory training states (read once from the store)."""
+    data = {layer: states(layer) for layer in layers}
+    generator = np.random.default_rng(settings.seed)
+    n_tokens = final_states.shape[0]
+    for _ in range(settings.steps):
+        rows = torch.from_numpy(generator.choice(n_tokens, size=min(settings.tokens_per_step, n_tokens), replace=False))
+        yield TrainingBatch({layer: values[rows] for layer, values in data.items()}, final_states[rows])
+
+
+def train_tuned_lens(
+    lens: TunedLens,
+    batches: Iterable[TrainingBatch],
     layers: Sequence[int],
     settings: TunedLensTraining,
     on_step: Callable[[int, float], None] | None = None,
@@ -115,12 +137,11 @@ def train_tuned_lens(
 
     Args:
         lens: the lens to train (translators of other layers are left untouched).
-        states: ``states(layer)`` returns the training states of that layer, ``(N, d)`` float32.
-        final_states: post-final-norm states of the same N tokens (``ln_final``), whose LM-head
-            distribution is the target.
+        batches: one :class:`TrainingBatch` per step (``settings.steps`` of them), e.g. from
+            :func:`sampled_batches` over stored states, or from forward passes of the model.
         layers: layers to train (each < ``lens.n_layers``).
-        settings: budget and optimiser.
-        on_step: called with (step, mean loss over layers) after each step.
+        settings: the optimiser recipe and the number of steps (for the linear decay).
+        on_step: called with (step, mean KL over layers) after each step.
 
     Returns:
         The mean KL over layers at each step.
@@ -135,18 +156,14 @@ def train_tuned_lens(
         weight_decay=settings.weight_decay,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1 - step / settings.steps)
-    data = {layer: states(layer) for layer in layers}
-    generator = np.random.default_rng(settings.seed)
-    n_tokens = final_states.shape[0]
     losses = []
-    for step in range(settings.steps):
-        rows = torch.from_numpy(generator.choice(n_tokens, size=min(settings.tokens_per_step, n_tokens), replace=False))
+    for step, batch in enumerate(batches):
         with torch.no_grad():
-            target = functional.log_softmax(lens.unembed.lm_head(final_states[rows]).float(), dim=-1)
+            target = functional.log_softmax(lens.unembed.lm_head(batch.final).float(), dim=-1)
         optimiser.zero_grad(set_to_none=True)
         step_loss = 0.0
         for layer in layers:  # one backward per layer bounds memory to one layer's logits
-            loss = kl_to_target(target, lens.logits(data[layer][rows], layer))
+            loss = kl_to_target(target, lens.logits(batch.states[layer], layer))
             loss.backward()
             step_loss += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(parameters, settings.clip_grad_norm)

@@ -1,0 +1,174 @@
+"""Benchmark the lenses against baselines measured in the same run.
+
+1. Decoding throughput: (positions x layers) per second of the per-layer evaluation with every lens
+   (logits, log-softmax, KL, CE, entropy, ranks), against a plain ``h @ W_U^T`` + top-k over the same
+   positions and layers (the least any decoder does), interleaved over rounds.
+2. Tuned-lens training: translators trained from the activation store (states read once, no forward
+   passes) against the published recipe's way of running the model for every step, on the very same
+   documents per step; wall time and the resulting held-out KL of each.
+
+Usage (after `make run` has built the model and store):
+    .venv/bin/python benchmarks/lenses.py [--tokens 512] [--rounds 3] [--steps 20]
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import polars as pl
+import torch
+
+from latent_atlas.config import select_layers
+from latent_atlas.hooks import capture_residuals
+from latent_atlas.lenses.base import Unembed
+from latent_atlas.lenses.evaluate import evaluate_lenses, evaluation_tokens
+from latent_atlas.lenses.pipeline import build_lenses
+from latent_atlas.lenses.tuned import TrainingBatch, TunedLens, TunedLensTraining, train_tuned_lens
+from latent_atlas.models import LoadedModel, load_model
+from latent_atlas.store import ActivationStore
+
+
+def plain_decode(store: ActivationStore, unembed: Unembed, rows: np.ndarray, layers: list[int], chunk: int) -> None:
+    """The baseline: one matmul with W_U and a top-10 per (position, layer)."""
+    weight = unembed.weight
+    for start in range(0, len(rows), chunk):
+        for layer in layers:
+            states = torch.from_numpy(store.read(layer, rows[start : start + chunk]))
+            (states @ weight.T).topk(10, dim=-1)
+
+
+def decoding(loaded: LoadedModel, store: ActivationStore, args: argparse.Namespace) -> None:
+    """Print all-lens evaluation throughput against plain matmul + top-k."""
+    unembed = Unembed.from_parts(loaded.parts)
+    tuned = TunedLens(unembed, loaded.n_layers, loaded.d_model)
+    tuned.trained_layers = list(range(loaded.n_layers))  # untrained translators cost the same to apply
+    lenses = build_lenses(loaded, {}, tuned)
+    layers = select_layers({"every": 3}, loaded.n_layers)
+    tokens = evaluation_tokens(store, "heldout", args.tokens, skip_first_position=True)
+    work = len(tokens.rows) * len(layers)
+    speeds: dict[str, list[float]] = {"all lenses (evaluation)": [], "plain matmul + top-k": []}
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            begin = time.perf_counter()
+            evaluate_lenses(store, unembed, lenses, layers, tokens, chunk_size=256)
+            speeds["all lenses (evaluation)"].append(work / (time.perf_counter() - begin))
+            begin = time.perf_counter()
+            plain_decode(store, unembed, tokens.rows, layers, 256)
+            speeds["plain matmul + top-k"].append(work / (time.perf_counter() - begin))
+    base = statistics.median(speeds["plain matmul + top-k"])
+    print(f"\n## Decoding: {len(tokens.rows)} held-out positions x {len(layers)} layers, {len(lenses)} lenses\n")
+    print("| method | positions x layers / s (median) | x plain | x plain, per lens |")
+    print("|---|---|---|---|")
+    for name, values in speeds.items():
+        speed = statistics.median(values)
+        per_lens = speed * len(lenses) / base if name.startswith("all") else 1.0
+        print(f"| {name} | {speed:.0f} | {speed / base:.3f} | {per_lens:.2f} |")
+
+
+def step_documents(store: ActivationStore, steps: int, tokens_per_step: int, seed: int) -> list[list[int]]:
+    """For each step, random training documents (store doc rows) holding about ``tokens_per_step`` tokens."""
+    docs = store.docs()
+    counts = docs["token_count"].to_numpy()
+    train = np.flatnonzero(docs["split"].to_numpy() == "train")
+    generator = np.random.default_rng(seed)
+    schedule = []
+    for _ in range(steps):
+        chosen, total = [], 0
+        for doc in generator.permutation(train):
+            chosen.append(int(doc))
+            total += int(counts[doc])
+            if total >= tokens_per_step:
+                break
+        schedule.append(chosen)
+    return schedule
+
+
+def stored_batches(store: ActivationStore, schedule: list[list[int]], layers: list[int]) -> list[TrainingBatch]:
+    """Batches read from the store (each layer's training rows read once, then indexed per step)."""
+    docs = store.docs()
+    rows_of = {
+        doc: np.arange(docs["token_start"][doc], docs["token_start"][doc] + docs["token_count"][doc])
+        for step in schedule
+        for doc in step
+    }
+    everything = np.unique(np.concatenate(list(rows_of.values())))
+    position = {row: index for index, row in enumerate(everything)}
+    data = {layer: torch.from_numpy(store.read(layer, everything)) for layer in [*layers, "ln_final"]}
+    batches = []
+    for step in schedule:
+        index = torch.tensor([position[row] for doc in step for row in rows_of[doc]])
+        batches.append(TrainingBatch({layer: data[layer][index] for layer in layers}, data["ln_final"][index]))
+    return batches
+
+
+def model_batches(
+    loaded: LoadedModel, store: ActivationStore, schedule: list[list[int]], layers: list[int]
+) -> Iterator[TrainingBatch]:
+    """Batches computed by running the model on each step's documents (the published recipe's way)."""
+    tokens, docs = store.tokens(), store.docs()
+    for step in schedule:
+        captured: dict[str, list[torch.Tensor]] = {}
+        for doc in step:
+            start, count = int(docs["token_start"][doc]), int(docs["token_count"][doc])
+            ids = torch.tensor([tokens["token_id"][start : start + count].to_list()])
+
+            def keep(address: str, states: torch.Tensor, captured: dict = captured) -> None:
+                captured.setdefault(address, []).append(states[0])
+
+            with torch.no_grad(), capture_residuals(loaded.parts, layers, keep):
+                loaded.parts.body(input_ids=ids, use_cache=False)
+        joined = {address: torch.cat(parts) for address, parts in captured.items()}
+        yield TrainingBatch({layer: joined[f"resid.{layer:02d}"] for layer in layers}, joined["ln_final"])
+
+
+def training(loaded: LoadedModel, store: ActivationStore, args: argparse.Namespace) -> None:
+    """Print tuned-lens training time and held-out KL, from the store and from forward passes."""
+    layers = [layer for layer in select_layers({"every": 10}, loaded.n_layers) if layer < loaded.n_layers]
+    settings = TunedLensTraining(steps=args.steps, tokens_per_step=args.tokens_per_step)
+    schedule = step_documents(store, args.steps, args.tokens_per_step, seed=0)
+    heldout = evaluation_tokens(store, "heldout", args.tokens, skip_first_position=True)
+    results = {}
+    for name in ("from the store", "re-running the model"):
+        unembed = Unembed.from_parts(loaded.parts)
+        lens = TunedLens(unembed, loaded.n_layers, loaded.d_model)
+        begin = time.perf_counter()
+        batches = (
+            stored_batches(store, schedule, layers)
+            if name == "from the store"
+            else model_batches(loaded, store, schedule, layers)
+        )
+        train_tuned_lens(lens, batches, layers, settings)
+        seconds = time.perf_counter() - begin
+        table = evaluate_lenses(store, unembed, {"tuned": lens}, layers, heldout)
+        kl = table.filter(pl.col("metric") == "kl_to_final")["value"].mean()
+        results[name] = (seconds, kl)
+    base = results["re-running the model"][0]
+    print(f"\n## Tuned-lens training: {args.steps} steps x ~{args.tokens_per_step} tokens, layers {layers}\n")
+    print("| method | seconds | s / step | x faster than re-running | held-out KL (mean over layers) |")
+    print("|---|---|---|---|---|")
+    for name, (seconds, kl) in results.items():
+        print(f"| {name} | {seconds:.1f} | {seconds / args.steps:.2f} | {base / seconds:.2f} | {kl:.4f} |")
+
+
+def main() -> None:
+    """Run both benchmarks on the default model and store."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="results/models/smollm2-135m")
+    parser.add_argument("--store", default="results/activations/smollm2-135m/registers.h5")
+    parser.add_argument("--tokens", type=int, default=512, help="held-out positions decoded")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="tuned-lens training steps")
+    parser.add_argument("--tokens-per-step", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, device="cpu")
+    with ActivationStore(args.store) as store:
+        decoding(loaded, store, args)
+        training(loaded, store, args)
+
+
+if __name__ == "__main__":
+    main()
