@@ -33,7 +33,8 @@ class TunedLens(Lens):
         super().__init__()
         self.unembed = unembed
         self.n_layers, self.d_model = n_layers, d_model
-        self.translators = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(n_layers))
+        device = unembed.weight.device
+        self.translators = nn.ModuleList(nn.Linear(d_model, d_model, device=device) for _ in range(n_layers))
         for translator in self.translators:
             nn.init.zeros_(translator.weight)
             nn.init.zeros_(translator.bias)
@@ -66,7 +67,7 @@ class TunedLens(Lens):
         """Load a saved lens; fails if it is missing or was trained against a different unembedding."""
         if not Path(path).is_file():
             raise LatentAtlasError(f"no tuned lens at {path}; train it with `snakemake {path}`")
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True, map_location=unembed.weight.device)
         config = json.loads(saved["config"])
         if config["unembed_fingerprint"] != unembed.fingerprint():
             raise LatentAtlasError(
