@@ -201,21 +201,22 @@ def extract_activations(
         _write_token_table(writer, plan)
         writer.write_docs(docs)
         bar = tqdm(total=plan.n_rows, unit="tok", disable=not progress, file=sys.stderr, desc="extract")
-        for number, batch in enumerate(plan.batches):
-            ids, attention, stored = _pad_batch(
-                [plan.token_ids[i] for i in batch], [plan.keep[i] for i in batch], pad_id, loaded.device
-            )
-            start = int(plan.row_start[batch[0]])
+        batch_rows: dict[str, Any] = {}  # where the batch in flight goes: first store row, mask of stored positions
 
-            def write(address: str, states: torch.Tensor, start: int = start, stored: torch.Tensor = stored) -> None:
-                rows = states[stored].to(store_dtype).cpu().numpy()
-                writer.write_states(address, start, rows)
+        def write(address: str, states: torch.Tensor) -> None:
+            rows = states[batch_rows["stored"]].to(store_dtype).cpu().numpy()
+            writer.write_states(address, batch_rows["start"], rows)
 
-            with torch.inference_mode(), capture_residuals(loaded.parts, layers, write):
+        with torch.inference_mode(), capture_residuals(loaded.parts, layers, write):
+            for number, batch in enumerate(plan.batches):
+                ids, attention, stored = _pad_batch(
+                    [plan.token_ids[i] for i in batch], [plan.keep[i] for i in batch], pad_id, loaded.device
+                )
+                batch_rows.update(start=int(plan.row_start[batch[0]]), stored=stored)
                 loaded.parts.body(input_ids=ids, attention_mask=attention, use_cache=False)
-            bar.update(int(stored.sum()))
-            if on_batch is not None:
-                on_batch(number)
+                bar.update(int(stored.sum()))
+                if on_batch is not None:
+                    on_batch(number)
         bar.close()
     return Path(out_path)
 
