@@ -58,12 +58,8 @@ def _key_path(error: jsonschema.ValidationError) -> str:
 
 def _describe(error: jsonschema.ValidationError) -> str:
     """Return a one-line description of a schema violation, naming the key."""
-    key = _key_path(error)
-    if error.validator == "additionalProperties":
-        return f"config key '{key}': {error.message} (check the spelling against the schema)"
-    if error.validator == "required":
-        return f"config key '{key}': {error.message}"
-    return f"config key '{key}': {error.message}"
+    hint = " (check the spelling against the schema)" if error.validator == "additionalProperties" else ""
+    return f"config key '{_key_path(error)}': {error.message}{hint}"
 
 
 def validate_config(config: dict[str, Any], schema: dict[str, Any], source: str = "the config") -> None:
