@@ -4,6 +4,8 @@ Every later step loads from ``results/models/{model}/`` (config.json, safetensor
 ``manifest.json``), never from the source again.
 """
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -138,8 +140,6 @@ class LoadedModel:
 
 def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``manifest.json`` of a model directory, failing clearly if it is missing."""
-    import json
-
     path = Path(model_dir) / MANIFEST
     if not path.is_file():
         raise ModelAcquisitionError(
@@ -243,8 +243,6 @@ def _manifest(
 
 def weights_sha256(model_dir: str | os.PathLike[str]) -> str:
     """Return one sha256 over the model directory's safetensors files (sorted by name)."""
-    import hashlib
-
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ModelAcquisitionError(f"no *.safetensors files in {model_dir}")

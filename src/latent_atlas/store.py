@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 import polars as pl
 
-from latent_atlas.addresses import LN_FINAL, RESID, parse_resid_address, resid_address, store_dataset
+from latent_atlas.addresses import LN_FINAL, parse_resid_address, resid_address, store_dataset
 from latent_atlas.errors import StoreError
 from latent_atlas.provenance import temporary_sibling
 
@@ -366,4 +366,4 @@ def _python_value(value: Any) -> Any:
     return value
 
 
-__all__ = ["FORMAT", "RESID", "ActivationStore", "StoreWriter", "chunk_rows"]
+__all__ = ["FORMAT", "ActivationStore", "StoreWriter", "chunk_rows"]
