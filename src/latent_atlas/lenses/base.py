@@ -50,6 +50,10 @@ class Lens(nn.Module, ABC):
     def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Return logits of shape ``(..., V)`` for states ``h`` of shape ``(..., d)`` at ``layer``."""
 
+    def reads(self, layer: int) -> bool:
+        """Whether this lens can read ``resid.{layer}`` (every lens can, unless it says otherwise)."""
+        return True
+
     def top_k(self, h: torch.Tensor, layer: int, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(probabilities, token ids)`` of the k most likely tokens, each ``(..., k)``."""
         probabilities = torch.softmax(self.logits(h, layer).float(), dim=-1)

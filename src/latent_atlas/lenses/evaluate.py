@@ -16,10 +16,7 @@ from torch.nn import functional
 from latent_atlas.addresses import resid_address
 from latent_atlas.errors import ConfigError
 from latent_atlas.lenses.base import Lens, Unembed
-from latent_atlas.lenses.tuned import TunedLens
 from latent_atlas.store import ActivationStore
-
-METRICS = ("kl_to_final", "ce_next_token", "entropy", "top1_agreement", "final_top1_rank", "agreement_with_logit")
 
 
 @dataclass(frozen=True)
@@ -53,11 +50,6 @@ def evaluation_tokens(
     return EvaluationTokens(rows, next_ids)
 
 
-def _applies(lens: Lens, layer: int) -> bool:
-    """Whether a lens can read this layer (a tuned lens only where it was trained, and at the last layer)."""
-    return not isinstance(lens, TunedLens) or layer >= lens.n_layers or layer in lens.trained_layers
-
-
 @torch.no_grad()
 def evaluate_lenses(
     store: ActivationStore,
@@ -89,7 +81,7 @@ def evaluate_lenses(
             states = torch.from_numpy(store.read(layer, rows))
             logit_top1 = logit_lens.logits(states, layer).argmax(-1) if logit_lens is not None else None
             for name, lens in lenses.items():
-                if not _applies(lens, layer):
+                if not lens.reads(layer):
                     continue
                 values = _token_metrics(lens.logits(states, layer), final, next_ids, logit_top1)
                 for metric, (total, count) in values.items():

@@ -8,7 +8,6 @@ import torch
 from latent_atlas.addresses import parse_resid_address
 from latent_atlas.hooks import capture_residuals
 from latent_atlas.lenses.base import Lens
-from latent_atlas.lenses.tuned import TunedLens
 from latent_atlas.models import LoadedModel
 
 
@@ -33,7 +32,7 @@ def token_grid(loaded: LoadedModel, lenses: Mapping[str, Lens], text: str, layer
     rows = []
     for name, lens in lenses.items():
         for layer in layers:
-            if isinstance(lens, TunedLens) and layer < lens.n_layers and layer not in lens.trained_layers:
+            if not lens.reads(layer):
                 continue
             probs, top = torch.softmax(lens.logits(states[layer], layer).float(), -1).max(-1)
             for position, (prob, token) in enumerate(zip(probs.tolist(), top.tolist(), strict=True)):

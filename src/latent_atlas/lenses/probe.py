@@ -18,7 +18,6 @@ from latent_atlas.addresses import resid_address
 from latent_atlas.errors import ConfigError
 from latent_atlas.lenses.base import Lens
 from latent_atlas.lenses.patchscope import TARGET_PROMPTS, patchscope, residual_state
-from latent_atlas.lenses.tuned import TunedLens
 from latent_atlas.models import LoadedModel
 
 _READABLE_SCAN = 2048
@@ -84,9 +83,7 @@ def read_point(
 ) -> dict[str, Any]:
     """Every lens's reading and every patchscope's continuation of one state at ``resid.{layer}``."""
     readings = {
-        name: lens_reading(loaded, lens, vector, layer, k)
-        for name, lens in lenses.items()
-        if not isinstance(lens, TunedLens) or layer >= lens.n_layers or layer in lens.trained_layers
+        name: lens_reading(loaded, lens, vector, layer, k) for name, lens in lenses.items() if lens.reads(layer)
     }
     scopes = {}
     for target in targets:

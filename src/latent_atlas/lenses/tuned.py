@@ -40,6 +40,10 @@ class TunedLens(Lens):
             nn.init.zeros_(translator.bias)
         self.trained_layers: list[int] = []
 
+    def reads(self, layer: int) -> bool:
+        """Only the layers it was trained for, and the last layer (where it is the identity)."""
+        return layer >= self.n_layers or layer in self.trained_layers
+
     def transform(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Translate a state: h + A_l h + b_l (the identity at the last layer)."""
         if layer >= self.n_layers:
