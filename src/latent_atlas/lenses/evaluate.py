@@ -79,11 +79,13 @@ def evaluate_lenses(
         final = FinalDistribution.from_logits(unembed.lm_head(torch.from_numpy(store.read("ln_final", rows))))
         for layer in layers:
             states = torch.from_numpy(store.read(layer, rows))
-            logit_top1 = logit_lens.logits(states, layer).argmax(-1) if logit_lens is not None else None
+            logit_logits = logit_lens.logits(states, layer) if logit_lens is not None else None
+            logit_top1 = logit_logits.argmax(-1) if logit_logits is not None else None
             for name, lens in lenses.items():
                 if not lens.reads(layer):
                     continue
-                values = _token_metrics(lens.logits(states, layer), final, next_ids, logit_top1)
+                logits = logit_logits if lens is logit_lens else lens.logits(states, layer)
+                values = _token_metrics(logits, final, next_ids, logit_top1)
                 for metric, (total, count) in values.items():
                     if metric == "final_top1_rank":
                         ranks.setdefault((name, layer), []).append(total)
