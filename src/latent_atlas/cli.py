@@ -33,24 +33,15 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def _probe(args: argparse.Namespace) -> None:
     """Read one point with every lens and patchscope, and print a table (or JSON)."""
-    import torch
-
-    from latent_atlas.lenses.base import Unembed
-    from latent_atlas.lenses.patchscope import residual_state
-    from latent_atlas.lenses.pipeline import build_lenses
-    from latent_atlas.lenses.probe import format_reading, load_vector, read_point
-    from latent_atlas.lenses.tuned import TunedLens
+    from latent_atlas.lenses.pipeline import read_probe
+    from latent_atlas.lenses.probe import format_reading
     from latent_atlas.models import load_model
 
     loaded = load_model(args.model, device=args.device)
-    if args.vector:
-        vector = load_vector(args.vector, loaded.d_model)
-    else:
-        vector = residual_state(loaded, args.text, args.layer, args.position)
-    tuned = TunedLens.load(args.tuned, Unembed.from_parts(loaded.parts)) if args.tuned else None
-    lenses = build_lenses(loaded, {}, tuned)
-    with torch.no_grad():
-        reading = read_point(loaded, lenses, vector, args.layer, args.k, args.targets.split(","), args.max_new_tokens)
+    point = {"vector": args.vector} if args.vector else {"text": args.text, "position": args.position}
+    patchscope = {"targets": args.targets.split(","), "max_new_tokens": args.max_new_tokens}
+    settings = {"top_k": args.k, "patchscope": patchscope}
+    reading = read_probe(loaded, "command-line", {"command-line": {**point, "layer": args.layer}}, args.tuned, settings)
     print(json.dumps(reading, indent=2) if args.json else format_reading(reading, args.k))
 
 

@@ -28,8 +28,11 @@ def lens_layers(settings: Mapping[str, Any], store: ActivationStore) -> list[int
 
 
 def build_lenses(loaded: LoadedModel, settings: Mapping[str, Any], tuned: TunedLens | None) -> dict[str, Lens]:
-    """Every lens of METHODS §1-4 for one model, keyed by name (the ``lens`` column)."""
-    unembed = Unembed.from_parts(loaded.parts)
+    """Every lens of METHODS §1-4 for one model, keyed by name (the ``lens`` column).
+
+    The lenses share one frozen unembedding: the tuned lens's when it is given, else a fresh copy.
+    """
+    unembed = tuned.unembed if tuned is not None else Unembed.from_parts(loaded.parts)
     embedding = loaded.parts.embed.weight
     semantic = SemanticBasisLens(unembed, temperature=settings.get("semantic_basis", {}).get("temperature", 0.05))
     tied = torch.equal(embedding, loaded.parts.lm_head.weight)
