@@ -29,17 +29,26 @@ def is_readable(token: str) -> bool:
     return bool(stripped) and stripped.isascii() and stripped.isalnum()
 
 
-def probe_vector(loaded: LoadedModel, name: str, probes: Mapping[str, Mapping[str, Any]]) -> tuple[torch.Tensor, int]:
-    """Resolve a probe from config to ``(vector (d,), layer)``."""
+def probe_vector(
+    loaded: LoadedModel, name: str, probes: Mapping[str, Mapping[str, Any]], layer: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """Resolve a probe from config to ``(vector (d,), layer)``.
+
+    ``layer`` reads a text probe (or a midpoint of text probes) at another layer than its own; a saved
+    vector exists only at its own layer.
+    """
     if name not in probes:
         raise ConfigError(f"unknown probe '{name}'; defined probes: {', '.join(sorted(probes)) or 'none'}")
     spec = probes[name]
     if "midpoint" in spec:
-        (first, layer_a), (second, layer_b) = (probe_vector(loaded, other, probes) for other in spec["midpoint"])
+        (first, layer_a), (second, layer_b) = (probe_vector(loaded, other, probes, layer) for other in spec["midpoint"])
         if layer_a != layer_b:
             raise ConfigError(f"probes.{name}.midpoint joins probes at layers {layer_a} and {layer_b}; use one layer")
         return (first + second) / 2, layer_a
-    layer = int(spec["layer"])
+    own_layer = int(spec["layer"])
+    if "vector" in spec and layer is not None and layer != own_layer:
+        raise ConfigError(f"probes.{name} is a saved vector at layer {own_layer}; it cannot be read at layer {layer}")
+    layer = own_layer if layer is None else layer
     if not 0 <= layer <= loaded.n_layers:
         raise ConfigError(f"probes.{name}.layer = {layer} is outside 0..{loaded.n_layers}")
     if "vector" in spec:
