@@ -12,6 +12,14 @@ validate_config(
 )
 
 ENV = "../environment.yml"
+# What a neighbourhood job depends on: its settings without the lists of points and paths (adding a point
+# must not re-run the others), and the one lens setting it uses.
+NEIGHBOURHOOD_SETTINGS = {
+    key: value
+    for key, value in config["neighbourhood"].items()
+    if key not in ("points", "paths")
+}
+NEIGHBOURHOOD_LENSES = {"semantic_basis": config["lenses"]["semantic_basis"]}
 
 
 def _alternatives(names):
@@ -23,6 +31,8 @@ wildcard_constraints:
     model=_alternatives(config["models"]),
     corpus=_alternatives(config["corpora"]),
     probe=_alternatives(config["probes"]) or "(?!)",
+    point=_alternatives(config["neighbourhood"]["points"]) or "(?!)",
+    path=_alternatives(config["neighbourhood"]["paths"]) or "(?!)",
 
 
 def get_final_output():
@@ -53,7 +63,35 @@ def get_final_output():
         model=models,
         table=["mlp", "heads", "alignment"],
     )
-    return stores + figures + lens_figures + probes + projections
+    return (
+        stores
+        + figures
+        + lens_figures
+        + probes
+        + projections
+        + get_neighbourhood_output(models, corpora)
+    )
+
+
+def get_neighbourhood_output(models, corpora):
+    """Tables and figures of every neighbourhood point and path, per (model, corpus)."""
+    section = config["neighbourhood"]
+    points = expand(
+        "results/figures/neighbourhood/{model}.{corpus}.{point}.{figure}.{ext}",
+        model=models,
+        corpus=corpora,
+        point=section["points"],
+        figure=["stability", "map"],
+        ext=["pdf", "png"],
+    )
+    paths = expand(
+        "results/figures/neighbourhood/{model}.{corpus}.{path}.path.{ext}",
+        model=models,
+        corpus=corpora,
+        path=list(section["paths"]),
+        ext=["pdf", "png"],
+    )
+    return points + paths
 
 
 def get_model_spec(wildcards):
@@ -86,6 +124,23 @@ def get_extraction_provenance(wildcards):
     }
 
 
+def probe_closure(names):
+    """The named probes and every probe their midpoints read: what a job that reads them depends on."""
+    closure, pending = {}, list(names)
+    while pending:
+        name = pending.pop()
+        if name not in closure:
+            closure[name] = config["probes"][name]
+            pending += closure[name].get("midpoint", [])
+    return closure
+
+
+def _vector_inputs(probes):
+    """The saved-vector files among some probes, as named inputs."""
+    vectors = [spec["vector"] for spec in probes.values() if "vector" in spec]
+    return {f"vector_{i}": path for i, path in enumerate(vectors)}
+
+
 def get_probe_inputs(wildcards):
     """A probe reads the model, the tuned lens of the first corpus in run, and its saved vectors if any."""
     tuned_corpus = config["run"]["corpora"][0]
@@ -93,8 +148,25 @@ def get_probe_inputs(wildcards):
         "manifest": f"results/models/{wildcards.model}/manifest.json",
         "tuned": f"results/lenses/{wildcards.model}/{tuned_corpus}.tuned-lens.pt",
     }
-    vectors = [spec["vector"] for spec in config["probes"].values() if "vector" in spec]
-    return inputs | {f"vector_{i}": path for i, path in enumerate(vectors)}
+    return inputs | _vector_inputs(probe_closure([wildcards.probe]))
+
+
+def neighbourhood_probes(wildcards):
+    """The probes a neighbourhood job reads: its point, or the two ends of its path, with their midpoints."""
+    if "point" in wildcards.keys():
+        return probe_closure([wildcards.point])
+    return probe_closure(config["neighbourhood"]["paths"][wildcards.path])
+
+
+def get_neighbourhood_inputs(wildcards):
+    """The model, the store and tuned lens of this corpus, and the saved vectors the probes read."""
+    model, corpus = wildcards.model, wildcards.corpus
+    inputs = {
+        "manifest": f"results/models/{model}/manifest.json",
+        "store": f"results/activations/{model}/{corpus}.h5",
+        "tuned": f"results/lenses/{model}/{corpus}.tuned-lens.pt",
+    }
+    return inputs | _vector_inputs(neighbourhood_probes(wildcards))
 
 
 def get_grid_inputs(wildcards):

@@ -1,6 +1,8 @@
 localrules:
     plot_store_norms,
     plot_lens_comparison,
+    plot_neighbourhood,
+    plot_path,
 
 
 rule plot_store_norms:
@@ -104,3 +106,95 @@ rule plot_token_grid:
         settings=config["lenses"],
     script:
         "../scripts/plot_token_grid.py"
+
+
+rule plot_neighbourhood:
+    """Stability curves (metric vs radius per direction family) and the PCA map of a point's neighbourhood."""
+    input:
+        table="results/neighbourhood/{model}/{corpus}/{point}.parquet",
+    output:
+        stability_pdf=report(
+            "results/figures/neighbourhood/{model}.{corpus}.{point}.stability.pdf",
+            caption="../workflow/report/neighbourhood_stability.rst",
+            category="Neighbourhoods",
+            labels={
+                "model": "{model}",
+                "corpus": "{corpus}",
+                "point": "{point}",
+                "figure": "stability (pdf)",
+            },
+        ),
+        stability_png=report(
+            "results/figures/neighbourhood/{model}.{corpus}.{point}.stability.png",
+            caption="../workflow/report/neighbourhood_stability.rst",
+            category="Neighbourhoods",
+            labels={
+                "model": "{model}",
+                "corpus": "{corpus}",
+                "point": "{point}",
+                "figure": "stability",
+            },
+        ),
+        map_pdf=report(
+            "results/figures/neighbourhood/{model}.{corpus}.{point}.map.pdf",
+            caption="../workflow/report/neighbourhood_map.rst",
+            category="Neighbourhoods",
+            labels={
+                "model": "{model}",
+                "corpus": "{corpus}",
+                "point": "{point}",
+                "figure": "map (pdf)",
+            },
+        ),
+        map_png=report(
+            "results/figures/neighbourhood/{model}.{corpus}.{point}.map.png",
+            caption="../workflow/report/neighbourhood_map.rst",
+            category="Neighbourhoods",
+            labels={
+                "model": "{model}",
+                "corpus": "{corpus}",
+                "point": "{point}",
+                "figure": "map",
+            },
+        ),
+    log:
+        "logs/figures/{model}.{corpus}.{point}.neighbourhood.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_neighbourhood.py"
+
+
+rule plot_path:
+    """Decoded top token along an interpolation path (linear and slerp) for every decoder."""
+    input:
+        table="results/neighbourhood/{model}/{corpus}/{path}.parquet",
+    output:
+        pdf=report(
+            "results/figures/neighbourhood/{model}.{corpus}.{path}.path.pdf",
+            caption="../workflow/report/neighbourhood_path.rst",
+            category="Neighbourhoods",
+            labels={
+                "model": "{model}",
+                "corpus": "{corpus}",
+                "point": "{path}",
+                "figure": "path (pdf)",
+            },
+        ),
+        png=report(
+            "results/figures/neighbourhood/{model}.{corpus}.{path}.path.png",
+            caption="../workflow/report/neighbourhood_path.rst",
+            category="Neighbourhoods",
+            labels={
+                "model": "{model}",
+                "corpus": "{corpus}",
+                "point": "{path}",
+                "figure": "path",
+            },
+        ),
+    log:
+        "logs/figures/{model}.{corpus}.{path}.path.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_path.py"

@@ -47,7 +47,7 @@ rule read_probe:
         ENV
     threads: 8
     params:
-        probes=config["probes"],
+        probes=lambda wildcards: probe_closure([wildcards.probe]),
         settings=config["lenses"],
     script:
         "../scripts/read_probe.py"

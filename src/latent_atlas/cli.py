@@ -45,6 +45,32 @@ def _probe(args: argparse.Namespace) -> None:
     print(json.dumps(reading, indent=2) if args.json else format_reading(reading, args.k))
 
 
+def _neighbours(args: argparse.Namespace) -> None:
+    """List the exact nearest stored states of a point, with the text around each one's token."""
+    import polars as pl
+
+    from latent_atlas.models import load_model
+    from latent_atlas.neighbourhood.pipeline import NeighbourhoodSettings, neighbours_of_point, open_store
+
+    loaded = load_model(args.model, device="cpu")
+    point = {"vector": args.vector} if args.vector else {"text": args.text, "position": args.position}
+    settings = NeighbourhoodSettings(neighbours_k=args.k, context_tokens=args.context)
+    with open_store(args.store, loaded) as store:
+        table = neighbours_of_point(
+            loaded, store, "command-line", {"command-line": {**point, "layer": args.layer}}, settings
+        )
+    table = table.filter(pl.col("metric") == args.metric, pl.col("standardised") == args.standardise)
+    if args.json:
+        print(json.dumps(table.drop("point").to_dicts(), indent=2, ensure_ascii=False))
+        return
+    similarity = "cosine" if args.metric == "cosine" else "distance"
+    print(f"{table['address'][0]}: {args.k} nearest stored states by {args.metric}", end="")
+    print(" (standardised)" if args.standardise else "")
+    for row in table.iter_rows(named=True):
+        context = row["context"].replace("\n", " ")
+        print(f"{row['rank']:>3}  {similarity} {row['score']:8.3f}  {row['label'] or '-':<26} {context}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="latent-atlas", description=__doc__)
@@ -68,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--device", default="auto", help="auto, cpu or cuda")
     probe.add_argument("--json", action="store_true", help="print the full reading as JSON")
     probe.set_defaults(handler=_probe)
+
+    neighbours = commands.add_parser("neighbours", help="list a point's exact nearest stored states and their text")
+    neighbours.add_argument("store", help="path to results/activations/{model}/{corpus}.h5")
+    neighbours.add_argument("--model", required=True, help="the model directory the store was made with")
+    source = neighbours.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="take the state of this text ...")
+    source.add_argument("--vector", help="... or load it from a .npy file of shape (d,)")
+    neighbours.add_argument("--layer", type=int, required=True, help="residual layer (must be in the store)")
+    neighbours.add_argument("--position", type=int, default=-1, help="token position in --text (default: last)")
+    neighbours.add_argument("--k", type=int, default=10, help="neighbours to list")
+    neighbours.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
+    neighbours.add_argument("--standardise", action="store_true", help="z-score every dimension first")
+    neighbours.add_argument("--context", type=int, default=8, help="tokens of text each side")
+    neighbours.add_argument("--json", action="store_true", help="print the rows as JSON")
+    neighbours.set_defaults(handler=_neighbours)
     return parser
 
 

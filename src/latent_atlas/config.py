@@ -97,6 +97,27 @@ def check_references(config: Mapping[str, Any], source: str = "the config") -> N
     probes = config.get("probes", {})
     for name in probes:
         probe_layer(probes, name)
+    check_neighbourhood(config.get("neighbourhood", {}), probes)
+
+
+def check_neighbourhood(section: Mapping[str, Any], probes: Mapping[str, Any]) -> None:
+    """Neighbourhood points and path ends must be probes; paths need one layer and their own names."""
+    for name in section.get("points", []):
+        if name not in probes:
+            raise ConfigError(f"config key 'neighbourhood.points' names '{name}', which is not a probe")
+    for path, ends in section.get("paths", {}).items():
+        key = f"neighbourhood.paths.{path}"
+        if path in section.get("points", []) or path in probes:
+            raise ConfigError(f"config key '{key}': the name is also a point or probe; give the path its own name")
+        unknown = [end for end in ends if end not in probes]
+        if unknown:
+            raise ConfigError(f"config key '{key}' names {unknown}, which are not probes")
+        layers = {probe_layer(probes, end) for end in ends}
+        if len(layers) > 1 and not section.get("layers"):
+            raise ConfigError(
+                f"config key '{key}' joins probes at layers {sorted(layers)}; give both ends one layer "
+                "or set neighbourhood.layers"
+            )
 
 
 def probe_layer(probes: Mapping[str, Any], name: str, seen: tuple[str, ...] = ()) -> int:

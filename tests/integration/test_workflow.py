@@ -41,7 +41,9 @@ def test_dry_run_plans_the_whole_dag_without_importing_torch(tmp_path):
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
     )
     assert "EXIT 0 TORCH False" in result.stdout, result.stdout + result.stderr
-    for rule in ("acquire_model", "prepare_corpus", "extract_activations", "plot_store_norms"):
+    rules = ("acquire_model", "prepare_corpus", "extract_activations", "plot_store_norms", "explore_neighbourhood",
+             "explore_path", "plot_neighbourhood", "plot_path")  # fmt: skip
+    for rule in rules:
         assert f"rule {rule}:" in result.stdout
 
 
@@ -140,8 +142,28 @@ def test_default_dag_on_the_real_smollm2(tmp_path_factory):
     assert "Paris" in probe["patchscopes"]["identity"]["generated"]
     assert set(pl.read_parquet(root / "results/projections/smollm2-135m/alignment.parquet")["layer"]) == {30}
 
+    neighbourhood = root / "results/neighbourhood/smollm2-135m/registers"
+    point = pl.read_parquet(neighbourhood / "eiffel-paris.parquet")
+    assert set(point["layer"]) == {10} and set(point["decoder"]) == {"logit", "semantic_basis", "tuned", "model"}
+    at_centre = point.filter(pl.col("kind") != "data", pl.col("radius") == 0)
+    assert at_centre["top1_retained"].all() and (at_centre["kl_to_reference"] == 0).all()  # radius 0 is the centre
+    eiffel = loaded.tokenizer("The Eiffel Tower is in the city of Paris", return_tensors="pt")
+    with torch.no_grad():
+        own_next = loaded.model(**eiffel).logits[0, -1].argmax()  # the model decoder at the centre is the model
+    assert point.filter(pl.col("kind") == "centre", pl.col("decoder") == "model")["top1_id"].to_list() == [own_next]
+    meta = json.loads(pl.read_parquet_metadata(neighbourhood / "eiffel-paris.parquet")["latent_atlas"])
+    assert meta["model_sha256"] == manifest["weights_sha256"] and meta["config_hash"]
+    neighbours = pl.read_parquet(neighbourhood / "eiffel-paris.neighbours.parquet")
+    assert neighbours.height == 4 * 10 and neighbours["context"].str.contains("⟦").all()
+    path = pl.read_parquet(neighbourhood / "cat-to-dog.parquet")
+    assert (path.filter(pl.col("t") == 0)["kl_to_reference"] == 0).all()
+    assert (path.filter(pl.col("t") == 1)["kl_to_end"] == 0).all()
+
     figures = ["activations/smollm2-135m.registers.norms", "lenses/smollm2-135m.registers.curves",
-               "lenses/smollm2-135m.registers.agreement", "lenses/smollm2-135m.registers.grid"]  # fmt: skip
+               "lenses/smollm2-135m.registers.agreement", "lenses/smollm2-135m.registers.grid",
+               "neighbourhood/smollm2-135m.registers.eiffel-paris.stability",
+               "neighbourhood/smollm2-135m.registers.eiffel-paris.map",
+               "neighbourhood/smollm2-135m.registers.cat-to-dog.path"]  # fmt: skip
     for name in figures:
         for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
             assert (root / f"results/figures/{name}.{ext}").read_bytes()[:4] == magic

@@ -30,3 +30,22 @@ def test_inspect_reports_bad_files_with_the_fix(tmp_path, capsys):
     (tmp_path / "x.h5").write_text("garbage")
     assert main(["inspect", str(tmp_path / "x.h5")]) == 2
     assert "truncated or not an HDF5 file. Delete it and rebuild" in capsys.readouterr().err
+
+
+def test_neighbours_lists_the_nearest_stored_states_with_their_text(store_path, tiny_model_dirs, capsys):
+    model = str(tiny_model_dirs["llama"])
+    args = ["neighbours", str(store_path), "--model", model, "--text", "the dog saw the cat", "--layer", "2"]
+    assert main([*args, "--k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "resid.02: 3 nearest stored states by cosine" and len(lines) == 4
+    assert all("⟦" in line for line in lines[1:])
+    assert main([*args, "--k", "2", "--metric", "euclidean", "--standardise", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["rank"] for row in rows] == [1, 2] and rows[0]["score"] <= rows[1]["score"]
+    assert {row["metric"] for row in rows} == {"euclidean"} and all(row["standardised"] for row in rows)
+
+
+def test_neighbours_refuses_a_store_of_another_model(store_path, tiny_model_dirs, capsys):
+    args = ["neighbours", str(store_path), "--model", str(tiny_model_dirs["gpt2"]), "--text", "a cat", "--layer", "1"]
+    assert main(args) == 2
+    assert "does not match its inputs (model_sha256" in capsys.readouterr().err

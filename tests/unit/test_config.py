@@ -147,3 +147,28 @@ def test_bad_probes_fail_at_validation(probes, message):
 def test_run_probes_must_be_defined():
     with pytest.raises(ConfigError, match=r"'run\.probes' names 'nope'"):
         validate_config(_merged({"run": {"probes": ["nope"]}}), SCHEMA)
+
+
+_TWO_PROBES = {"a": {"text": "x", "layer": 1}, "b": {"text": "y", "layer": 2}}
+
+
+@pytest.mark.parametrize(
+    ("neighbourhood", "message"),
+    [
+        ({"points": ["zz"]}, r"'neighbourhood\.points' names 'zz', which is not a probe"),
+        ({"paths": {"p": ["a", "zz"]}}, r"'neighbourhood\.paths\.p' names \['zz'\]"),
+        ({"paths": {"p": ["a", "b"]}}, r"'neighbourhood\.paths\.p' joins probes at layers \[1, 2\]"),
+        ({"paths": {"a": ["a", "a"]}}, r"'neighbourhood\.paths\.a': the name is also a point or probe"),
+        ({"radii": [-0.1]}, r"config key 'neighbourhood\.radii\.0'"),
+        ({"families": ["sideways"]}, r"config key 'neighbourhood\.families\.0'"),
+    ],
+)
+def test_bad_neighbourhoods_fail_at_validation(neighbourhood, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_merged({"probes": _TWO_PROBES, "neighbourhood": neighbourhood}), SCHEMA)
+
+
+def test_paths_across_layers_are_fine_when_the_neighbourhood_sets_its_layers():
+    config = _merged({"probes": _TWO_PROBES, "neighbourhood": {"paths": {"p": ["a", "b"]}, "layers": [3]}})
+    validate_config(config, SCHEMA)
+    assert config["neighbourhood"]["radii"][0] == 0.0  # defaults filled

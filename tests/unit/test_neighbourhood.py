@@ -253,6 +253,8 @@ def test_radius_zero_reproduces_the_centres_decoding_exactly(explored):
     far = table.filter(pl.col("kind") == "sample", pl.col("radius") == 1.0, pl.col("decoder") == "logit")
     assert far["kl_to_reference"].mean() > 0
     assert (table.filter(pl.col("kind") == "sample")["nn_distance"] > 0).all()
+    data = table.filter(pl.col("kind") == "data")
+    assert (data["nn_row"] != data["data_row"]).all() and (data["nn_distance"] >= 0).all()  # the nearest *other* state
     assert table["nn_context"].str.contains("⟦").all()
 
 
@@ -287,3 +289,12 @@ def test_a_layer_the_store_lacks_is_a_config_error(explored, tmp_path):
     _synthetic_store(tmp_path / "s.h5")
     with ActivationStore(tmp_path / "s.h5") as store, pytest.raises(ConfigError, match=r"extraction\.layers"):
         explore_point(loaded, store, "dog", PROBES, lenses, settings)
+
+
+def test_identity_context_reads_the_token_after_the_arrow(tiny_loaded):
+    context = Context.identity(tiny_loaded.tokenizer)
+    ids = tiny_loaded.tokenizer(context.text)["input_ids"]
+    placeholder = tiny_loaded.tokenizer(context.text[: -len(" ->")])["input_ids"]
+    assert context.position == len(placeholder) - 1 < len(ids) - 1
+    state = residual_state(tiny_loaded, "a small cat", 1)
+    assert model_logits(tiny_loaded, state[None], 1, context).shape == (1, tiny_loaded.manifest["vocab_size"])

@@ -47,6 +47,14 @@ def build_lenses(loaded: LoadedModel, settings: Mapping[str, Any], tuned: TunedL
     return {lens.name: lens for lens in lenses}
 
 
+def load_lenses(
+    loaded: LoadedModel, tuned_path: str | os.PathLike[str] | None, settings: Mapping[str, Any]
+) -> dict[str, Lens]:
+    """:func:`build_lenses` with the tuned lens loaded from ``tuned_path`` (if given)."""
+    tuned = TunedLens.load(tuned_path, Unembed.from_parts(loaded.parts)) if tuned_path else None
+    return build_lenses(loaded, settings, tuned)
+
+
 def train_tuned_lens_on_store(
     loaded: LoadedModel,
     store_path: str | os.PathLike[str],
@@ -117,11 +125,10 @@ def read_probe(
     from latent_atlas.lenses.probe import probe_vector, read_point
 
     vector, layer = probe_vector(loaded, name, probes)
-    tuned = TunedLens.load(tuned_path, Unembed.from_parts(loaded.parts)) if tuned_path else None
     scope = settings.get("patchscope", {})
     reading = read_point(
         loaded,
-        build_lenses(loaded, settings, tuned),
+        load_lenses(loaded, tuned_path, settings),
         vector,
         layer,
         k=settings.get("top_k", 10),

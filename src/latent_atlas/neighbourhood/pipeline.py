@@ -96,16 +96,23 @@ class _Layer:
             self.settings.block_rows,
         )
 
-    def data_position(self, states: np.ndarray, decode: Any) -> dict[str, Any]:
-        """Distance to, row of and context around each state's nearest stored state (Euclidean)."""
-        found = self.nearest(states, 1)
-        rows = found.rows[:, 0]
+    def data_position(self, states: np.ndarray, decode: Any, own_rows: np.ndarray | None = None) -> dict[str, Any]:
+        """Distance (relative to the typical norm) to, row of and context around each state's nearest stored state.
+
+        ``own_rows[i] >= 0`` says state i is that stored row: its nearest *other* stored state is reported
+        (the local spacing of the data).
+        """
+        found = self.nearest(states, 2)
+        own = np.full(len(states), -1) if own_rows is None else own_rows
+        column = (found.rows[:, 0] == own).astype(np.int64)
+        rows = np.take_along_axis(found.rows, column[:, None], 1)[:, 0]
+        distances = np.take_along_axis(found.scores, column[:, None], 1)[:, 0]
         unique = np.unique(rows)
         texts = token_contexts(self.store, decode, unique, self.settings.context_tokens)
         contexts = dict(zip(unique.tolist(), texts, strict=True))
         return {
             "nn_row": rows,
-            "nn_distance": found.scores[:, 0] / self.statistics.typical_norm,
+            "nn_distance": distances / self.statistics.typical_norm,
             "nn_context": [contexts[int(row)] for row in rows],
         }
 
@@ -159,10 +166,12 @@ def _pca_coordinates(states: np.ndarray, origin: np.ndarray) -> np.ndarray:
     return np.pad(coordinates, ((0, 0), (0, 2 - coordinates.shape[1])))
 
 
-def _point_context(name: str, probes: Mapping[str, Mapping[str, Any]]) -> Context:
+def _point_context(loaded: LoadedModel, name: str, probes: Mapping[str, Mapping[str, Any]]) -> Context:
     """A text probe's own text and position; the identity prompt for midpoints and saved vectors."""
     spec = probes[name]
-    return Context(spec["text"], int(spec.get("position", -1))) if "text" in spec else Context.identity()
+    if "text" in spec:
+        return Context(spec["text"], int(spec.get("position", -1)))
+    return Context.identity(loaded.tokenizer)
 
 
 def explore_point(
@@ -211,10 +220,11 @@ def _explore_layer(
         states,
         layer,
         settings.top_k,
-        _point_context(point, probes),
+        _point_context(loaded, point, probes),
         model_subset,
     )
     pca = _pca_coordinates(states, centre_np)
+    data_rows = np.concatenate([[-1], -np.ones(n_samples, np.int64), local_rows])
     typical = at.statistics.typical_norm
     described = pl.DataFrame(
         {
@@ -228,8 +238,8 @@ def _explore_layer(
             "norm": np.linalg.norm(states, axis=1) / typical,
             "pca1": pca[:, 0],
             "pca2": pca[:, 1],
-            "data_row": np.concatenate([[-1], -np.ones(n_samples, np.int64), local_rows]),
-            **at.data_position(states, loaded.tokenizer.decode),
+            "data_row": data_rows,
+            **at.data_position(states, loaded.tokenizer.decode, data_rows),
         }
     )
     return _finish(decoded.join(described, on="state"), point, layer, typical, settings, store)
@@ -260,7 +270,7 @@ def explore_path(
         states = np.concatenate([interpolate(start.cpu().numpy(), end.cpu().numpy(), t, how) for how in INTERPOLATIONS])
         decoders = _decoders(loaded, lenses, settings.decoders, layer)
         everything = np.arange(len(states))
-        args = (layer, settings.top_k, Context.identity(), everything)
+        args = (layer, settings.top_k, Context.identity(loaded.tokenizer), everything)
         from_start = _decoded_rows(loaded, decoders, start, states, *args)
         from_end = _decoded_rows(loaded, decoders, end, states, *args).select(
             "state", "decoder", kl_to_end="kl_to_reference", top1_is_end="top1_retained"
