@@ -293,6 +293,21 @@ class ActivationStore:
         unique, inverse = np.unique(index, return_inverse=True)
         return np.asarray(dataset[unique], dtype=dtype)[inverse]
 
+    def read_into(self, address: str | int, start: int, out: np.ndarray) -> np.ndarray:
+        """Read rows ``start : start + len(out)`` into a buffer of the stored dtype, with no conversion.
+
+        For loops over blocks: one buffer serves every block (the last one may be shorter: pass a slice).
+        """
+        dataset = self._file[self._dataset_name(address)]
+        if out.dtype != dataset.dtype or out.ndim != 2 or out.shape[1] != self.d_model:
+            raise ValueError(f"buffer must be (n, {self.d_model}) {dataset.dtype}, got {out.shape} {out.dtype}")
+        dataset.read_direct(out, np.s_[start : start + len(out)], np.s_[0 : len(out)])
+        return out
+
+    def stored_dtype(self, address: str | int) -> np.dtype:
+        """The dtype an address is stored in (float16 or float32)."""
+        return self._file[self._dataset_name(address)].dtype
+
     def _dataset_name(self, address: str | int) -> str:
         if isinstance(address, int):
             address = resid_address(address)

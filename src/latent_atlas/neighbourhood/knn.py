@@ -65,11 +65,16 @@ def kept_rows(store: ActivationStore, skip_first_position: bool = True) -> np.nd
 def iter_blocks(
     store: ActivationStore, address: str, block_rows: int = DEFAULT_BLOCK_ROWS
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(first row, float32 states)`` for consecutive blocks of one address."""
+    """Yield ``(first row, float32 states)`` for consecutive blocks of one address.
+
+    Blocks are read into one reused buffer of the stored dtype and converted once.
+    """
     if block_rows < 1:
         raise ValueError(f"block_rows must be positive, got {block_rows}")
+    buffer = np.empty((min(block_rows, store.n_tokens), store.d_model), dtype=store.stored_dtype(address))
     for start in range(0, store.n_tokens, block_rows):
-        yield start, store.read(address, slice(start, min(start + block_rows, store.n_tokens)))
+        raw = store.read_into(address, start, buffer[: min(block_rows, store.n_tokens - start)])
+        yield start, torch.from_numpy(raw).float().numpy()
 
 
 def layer_statistics(
@@ -115,10 +120,10 @@ def layer_statistics(
 
 def _prepare(states: np.ndarray, metric: Metric, statistics: LayerStatistics | None) -> torch.Tensor:
     """Standardise (optionally), then unit-normalise for cosine; float32 tensor."""
-    prepared = statistics.standardise(states) if statistics is not None else states.astype(np.float32)
+    prepared = statistics.standardise(states) if statistics is not None else states.astype(np.float32, copy=False)
     tensor = torch.from_numpy(np.ascontiguousarray(prepared))
     if metric == "cosine":
-        tensor = torch.nn.functional.normalize(tensor, dim=-1)
+        tensor = tensor / tensor.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return tensor
 
 
