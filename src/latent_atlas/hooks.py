@@ -72,3 +72,37 @@ def _post_hook(address: str, sink: Sink) -> Callable[..., None]:
         sink(address, _tensor_of(output))
 
     return hook
+
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def edit_residual(parts: ModelParts, layer: int, edit: Edit) -> Iterator[None]:
+    """Replace ``resid.{layer}`` by ``edit(states)`` (shape ``(B, T, d)``) in every forward pass.
+
+    ``resid.00`` is edited on its way into block 1 (a pre-hook), ``resid.{l}`` on its way out of block ``l``,
+    so every later block reads the edited state, exactly where :func:`capture_residuals` reads it.
+    """
+    if not 0 <= layer <= len(parts.layers):
+        raise ValueError(f"layer {layer} outside 0..{len(parts.layers)}")
+    if layer == 0:
+
+        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple:
+            if args:
+                return (edit(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+
+        handle = parts.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if isinstance(output, tuple):
+                return (edit(output[0]), *output[1:])
+            return edit(output)
+
+        handle = parts.layers[layer - 1].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -6,14 +6,11 @@ read the KV cache with sequence length 1, are left alone); the model then contin
 """
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import nn
 
-from latent_atlas.hooks import capture_residuals
+from latent_atlas.hooks import capture_residuals, edit_residual
 from latent_atlas.models import LoadedModel, ModelParts
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
@@ -43,9 +40,13 @@ def residual_state(loaded: LoadedModel, text: str, layer: int, position: int = -
     return captured["h"][0, index].float()
 
 
-@contextlib.contextmanager
-def patch_residual(parts: ModelParts, layer: int, position: int, vector: torch.Tensor) -> Iterator[None]:
-    """Overwrite ``resid.{layer}`` at ``position`` with ``vector`` in every pass long enough to hold it."""
+def patch_residual(
+    parts: ModelParts, layer: int, position: int, vector: torch.Tensor
+) -> contextlib.AbstractContextManager:
+    """Overwrite ``resid.{layer}`` at ``position`` with ``vector`` in every pass long enough to hold it.
+
+    ``vector`` is ``(d,)`` (every row) or ``(B, d)`` (one per row).
+    """
 
     def replace(states: torch.Tensor) -> torch.Tensor:
         if states.shape[1] > position:
@@ -53,26 +54,7 @@ def patch_residual(parts: ModelParts, layer: int, position: int, vector: torch.T
             states[:, position] = vector.to(states.dtype)
         return states
 
-    if layer == 0:
-
-        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple:
-            if args:
-                return (replace(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
-
-        handle = parts.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            if isinstance(output, tuple):
-                return (replace(output[0]), *output[1:])
-            return replace(output)
-
-        handle = parts.layers[layer - 1].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return edit_residual(parts, layer, replace)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,284 @@
+"""Steering vectors of METHODS §7, each deterministic given its inputs (and seed, where one is used).
+
+- :func:`actadd_vector`: ActAdd's contrast (Turner et al.), ``resid(p+) − resid(p−)`` at every position,
+  the shorter prompt padded with space tokens;
+- :func:`mean_difference_vector`: the mean over contrast pairs of the last-token difference;
+- :func:`icv_vectors`: in-context vectors (Liu et al., the published code's form): the first principal
+  direction of the demonstration differences plus their mean, one direction per block;
+- :func:`head_activations`, :func:`fit_head_probes`, :func:`iti_heads`: inference-time intervention (Li et
+  al.): per-head activations, logistic probes with held-out accuracy, mass-mean directions of the top heads;
+- :func:`optimise_vector`: a vector that makes the model decode a target sentence (Subramani et al.).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional
+
+from latent_atlas.hooks import capture_residuals
+from latent_atlas.models import LoadedModel
+from latent_atlas.steering.interventions import HeadDirection, ResidualAddition, output_projection
+
+
+@torch.no_grad()
+def _states(loaded: LoadedModel, ids: Sequence[int], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``resid.{l}`` of one token sequence for each layer, ``(T, d)`` float32."""
+    captured: dict[str, torch.Tensor] = {}
+    with capture_residuals(loaded.parts, layers, lambda a, s: captured.update({a: s}), final_norm=False):
+        loaded.parts.body(input_ids=torch.tensor([list(ids)], device=loaded.device), use_cache=False)
+    return {layer: captured[f"resid.{layer:02d}"][0].float().cpu() for layer in layers}
+
+
+def _space_id(loaded: LoadedModel) -> int:
+    """A padding token for ActAdd prompts: the tokenizer's space, else its pad or EOS token."""
+    ids = loaded.tokenizer(" ", add_special_tokens=False)["input_ids"]
+    if ids:
+        return int(ids[-1])
+    return int(loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id or 0)
+
+
+def actadd_vector(loaded: LoadedModel, positive: str, negative: str, layer: int) -> torch.Tensor:
+    """``resid.{layer}(p+) − resid.{layer}(p−)``, shape ``(T_s, d)``, the shorter prompt space-padded."""
+    encode = loaded.tokenizer
+    plus, minus = encode(positive)["input_ids"], encode(negative)["input_ids"]
+    width = max(len(plus), len(minus))
+    plus, minus = (ids + [_space_id(loaded)] * (width - len(ids)) for ids in (plus, minus))
+    return _states(loaded, plus, [layer])[layer] - _states(loaded, minus, [layer])[layer]
+
+
+def last_token_states(loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int]) -> torch.Tensor:
+    """``resid.{l}`` at the last token of each text, ``(n_texts, n_layers, d)``."""
+    rows = []
+    for text in texts:
+        states = _states(loaded, loaded.tokenizer(text)["input_ids"], layers)
+        rows.append(torch.stack([states[layer][-1] for layer in layers]))
+    return torch.stack(rows)
+
+
+def mean_difference_vector(loaded: LoadedModel, pairs: Sequence[Sequence[str]], layer: int) -> torch.Tensor:
+    """Mean over pairs of ``resid.{layer}(positive) − resid.{layer}(negative)`` at the last token, ``(d,)``."""
+    positive = last_token_states(loaded, [pair[0] for pair in pairs], [layer])[:, 0]
+    negative = last_token_states(loaded, [pair[1] for pair in pairs], [layer])[:, 0]
+    return (positive - negative).mean(0)
+
+
+def icv_vectors(
+    loaded: LoadedModel, demonstrations: Sequence[Sequence[str]], variant: str = "pca+mean"
+) -> torch.Tensor:
+    """In-context vectors, one per block, ``(L, d)``.
+
+    H(s) concatenates the block outputs (``resid.1 .. resid.L``) at the last token; ΔH_i = H(y_i) − H(x_i).
+    ``pca+mean`` (the published code): the first principal direction of the centred ΔH (unit norm over
+    L·d, sign fixed so that its largest-magnitude score is positive) plus the mean ΔH; ``pca``: the
+    direction alone (the paper's description). Computed in float64 by a full SVD (deterministic).
+    """
+    layers = list(range(1, loaded.n_layers + 1))
+    sources = last_token_states(loaded, [pair[0] for pair in demonstrations], layers).double()
+    targets = last_token_states(loaded, [pair[1] for pair in demonstrations], layers).double()
+    differences = (targets - sources).reshape(len(demonstrations), -1)
+    mean = differences.mean(0)
+    centred = differences - mean
+    u, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    sign = torch.sign(u[u[:, 0].abs().argmax(), 0]) if centred.abs().max() > 0 else torch.tensor(1.0)
+    direction = vh[0] * (sign if sign != 0 else 1.0)
+    if centred.abs().max() == 0:  # identical differences (e.g. x = y for every pair): no direction
+        direction = torch.zeros_like(mean)
+    if variant not in ("pca+mean", "pca"):
+        raise ValueError(f"unknown ICV variant {variant!r}; use 'pca+mean' or 'pca'")
+    vector = direction + mean if variant == "pca+mean" else direction
+    return vector.reshape(loaded.n_layers, loaded.d_model).float()
+
+
+@torch.no_grad()
+def head_activations(loaded: LoadedModel, texts: Sequence[str], head_dim: int) -> torch.Tensor:
+    """Every head's output before the output projection at the last token, ``(n_texts, L, H, d_h)``."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for index, block in enumerate(loaded.parts.layers, start=1):
+
+        def hook(module: torch.nn.Module, args: tuple, block: int = index) -> None:
+            captured[block] = args[0][0, -1].float().cpu()
+
+        handles.append(output_projection(block).register_forward_pre_hook(hook))
+    rows = []
+    try:
+        for text in texts:
+            ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"].to(loaded.device)
+            loaded.parts.body(input_ids=ids, use_cache=False)
+            rows.append(torch.stack([captured[block].reshape(-1, head_dim) for block in sorted(captured)]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(rows)
+
+
+@dataclass(frozen=True)
+class HeadProbes:
+    """Per-head logistic probes: held-out accuracy ``(L, H)`` and the training labels' shuffled control."""
+
+    accuracy: torch.Tensor
+    shuffled_accuracy: torch.Tensor
+
+
+def _fit_logistic(
+    features: torch.Tensor, labels: torch.Tensor, weight_decay: float, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Many independent L2-regularised logistic regressions at once by full-batch L-BFGS.
+
+    ``features`` is ``(P, n, f)`` (P problems), ``labels`` ``(n,)`` in {0, 1}; returns weights ``(P, f)`` and
+    biases ``(P,)``. The loss is the mean log-loss plus ``weight_decay/2 · ‖w‖²`` (summed over problems,
+    which are independent, so one optimiser serves all).
+    """
+    weights = torch.zeros(features.shape[0], features.shape[2], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(features.shape[0], dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weights, bias], max_iter=steps, line_search_fn="strong_wolfe")
+    target = labels.double().expand(features.shape[0], -1)
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        logits = torch.einsum("pnf,pf->pn", features, weights) + bias[:, None]
+        loss = functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+        total = (loss + weight_decay / 2 * (weights**2).sum(1)).sum()
+        total.backward()
+        return total
+
+    optimiser.step(closure)
+    return weights.detach(), bias.detach()
+
+
+def _standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = train.mean(1, keepdim=True), train.std(1, keepdim=True).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def fit_head_probes(
+    activations: torch.Tensor,
+    labels: torch.Tensor,
+    train: torch.Tensor,
+    seed: int = 0,
+    weight_decay: float = 1e-2,
+    steps: int = 100,
+) -> HeadProbes:
+    """One logistic probe per head on the ``train`` rows, accuracy on the others; and with shuffled labels.
+
+    ``activations`` is ``(n, L, H, d_h)``, ``labels`` ``(n,)``, ``train`` a boolean mask ``(n,)`` (split by item
+    by the caller, so that both statements of an item fall on one side).
+    """
+    n, n_layers, n_heads, head_dim = activations.shape
+    features = activations.double().permute(1, 2, 0, 3).reshape(n_layers * n_heads, n, head_dim)
+    train_x, test_x = _standardise(features[:, train], features[:, ~train])
+    results = []
+    shuffled = labels[train][torch.randperm(int(train.sum()), generator=torch.Generator().manual_seed(seed))]
+    for train_labels in (labels[train], shuffled):
+        weights, bias = _fit_logistic(train_x, train_labels, weight_decay, steps)
+        predictions = (torch.einsum("pnf,pf->pn", test_x, weights) + bias[:, None]) > 0
+        results.append((predictions == labels[~train].bool()).double().mean(1).reshape(n_layers, n_heads))
+    return HeadProbes(results[0].float(), results[1].float())
+
+
+def iti_heads(
+    activations: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, accuracy: torch.Tensor, k: int
+) -> list[HeadDirection]:
+    """The ``k`` heads of highest held-out probe accuracy, each with its mass-mean direction and std.
+
+    θ = mean(a | true) − mean(a | false) over the training rows, normalised; σ = std of a·θ over them.
+    """
+    order = torch.argsort(accuracy.flatten(), descending=True, stable=True)[:k]
+    n_heads = accuracy.shape[1]
+    heads = []
+    for flat in order.tolist():
+        layer, head = divmod(flat, n_heads)
+        values = activations[train, layer, head].double()
+        positive, negative = values[labels[train] == 1], values[labels[train] == 0]
+        direction = functional.normalize(positive.mean(0) - negative.mean(0), dim=0)
+        std = float((values @ direction).std())
+        heads.append(HeadDirection(layer + 1, head, direction.float(), std))
+    return heads
+
+
+@dataclass(frozen=True)
+class OptimisedVector:
+    """A vector that steers greedy decoding towards a target, and how far it got."""
+
+    vector: torch.Tensor
+    steps: int
+    recovered: list[int]
+    exact: bool
+    losses: list[float]
+
+
+def optimise_vector(
+    loaded: LoadedModel,
+    target: str,
+    layer: int,
+    steps: int = 300,
+    learning_rate: float = 0.05,
+    check_every: int = 10,
+    seed: int = 0,
+) -> OptimisedVector:
+    """Subramani et al.: z added at ``resid.{layer}`` at every position, input = the start token only.
+
+    z (initialised at zero; ``seed`` fixes nothing random today but is recorded with the result) maximises
+    the teacher-forced log-likelihood of ``target`` after the start token, with Adam; every
+    ``check_every`` steps greedy decoding with z is compared with the target, and optimisation stops once
+    it reproduces it exactly.
+    """
+    del seed
+    tokenizer = loaded.tokenizer
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[start, *target_ids]], device=loaded.device)
+    vector = torch.zeros(loaded.d_model, device=loaded.device, requires_grad=True)
+    optimiser = torch.optim.Adam([vector], lr=learning_rate)
+    loaded.model.requires_grad_(False)
+    losses: list[float] = []
+    recovered: list[int] = []
+    step = 0
+    for step in range(1, steps + 1):
+        addition = ResidualAddition(layer, vector, [1.0], positions="all")
+        with addition.attach(loaded.parts):
+            logits = loaded.model(input_ids=ids, use_cache=False).logits[0, :-1]
+        loss = functional.cross_entropy(logits.float(), ids[0, 1:])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        if step % check_every == 0 or step == steps:
+            recovered = greedy_from_start(loaded, vector.detach(), layer, len(target_ids))
+            if recovered == target_ids:
+                break
+    return OptimisedVector(vector.detach().cpu(), step, recovered, recovered == target_ids, losses)
+
+
+@torch.no_grad()
+def greedy_from_start(loaded: LoadedModel, vector: torch.Tensor, layer: int, length: int) -> list[int]:
+    """Greedy decoding of ``length`` tokens from the start token with ``vector`` added at every position."""
+    from latent_atlas.steering.generate import generate
+
+    tokenizer = loaded.tokenizer
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    addition = ResidualAddition(layer, vector, [1.0], positions="all")
+    return generate(loaded, [start], addition, 1, length)[0].tolist()
+
+
+def _ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def sentence_bleu(reference: Sequence[int], hypothesis: Sequence[int], max_n: int = 4) -> float:
+    """BLEU (0-100) of one hypothesis against one reference (token ids), add-one smoothed for n > 1."""
+    if not hypothesis:
+        return 0.0
+    log_precision = 0.0
+    for n in range(1, max_n + 1):
+        hyp, ref = _ngrams(hypothesis, n), _ngrams(reference, n)
+        matches = sum(min(hyp.count(gram), ref.count(gram)) for gram in set(hyp))
+        smoothing = 0 if n == 1 else 1
+        precision = (matches + smoothing) / (len(hyp) + smoothing) if hyp or smoothing else 0.0
+        if precision == 0:
+            return 0.0
+        log_precision += np.log(precision) / max_n
+    brevity = min(1.0, np.exp(1 - len(reference) / len(hypothesis)))
+    return float(100 * brevity * np.exp(log_precision))

@@ -1,0 +1,168 @@
+"""Steering: METHODS §10 checks 6 and 7, batched sweeps equal one-by-one runs, probes at chance when shuffled."""
+
+import pytest
+import torch
+
+from latent_atlas.steering.generate import Decoding, continuation_log_probs, generate, off_target_kl
+from latent_atlas.steering.interventions import HeadDirection, HeadShift, MlpShift, ResidualAddition, icv_shift
+from latent_atlas.steering.vectors import (
+    actadd_vector,
+    fit_head_probes,
+    icv_vectors,
+    iti_heads,
+    mean_difference_vector,
+    optimise_vector,
+    sentence_bleu,
+)
+
+TEXT = "the dog saw a cat and the cat saw the dog"
+
+
+def _logits(loaded, intervention=None, rows=1):
+    ids = loaded.tokenizer(TEXT, return_tensors="pt")["input_ids"].expand(rows, -1)
+    with torch.no_grad():
+        if intervention is None:
+            return loaded.model(input_ids=ids).logits
+        intervention.prompt_pass = True
+        with intervention.attach(loaded.parts):
+            return loaded.model(input_ids=ids).logits
+
+
+def _interventions(loaded, coefficients):
+    d, head_dim = loaded.d_model, loaded.d_model // loaded.model.config.num_attention_heads
+    generator = torch.Generator().manual_seed(0)
+    heads = [HeadDirection(1, 0, torch.randn(head_dim, generator=generator), 2.0)]
+    return {
+        "actadd": ResidualAddition(1, torch.randn(3, d, generator=generator), coefficients, positions="front"),
+        "mean_difference": ResidualAddition(2, torch.randn(d, generator=generator), coefficients),
+        "icv": MlpShift(torch.randn(loaded.n_layers, d, generator=generator), coefficients),
+        "icv_residual": MlpShift(torch.randn(loaded.n_layers, d, generator=generator), coefficients, site="residual"),
+        "iti": HeadShift(heads, head_dim, coefficients),
+    }
+
+
+def test_zero_strength_gives_the_unsteered_logits_bit_for_bit(tiny_loaded):
+    unsteered = _logits(tiny_loaded)
+    for name, intervention in _interventions(tiny_loaded, [0.0]).items():
+        assert torch.equal(_logits(tiny_loaded, intervention), unsteered), name
+    for name, intervention in _interventions(tiny_loaded, [2.0]).items():
+        assert not torch.equal(_logits(tiny_loaded, intervention), unsteered), f"{name} changes nothing"
+
+
+def test_actadd_is_sign_symmetric_and_identical_prompts_do_nothing(tiny_loaded):
+    forward = actadd_vector(tiny_loaded, "a small red house", "the big dog", 1)
+    backward = actadd_vector(tiny_loaded, "the big dog", "a small red house", 1)
+    assert forward.shape[0] == 4  # the shorter prompt is padded to the longer one
+    plus = _logits(tiny_loaded, ResidualAddition(1, forward, [3.0], positions="front"))
+    minus = _logits(tiny_loaded, ResidualAddition(1, backward, [-3.0], positions="front"))
+    assert torch.equal(plus, minus)
+    same = actadd_vector(tiny_loaded, "the big dog", "the big dog", 1)
+    assert torch.equal(_logits(tiny_loaded, ResidualAddition(1, same, [5.0], positions="front")), _logits(tiny_loaded))
+
+
+def test_actadd_edits_the_prompt_pass_only(tiny_loaded):
+    vector = torch.randn(2, tiny_loaded.d_model)
+    addition = ResidualAddition(1, vector, [4.0], positions="front")
+    addition.prompt_pass = False
+    assert torch.equal(_logits_without_reset(tiny_loaded, addition), _logits(tiny_loaded))
+
+
+def _logits_without_reset(loaded, intervention):
+    ids = loaded.tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad(), intervention.attach(loaded.parts):
+        return loaded.model(input_ids=ids).logits
+
+
+def test_icv_shift_preserves_every_norm():
+    generator = torch.Generator().manual_seed(1)
+    outputs = torch.randn(3, 5, 16, generator=generator, dtype=torch.float64) * 7
+    direction = torch.randn(16, generator=generator, dtype=torch.float64)
+    strength = torch.tensor([0.0, 0.1, 2.0], dtype=torch.float64).reshape(-1, 1, 1)
+    shifted = icv_shift(outputs, direction, strength)
+    torch.testing.assert_close(shifted.norm(dim=-1), outputs.norm(dim=-1), rtol=1e-12, atol=0)
+    assert torch.equal(shifted[0], outputs[0])
+    moved = torch.nn.functional.cosine_similarity(shifted[2], direction, dim=-1)
+    assert (moved > torch.nn.functional.cosine_similarity(outputs[2], direction, dim=-1)).all()
+
+
+def test_icv_vectors_handle_identical_demonstrations(tiny_loaded):
+    pairs = [["the dog", "a cat"], ["the house", "a river"], ["one day", "the night"]]
+    vectors = icv_vectors(tiny_loaded, pairs)
+    assert vectors.shape == (tiny_loaded.n_layers, tiny_loaded.d_model) and torch.isfinite(vectors).all()
+    assert torch.equal(icv_vectors(tiny_loaded, pairs), vectors)  # deterministic
+    same = icv_vectors(tiny_loaded, [["the dog", "the dog"], ["a cat", "a cat"]])
+    assert torch.equal(same, torch.zeros_like(same))  # x = y: ΔH = 0, no NaN
+
+
+def test_mean_difference_is_antisymmetric(tiny_loaded):
+    pairs = [["the dog saw", "the cat saw"], ["a red house", "a blue house"]]
+    flipped = [[b, a] for a, b in pairs]
+    torch.testing.assert_close(
+        mean_difference_vector(tiny_loaded, pairs, 2), -mean_difference_vector(tiny_loaded, flipped, 2)
+    )
+
+
+@pytest.mark.parametrize("decoding", [Decoding("greedy"), Decoding("sampled", temperature=1.0, top_p=0.9)])
+def test_a_batched_sweep_equals_the_same_settings_one_by_one(tiny_loaded, decoding):
+    coefficients = [0.0, 1.0, 4.0]
+    for name, intervention in _interventions(tiny_loaded, coefficients).items():
+        batched = generate(tiny_loaded, "the dog saw", intervention, 3, 6, decoding, row_seeds=[7, 7, 7])
+        for row, coefficient in enumerate(coefficients):
+            alone = generate(
+                tiny_loaded, "the dog saw", intervention.with_coefficients([coefficient]), 1, 6, decoding, [7]
+            )
+            assert torch.equal(batched[row], alone[0]), (name, coefficient)
+    unsteered = generate(tiny_loaded, "the dog saw", None, 1, 6, decoding, row_seeds=[7])
+    zero = generate(tiny_loaded, "the dog saw", _interventions(tiny_loaded, [0.0])["actadd"], 1, 6, decoding, [7])
+    assert torch.equal(unsteered, zero)
+
+
+def test_continuation_scores_and_off_target_kl(tiny_loaded):
+    prompt = tiny_loaded.tokenizer("the dog")["input_ids"]
+    continuation = tiny_loaded.tokenizer("saw a cat", add_special_tokens=False)["input_ids"]
+    scored = continuation_log_probs(tiny_loaded, prompt, [continuation, continuation[:1]])
+    ids = torch.tensor([[*prompt, *continuation]])
+    with torch.no_grad():
+        full = torch.log_softmax(tiny_loaded.model(input_ids=ids).logits[0].float(), -1)
+    expected = full[len(prompt) - 1 : -1].gather(-1, torch.tensor(continuation)[:, None])[:, 0]
+    torch.testing.assert_close(scored[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scored[1], expected[:1], atol=1e-5, rtol=0)  # padding does not leak
+    vector = torch.randn(tiny_loaded.d_model, generator=torch.Generator().manual_seed(0))  # not constant: LayerNorm centres
+    kl = off_target_kl(tiny_loaded, [TEXT], ResidualAddition(1, vector, [0.0, 3.0]), 2)
+    assert kl[0] < 1e-6 < kl[1]
+
+
+def test_shuffled_label_probes_sit_at_chance():
+    generator = torch.Generator().manual_seed(0)
+    n, layers, heads, head_dim = 400, 2, 3, 8
+    labels = (torch.randperm(n, generator=generator) % 2).float()
+    activations = torch.randn(n, layers, heads, head_dim, generator=generator)
+    activations[:, 1, 2, 0] += 3 * (labels * 2 - 1)  # one head encodes the label
+    train = torch.randperm(n, generator=generator) % 4 != 0
+    probes = fit_head_probes(activations, labels, train)
+    assert probes.accuracy[1, 2] > 0.9
+    assert probes.accuracy.flatten().sort().values[:-1].max() < 0.7
+    assert abs(float(probes.shuffled_accuracy.mean()) - 0.5) < 0.08
+    best = iti_heads(activations, labels, train, probes.accuracy, k=1)[0]
+    assert (best.layer, best.head) == (2, 2) and best.direction[0] > 0.9 and best.std > 0
+
+
+def test_an_optimised_vector_reproduces_its_target(tiny_model_dirs):
+    from latent_atlas.models import load_model
+
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu")
+    with torch.no_grad():  # initialisation scale 0.02 makes outputs almost input-blind; 0.3 does not
+        for parameter in loaded.model.parameters():
+            if parameter.dim() >= 2:
+                parameter.mul_(15)
+    result = optimise_vector(loaded, "the dog saw a red house", layer=1, steps=300, learning_rate=0.3)
+    target = loaded.tokenizer("the dog saw a red house", add_special_tokens=False)["input_ids"]
+    assert result.exact and result.recovered == target, (result.steps, result.losses[-1])
+    assert result.steps < 300 and result.losses[-1] < result.losses[0]
+    assert sentence_bleu(target, result.recovered) == pytest.approx(100.0)
+
+
+def test_sentence_bleu():
+    assert sentence_bleu([1, 2, 3, 4, 5], [1, 2, 3, 4, 5]) == pytest.approx(100.0)
+    assert sentence_bleu([1, 2, 3, 4, 5], [6, 7, 8]) == 0.0
+    assert 0 < sentence_bleu([1, 2, 3, 4, 5], [1, 2, 3, 9, 5]) < 100
