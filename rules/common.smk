@@ -20,6 +20,10 @@ NEIGHBOURHOOD_SETTINGS = {
     if key not in ("points", "paths")
 }
 NEIGHBOURHOOD_LENSES = {"semantic_basis": config["lenses"]["semantic_basis"]}
+STEERING_SETTINGS = {
+    key: value for key, value in config["steering"].items() if key != "methods"
+}
+GENERATION_METHODS = ["actadd", "mean_difference", "icv"]
 
 
 def _alternatives(names):
@@ -33,6 +37,7 @@ wildcard_constraints:
     probe=_alternatives(config["probes"]) or "(?!)",
     point=_alternatives(config["neighbourhood"]["points"]) or "(?!)",
     path=_alternatives(config["neighbourhood"]["paths"]) or "(?!)",
+    method=_alternatives(GENERATION_METHODS),
 
 
 def get_final_output():
@@ -70,7 +75,75 @@ def get_final_output():
         + probes
         + projections
         + get_neighbourhood_output(models, corpora)
+        + get_steering_output(models)
     )
+
+
+def get_steering_output(models):
+    """The steering tables of every configured method, and the steering figures."""
+    methods = config["steering"]["methods"]
+    if not methods:
+        return []
+    tables = expand(
+        "results/steering/{model}/{method}.parquet", model=models, method=methods
+    )
+    figures = expand(
+        "results/figures/steering/{model}.{figure}.{ext}",
+        model=models,
+        figure=steering_figures(),
+        ext=["pdf", "png"],
+    )
+    return tables + figures
+
+
+def steering_figures():
+    """The steering figures the configured methods allow."""
+    methods = config["steering"]["methods"]
+    figures = ["examples"]
+    if set(methods) & set(GENERATION_METHODS):
+        figures += ["effect", "frontier"]
+    if "iti" in methods:
+        figures.append("iti")
+    return figures
+
+
+def steering_figure_outputs():
+    """The named outputs of plot_steering: PDF and PNG of each figure, with report captions."""
+    outputs = {}
+    for figure in steering_figures():
+        for ext in ("pdf", "png"):
+            outputs[f"{figure}_{ext}"] = report(
+                f"results/figures/steering/{{model}}.{figure}.{ext}",
+                caption=f"../workflow/report/steering_{figure}.rst",
+                category="Steering",
+                labels={
+                    "model": "{model}",
+                    "figure": figure + (" (pdf)" if ext == "pdf" else ""),
+                },
+            )
+    return outputs
+
+
+def get_steering_inputs(wildcards):
+    """A steering job reads the model, its data files and a store (for the layers' typical norms)."""
+    section = config["steering"]
+    corpus = config["run"]["corpora"][0]
+    return {
+        "manifest": f"results/models/{wildcards.model}/manifest.json",
+        "store": f"results/activations/{wildcards.model}/{corpus}.h5",
+        "data": section["data"],
+        "facts": section["facts"],
+    }
+
+
+def get_steering_tables(wildcards):
+    """Every steering table the figures draw on."""
+    tables = {}
+    for method in config["steering"]["methods"]:
+        tables[method] = f"results/steering/{wildcards.model}/{method}.parquet"
+    if "iti" in config["steering"]["methods"]:
+        tables["iti_probes"] = f"results/steering/{wildcards.model}/iti.probes.parquet"
+    return tables
 
 
 def get_neighbourhood_output(models, corpora):

@@ -3,6 +3,7 @@ localrules:
     plot_lens_comparison,
     plot_neighbourhood,
     plot_path,
+    plot_steering,
 
 
 rule plot_store_norms:
@@ -198,3 +199,17 @@ rule plot_path:
         ENV
     script:
         "../scripts/plot_path.py"
+
+
+rule plot_steering:
+    """Steering figures: effect vs strength, effect vs fluency, the ITI probe map, example continuations."""
+    input:
+        unpack(get_steering_tables),
+    output:
+        **steering_figure_outputs(),
+    log:
+        "logs/figures/{model}.steering.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_steering.py"

@@ -127,7 +127,9 @@ def test_continuation_scores_and_off_target_kl(tiny_loaded):
     expected = full[len(prompt) - 1 : -1].gather(-1, torch.tensor(continuation)[:, None])[:, 0]
     torch.testing.assert_close(scored[0], expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(scored[1], expected[:1], atol=1e-5, rtol=0)  # padding does not leak
-    vector = torch.randn(tiny_loaded.d_model, generator=torch.Generator().manual_seed(0))  # not constant: LayerNorm centres
+    vector = torch.randn(
+        tiny_loaded.d_model, generator=torch.Generator().manual_seed(0)
+    )  # not constant: LayerNorm centres
     kl = off_target_kl(tiny_loaded, [TEXT], ResidualAddition(1, vector, [0.0, 3.0]), 2)
     assert kl[0] < 1e-6 < kl[1]
 
@@ -166,3 +168,118 @@ def test_sentence_bleu():
     assert sentence_bleu([1, 2, 3, 4, 5], [1, 2, 3, 4, 5]) == pytest.approx(100.0)
     assert sentence_bleu([1, 2, 3, 4, 5], [6, 7, 8]) == 0.0
     assert 0 < sentence_bleu([1, 2, 3, 4, 5], [1, 2, 3, 9, 5]) < 100
+
+
+def test_head_activations_do_not_depend_on_batching(tiny_loaded):
+    from latent_atlas.steering.vectors import head_activations
+
+    head_dim = getattr(tiny_loaded.model.config, "head_dim", None) or tiny_loaded.d_model // 4
+    texts = ["the dog saw a cat .", "a house", "one day the light came and the water was blue"]
+    batched = head_activations(tiny_loaded, texts, head_dim, batch_size=3)
+    alone = head_activations(tiny_loaded, texts, head_dim, batch_size=1)
+    assert batched.shape == (3, tiny_loaded.n_layers, 4, head_dim)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+
+
+STEERING_DATA = """
+actadd: {positive: "the dog", negative: "a cat"}
+contrast_pairs: [["the dog was good", "the dog was bad"], ["a happy day", "a sad day"]]
+icv_demonstrations: [["the day was bad", "the day was good"], ["it was sad", "it was happy"]]
+neutral_prompts: ["the house was", "one day they"]
+off_target_texts: ["the water was blue and the light came"]
+target_sentences: ["the dog saw"]
+"""
+
+
+@pytest.fixture(scope="module")
+def steering_setup(tiny_model_dirs, tmp_path_factory):
+    from latent_atlas.extract import ExtractionSettings, extract_activations
+    from latent_atlas.models import load_model
+    from latent_atlas.steering.data import load_steering_data
+    from tests.conftest import STORE_ATTRS
+    from tests.unit.test_lenses import _random_corpus
+
+    root = tmp_path_factory.mktemp("steering")
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu")
+    extract_activations(loaded, _random_corpus(30), root / "s.h5", ExtractionSettings(device="cpu"), STORE_ATTRS, False)
+    (root / "data.yaml").write_text(STEERING_DATA)
+    words = ["the dog", "a cat", "the house", "the river", "the city", "the world", "the water", "the light"]
+    places = ["one", "two", "three"]
+    rows = [f"{word},{places[i % 3]}" for i, word in enumerate(words * 2)]
+    (root / "facts.csv").write_text("city,country\n" + "\n".join(rows) + "\n")
+    return loaded, root, load_steering_data(root / "data.yaml")
+
+
+def test_a_sweep_table_has_every_setting_and_an_exact_baseline(steering_setup):
+    import polars as pl
+
+    from latent_atlas.steering.pipeline import sweep
+    from latent_atlas.store import ActivationStore
+
+    loaded, root, data = steering_setup
+    section = {"layers": [1, 2], "max_new_tokens": 4, "actadd": {"coefficients": [0, 4]}}
+    with ActivationStore(root / "s.h5") as store:
+        table = sweep(loaded, "actadd", data, section, store)
+    assert table.height == 2 * 2 * 2 * 2  # layers x prompts x (greedy, sampled) x strengths
+    baseline = table.filter(pl.col("coefficient") == 0)
+    assert (baseline["relative_norm"] == 0).all() and (baseline["off_target_kl"] < 1e-6).all()
+    assert (table.filter(pl.col("coefficient") == 4)["relative_norm"] > 0).all()
+    unsteered = generate(loaded, "the house was", None, 1, 4)[0].tolist()
+    first = baseline.filter(pl.col("prompt_id") == 0, pl.col("decoding") == "greedy", pl.col("layer") == 1)
+    assert first["continuation"][0] == loaded.tokenizer.decode(unsteered, skip_special_tokens=True)
+    assert table["sentiment"].is_between(-1, 1).all() and (table["perplexity"] > 0).all()
+
+
+def test_iti_run_and_truth_scoring_at_zero_strength(steering_setup):
+    import numpy as np
+
+    from latent_atlas.steering.data import city_statements
+    from latent_atlas.steering.pipeline import run_iti
+    from latent_atlas.store import ActivationStore
+
+    loaded, root, data = steering_setup
+    statements = city_statements(root / "facts.csv", train_fraction=0.5, seed=0)
+    assert statements.train_items.sum() == 8 and len(statements.texts()) == 32
+    assert all(true != false for true, false in zip(statements.true_objects, statements.false_objects, strict=True))
+    section = {"iti": {"strengths": [0, 10], "heads": 3}}
+    with ActivationStore(root / "s.h5") as store:
+        table, probes = run_iti(loaded, statements, data, section, store)
+    assert probes.height == loaded.n_layers * 4 and probes["selected"].sum() == 3
+    held_out = np.flatnonzero(~statements.train_items)
+    margins = []
+    for item in held_out:  # strength 0 must score exactly like the unsteered model
+        prompt = loaded.tokenizer(statements.prompts[item])["input_ids"]
+        ids = [loaded.tokenizer(f" {o}", add_special_tokens=False)["input_ids"]
+               for o in (statements.true_objects[item], statements.false_objects[item])]  # fmt: skip
+        true, false = continuation_log_probs(loaded, prompt, ids)
+        margins.append(float(true.sum() - false.sum()))
+    baseline = table.filter(table["coefficient"] == 0)
+    assert baseline["truth_accuracy"][0] == pytest.approx(np.mean(np.array(margins) > 0))
+    assert baseline["mean_log_prob_margin"][0] == pytest.approx(np.mean(margins), abs=1e-4)
+
+
+def test_steering_figures_are_drawn(steering_setup, tmp_path):
+    import polars as pl
+
+    from latent_atlas.plots.steering import plot_effect, plot_examples, plot_frontier, plot_iti
+    from latent_atlas.steering.pipeline import sweep
+    from latent_atlas.store import ActivationStore
+
+    loaded, root, data = steering_setup
+    section = {"layers": [1], "max_new_tokens": 3, "decodings": ["greedy"], "mean_difference": {"coefficients": [0, 2]}}
+    with ActivationStore(root / "s.h5") as store:
+        table = sweep(loaded, "mean_difference", data, section, store)
+    probes = pl.DataFrame({"layer": [1, 1, 2, 2], "head": [0, 1, 0, 1], "accuracy": [0.5, 0.9, 0.6, 0.7],
+                           "shuffled_accuracy": [0.5] * 4, "selected": [False, True, False, False]})  # fmt: skip
+    iti = pl.DataFrame({"coefficient": [0.0, 5.0], "truth_accuracy": [0.6, 0.7], "off_target_kl": [0.0, 0.1],
+                        "heads": [1, 1], "held_out_items": [8, 8]})  # fmt: skip
+    optimised = pl.DataFrame({"layer": [1], "target": ["the dog"], "recovered": ["the dog"], "exact_match": [True],
+                              "bleu": [100.0]})  # fmt: skip
+    for name, draw in {
+        "effect": lambda p, q: plot_effect(table, p, q, "tiny"),
+        "frontier": lambda p, q: plot_frontier(table, p, q, "tiny"),
+        "iti": lambda p, q: plot_iti(iti, probes, p, q, "tiny"),
+        "examples": lambda p, q: plot_examples(table, optimised, p, q, "tiny"),
+    }.items():
+        draw(tmp_path / f"{name}.pdf", tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name

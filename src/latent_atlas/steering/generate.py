@@ -90,30 +90,30 @@ def cut_at_eos(tokens: torch.Tensor, eos_id: int | None) -> list[list[int]]:
 @torch.no_grad()
 def continuation_log_probs(
     loaded: LoadedModel,
-    prompt_ids: Sequence[int],
+    prompt_ids: Sequence[int] | Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
     intervention: Intervention | None = None,
 ) -> list[torch.Tensor]:
-    """Log-probability of every token of each continuation given the prompt (teacher forcing, one batch).
+    """Log-probability of every token of each continuation given its prompt (teacher forcing, one batch).
 
-    Rows are right-padded; with an intervention, row ``i`` gets coefficient ``i``.
+    ``prompt_ids`` is one prompt for every row, or one per row. Rows are right-padded; with an
+    intervention, row ``i`` gets coefficient ``i``.
     """
-    lengths = [len(prompt_ids) + len(c) for c in continuations]
-    width = max(lengths)
+    prompts = [list(p) for p in prompt_ids] if prompt_ids and not isinstance(prompt_ids[0], int) else None
+    prompts = prompts or [list(prompt_ids)] * len(continuations)  # type: ignore[arg-type]
+    lengths = [len(p) + len(c) for p, c in zip(prompts, continuations, strict=True)]
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(continuations), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, continuation in enumerate(continuations):
-        ids[row, : lengths[row]] = torch.tensor([*prompt_ids, *continuation])
-        mask[row, : lengths[row]] = 1
+    ids = torch.full((len(continuations), max(lengths)), pad, dtype=torch.long)
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
+        ids[row, : lengths[row]] = torch.tensor([*prompt, *continuation])
+    mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
     hooks = intervention.attach(loaded.parts) if intervention is not None else contextlib.nullcontext()
     with hooks:
         logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)).logits
     log_probs = functional.log_softmax(logits.float(), -1).cpu()
-    start = len(prompt_ids)
     return [
-        log_probs[row, start - 1 : lengths[row] - 1].gather(-1, ids[row, start : lengths[row], None])[:, 0]
-        for row in range(len(continuations))
+        log_probs[row, len(prompt) - 1 : lengths[row] - 1].gather(-1, ids[row, len(prompt) : lengths[row], None])[:, 0]
+        for row, prompt in enumerate(prompts)
     ]
 
 

@@ -192,8 +192,8 @@ class HeadDirection:
 class HeadShift(Intervention):
     """``a^{l,h} += α σ θ`` for the selected heads, at the last position of each pass (ITI).
 
-    ``from_position`` applies the shift at every position from there on instead (scoring a teacher-forced
-    continuation the way generation would have seen it).
+    ``from_position`` (one int, or one per row) applies the shift at every position from there on instead
+    (scoring a teacher-forced continuation the way generation would have seen it).
     """
 
     def __init__(
@@ -201,7 +201,7 @@ class HeadShift(Intervention):
     ) -> None:
         super().__init__(coefficients)
         self.heads, self.head_dim = list(heads), head_dim
-        self.from_position: int | None = None
+        self.from_position: int | Sequence[int] | None = None
 
     def _shift_by_layer(self) -> Mapping[int, list[HeadDirection]]:
         layers: dict[int, list[HeadDirection]] = {}
@@ -217,10 +217,17 @@ class HeadShift(Intervention):
             for head in heads:
                 start = head.head * self.head_dim
                 shift[start : start + self.head_dim] += head.std * head.direction.to(inputs)
-            first = inputs.shape[1] - 1 if self.from_position is None else min(self.from_position, inputs.shape[1])
-            edited = inputs.clone()
-            edited[:, first:] += scale * shift
-            return (torch.where(scale == 0, inputs, edited), *args[1:])
+            positions = torch.arange(inputs.shape[1], device=inputs.device)
+            if self.from_position is None:
+                edit = positions == inputs.shape[1] - 1
+            else:
+                start = torch.as_tensor(self.from_position, device=inputs.device).reshape(-1, 1)
+                edit = positions >= start
+            if not bool((scale != 0).any()):
+                return args
+            edited = inputs.clone()  # keeps the input's strides, so unshifted rows stay bit-identical
+            edited += (scale * shift) * edit.reshape(-1, inputs.shape[1], 1).to(inputs.dtype)
+            return (edited, *args[1:])
 
         return pre_hook
 
@@ -247,5 +254,5 @@ class HeadShift(Intervention):
             for head in heads:
                 start = head.head * self.head_dim
                 shift[start : start + self.head_dim] += head.std * head.direction.to(shift)
-            norms[layer] = self.coefficients.abs() * float((weight @ shift).norm())
+            norms[layer] = self.coefficients.abs() * float((weight @ shift).norm().detach())
         return norms

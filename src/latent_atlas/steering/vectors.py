@@ -92,26 +92,37 @@ def icv_vectors(
 
 
 @torch.no_grad()
-def head_activations(loaded: LoadedModel, texts: Sequence[str], head_dim: int) -> torch.Tensor:
-    """Every head's output before the output projection at the last token, ``(n_texts, L, H, d_h)``."""
+def head_activations(loaded: LoadedModel, texts: Sequence[str], head_dim: int, batch_size: int = 32) -> torch.Tensor:
+    """Every head's output before the output projection at the last token, ``(n_texts, L, H, d_h)``.
+
+    Texts are right-padded in batches: a causal model's states at real tokens ignore the padding after them.
+    """
     captured: dict[int, torch.Tensor] = {}
     handles = []
     for index, block in enumerate(loaded.parts.layers, start=1):
 
         def hook(module: torch.nn.Module, args: tuple, block: int = index) -> None:
-            captured[block] = args[0][0, -1].float().cpu()
+            captured[block] = args[0].float()
 
         handles.append(output_projection(block).register_forward_pre_hook(hook))
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     rows = []
     try:
-        for text in texts:
-            ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"].to(loaded.device)
-            loaded.parts.body(input_ids=ids, use_cache=False)
-            rows.append(torch.stack([captured[block].reshape(-1, head_dim) for block in sorted(captured)]))
+        for start in range(0, len(texts), batch_size):
+            encoded = [loaded.tokenizer(text)["input_ids"] for text in texts[start : start + batch_size]]
+            lengths = torch.tensor([len(ids) for ids in encoded])
+            ids = torch.full((len(encoded), int(lengths.max())), pad, dtype=torch.long)
+            for row, tokens in enumerate(encoded):
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+            loaded.parts.body(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
+            last = (lengths - 1).to(loaded.device)
+            per_block = [captured[block][torch.arange(len(encoded)), last] for block in sorted(captured)]
+            rows.append(torch.stack(per_block, 1).reshape(len(encoded), len(per_block), -1, head_dim).cpu())
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack(rows)
+    return torch.cat(rows)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,56 @@
+rule steer_with_vectors:
+    """Sweep a generation method (ActAdd, mean difference, in-context vectors) over layers x strengths."""
+    input:
+        unpack(get_steering_inputs),
+    output:
+        table="results/steering/{model}/{method}.parquet",
+    log:
+        "logs/steering/{model}/{method}.log",
+    conda:
+        ENV
+    threads: 8
+    resources:
+        gpu=1,
+    params:
+        settings=STEERING_SETTINGS,
+    script:
+        "../scripts/steer_with_vectors.py"
+
+
+rule steer_heads:
+    """Inference-time intervention: per-head probes on true/false statements, the top heads shifted."""
+    input:
+        unpack(get_steering_inputs),
+    output:
+        table="results/steering/{model}/iti.parquet",
+        probes="results/steering/{model}/iti.probes.parquet",
+    log:
+        "logs/steering/{model}/iti.log",
+    conda:
+        ENV
+    threads: 8
+    resources:
+        gpu=1,
+    params:
+        settings=STEERING_SETTINGS,
+    script:
+        "../scripts/steer_heads.py"
+
+
+rule optimise_steering_vectors:
+    """Optimise one vector per target sentence so that greedy decoding from the start token reproduces it."""
+    input:
+        unpack(get_steering_inputs),
+    output:
+        table="results/steering/{model}/optimised.parquet",
+    log:
+        "logs/steering/{model}/optimised.log",
+    conda:
+        ENV
+    threads: 8
+    resources:
+        gpu=1,
+    params:
+        settings=STEERING_SETTINGS,
+    script:
+        "../scripts/optimise_steering_vectors.py"

@@ -1,0 +1,28 @@
+"""Entry point of rule optimise_steering_vectors (rules/steering.smk)."""
+
+from pathlib import Path
+
+import torch
+
+from latent_atlas.joblog import job_log
+from latent_atlas.models import load_model
+from latent_atlas.provenance import provenance_record, sha256_file, write_parquet_with_provenance
+from latent_atlas.steering.data import load_steering_data
+from latent_atlas.steering.pipeline import run_optimised
+from latent_atlas.store import ActivationStore
+
+with job_log(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
+    loaded = load_model(Path(snakemake.input.manifest).parent, device="auto")
+    settings = snakemake.params.settings
+    data = load_steering_data(snakemake.input.data)
+    with ActivationStore(snakemake.input.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
+        table = run_optimised(loaded, data, settings, store)
+    meta = provenance_record(
+        {"steering": settings, "method": "optimised"},
+        model=snakemake.wildcards.model,
+        model_sha256=loaded.manifest["weights_sha256"],
+        data_sha256=sha256_file(snakemake.input.data),
+        store=snakemake.input.store,
+    )
+    write_parquet_with_provenance(table.with_columns(model=snakemake.wildcards.model), snakemake.output.table, meta)
