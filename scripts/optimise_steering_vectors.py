@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import polars as pl
 import torch
 
 from latent_atlas.joblog import job_log
@@ -25,4 +26,6 @@ with job_log(snakemake.log[0]):
         data_sha256=sha256_file(snakemake.input.data),
         store=snakemake.input.store,
     )
-    write_parquet_with_provenance(table.with_columns(model=snakemake.wildcards.model), snakemake.output.table, meta)
+    write_parquet_with_provenance(
+        table.with_columns(model=pl.lit(snakemake.wildcards.model)), snakemake.output.table, meta
+    )

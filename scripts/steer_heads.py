@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import polars as pl
 import torch
 
 from latent_atlas.joblog import job_log
@@ -29,5 +30,5 @@ with job_log(snakemake.log[0]):
         store=snakemake.input.store,
     )
     model = snakemake.wildcards.model
-    write_parquet_with_provenance(table.with_columns(model=model), snakemake.output.table, meta)
-    write_parquet_with_provenance(probes.with_columns(model=model), snakemake.output.probes, meta)
+    write_parquet_with_provenance(table.with_columns(model=pl.lit(model)), snakemake.output.table, meta)
+    write_parquet_with_provenance(probes.with_columns(model=pl.lit(model)), snakemake.output.probes, meta)

@@ -298,3 +298,11 @@ def test_identity_context_reads_the_token_after_the_arrow(tiny_loaded):
     assert context.position == len(placeholder) - 1 < len(ids) - 1
     state = residual_state(tiny_loaded, "a small cat", 1)
     assert model_logits(tiny_loaded, state[None], 1, context).shape == (1, tiny_loaded.manifest["vocab_size"])
+
+
+def test_typical_norm_is_the_statistics_median(tmp_path):
+    from latent_atlas.neighbourhood.knn import typical_norm
+
+    _synthetic_store(tmp_path / "s.h5")
+    with ActivationStore(tmp_path / "s.h5") as store:
+        assert typical_norm(store, 1, block_rows=40) == pytest.approx(layer_statistics(store, 1).typical_norm, rel=1e-6)

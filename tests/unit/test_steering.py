@@ -228,6 +228,8 @@ def test_a_sweep_table_has_every_setting_and_an_exact_baseline(steering_setup):
     first = baseline.filter(pl.col("prompt_id") == 0, pl.col("decoding") == "greedy", pl.col("layer") == 1)
     assert first["continuation"][0] == loaded.tokenizer.decode(unsteered, skip_special_tokens=True)
     assert table["sentiment"].is_between(-1, 1).all() and (table["perplexity"] > 0).all()
+    with ActivationStore(root / "s.h5") as store:
+        assert sweep(loaded, "actadd", data, section, store).equals(table)  # same config and seed, same table
 
 
 def test_iti_run_and_truth_scoring_at_zero_strength(steering_setup):

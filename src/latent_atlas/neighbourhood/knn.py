@@ -77,6 +77,23 @@ def iter_blocks(
         yield start, torch.from_numpy(raw).float().numpy()
 
 
+def typical_norm(
+    store: ActivationStore, layer: int | str, skip_first_position: bool = True, block_rows: int = DEFAULT_BLOCK_ROWS
+) -> float:
+    """The median ‖h‖ of stored states at one address (first positions left out by default).
+
+    The same number as ``layer_statistics(...).typical_norm`` (up to float32 rounding of the norms), without
+    the float64 moments: a fraction of the cost when only a scale is needed.
+    """
+    address = resid_address(layer) if isinstance(layer, int) else layer
+    keep = kept_rows(store, skip_first_position)
+    norms = [
+        torch.from_numpy(block[keep[start : start + len(block)]]).norm(dim=-1).numpy()
+        for start, block in iter_blocks(store, address, block_rows)
+    ]
+    return float(np.median(np.concatenate(norms)))
+
+
 def layer_statistics(
     store: ActivationStore,
     layer: int | str,

@@ -23,7 +23,8 @@ def _methods(table: pl.DataFrame) -> list[str]:
 
 
 def _stamp(table: pl.DataFrame, title: str) -> str:
-    return f"{title} · seed {table['seed'][0] if 'seed' in table.columns else '-'}"
+    decodings = ", ".join(sorted(set(table["decoding"]))) if "decoding" in table.columns else "-"
+    return f"{title} · {decodings}"
 
 
 def plot_effect(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str) -> None:

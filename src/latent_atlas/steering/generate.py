@@ -109,12 +109,14 @@ def continuation_log_probs(
     mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
     hooks = intervention.attach(loaded.parts) if intervention is not None else contextlib.nullcontext()
     with hooks:
-        logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)).logits
-    log_probs = functional.log_softmax(logits.float(), -1).cpu()
-    return [
-        log_probs[row, len(prompt) - 1 : lengths[row] - 1].gather(-1, ids[row, len(prompt) : lengths[row], None])[:, 0]
-        for row, prompt in enumerate(prompts)
-    ]
+        states = loaded.parts.body(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device))[0]
+    # the head reads only the positions that predict a continuation token (not the whole prompt)
+    rows = [torch.arange(len(prompt) - 1, lengths[row] - 1) for row, prompt in enumerate(prompts)]
+    selected = torch.cat([states[row, positions] for row, positions in enumerate(rows)])
+    targets = torch.cat([ids[row, positions + 1] for row, positions in enumerate(rows)])
+    log_probs = functional.log_softmax(loaded.parts.lm_head(selected).float(), -1).cpu()
+    scores = log_probs.gather(-1, targets[:, None])[:, 0]
+    return list(scores.split([len(positions) for positions in rows]))
 
 
 def perplexity(log_probs: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ import polars as pl
 import torch
 
 from latent_atlas.models import LoadedModel
-from latent_atlas.neighbourhood.knn import layer_statistics
+from latent_atlas.neighbourhood.knn import typical_norm
 from latent_atlas.steering.data import Statements, SteeringData
 from latent_atlas.steering.generate import (
     Decoding,
@@ -65,7 +65,7 @@ class SweepSettings:
 
 def typical_norms(store: ActivationStore, layers: Sequence[int]) -> dict[int, float]:
     """Median ‖h‖ of stored states at each layer (position 0 left out), as in the neighbourhood radii."""
-    return {layer: layer_statistics(store, layer).typical_norm for layer in sorted(set(layers))}
+    return {layer: typical_norm(store, layer) for layer in sorted(set(layers))}
 
 
 def _row_seed(seed: int, prompt: int, sample: int) -> int:
@@ -175,7 +175,8 @@ def sweep(
     for layer in layers:
         intervention = builders[method](layer)
         setting = _setting_columns(loaded, intervention, data.off_target_texts, norms, len(coefficients))
-        table = continuations_table(loaded, intervention, coefficients, data.neutral_prompts, settings)
+        prompts = data.neutral_prompts[: section.get("max_prompts") or None]
+        table = continuations_table(loaded, intervention, coefficients, prompts, settings)
         per_setting = pl.DataFrame({"coefficient": coefficients, **setting})
         tables.append(table.join(per_setting, on="coefficient").with_columns(layer=pl.lit(layer)))
     label = "all blocks (MLP outputs)" if method == "icv" else "resid"
@@ -281,7 +282,7 @@ def run_optimised(
             layer,
             steps=options.get("steps", 300),
             learning_rate=options.get("learning_rate", 0.05),
-            check_every=options.get("check_every", 10),
+            check_every=options.get("check_every", 1),
         )
         target = loaded.tokenizer(sentence, add_special_tokens=False)["input_ids"]
         rows.append(
