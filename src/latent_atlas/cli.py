@@ -71,6 +71,15 @@ def _neighbours(args: argparse.Namespace) -> None:
         print(f"{row['rank']:>3}  {similarity} {row['score']:8.3f}  {row['label'] or '-':<26} {context}")
 
 
+def _add_point_arguments(command: argparse.ArgumentParser, layer_help: str) -> None:
+    """The arguments that name a point: ``--text`` (with ``--position``) or ``--vector``, and ``--layer``."""
+    source = command.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="take the state of this text ...")
+    source.add_argument("--vector", help="... or load it from a .npy file of shape (d,)")
+    command.add_argument("--layer", type=int, required=True, help=layer_help)
+    command.add_argument("--position", type=int, default=-1, help="token position in --text (default: last)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="latent-atlas", description=__doc__)
@@ -82,11 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     probe = commands.add_parser("probe", help="read a point of the latent space with every lens and patchscope")
     probe.add_argument("--model", required=True, help="a model directory, e.g. results/models/smollm2-135m")
-    source = probe.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="take the state of this text ...")
-    source.add_argument("--vector", help="... or load it from a .npy file of shape (d,)")
-    probe.add_argument("--layer", type=int, required=True, help="residual layer: 0 = embeddings .. L = last block")
-    probe.add_argument("--position", type=int, default=-1, help="token position in --text (default: last)")
+    _add_point_arguments(probe, "residual layer: 0 = embeddings .. L = last block")
     probe.add_argument("--tuned", help="a trained tuned lens (results/lenses/{model}/{corpus}.tuned-lens.pt)")
     probe.add_argument("--k", type=int, default=8, help="tokens per lens")
     probe.add_argument("--targets", default="identity,entity_description", help="patchscope target prompts")
@@ -98,11 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     neighbours = commands.add_parser("neighbours", help="list a point's exact nearest stored states and their text")
     neighbours.add_argument("store", help="path to results/activations/{model}/{corpus}.h5")
     neighbours.add_argument("--model", required=True, help="the model directory the store was made with")
-    source = neighbours.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="take the state of this text ...")
-    source.add_argument("--vector", help="... or load it from a .npy file of shape (d,)")
-    neighbours.add_argument("--layer", type=int, required=True, help="residual layer (must be in the store)")
-    neighbours.add_argument("--position", type=int, default=-1, help="token position in --text (default: last)")
+    _add_point_arguments(neighbours, "residual layer (must be in the store)")
     neighbours.add_argument("--k", type=int, default=10, help="neighbours to list")
     neighbours.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine")
     neighbours.add_argument("--standardise", action="store_true", help="z-score every dimension first")

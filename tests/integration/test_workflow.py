@@ -42,7 +42,8 @@ def test_dry_run_plans_the_whole_dag_without_importing_torch(tmp_path):
     )
     assert "EXIT 0 TORCH False" in result.stdout, result.stdout + result.stderr
     rules = ("acquire_model", "prepare_corpus", "extract_activations", "plot_store_norms", "explore_neighbourhood",
-             "explore_path", "plot_neighbourhood", "plot_path")  # fmt: skip
+             "explore_path", "plot_neighbourhood", "plot_path", "steer_with_vectors", "steer_heads",
+             "optimise_steering_vectors", "plot_steering")  # fmt: skip
     for rule in rules:
         assert f"rule {rule}:" in result.stdout
 
@@ -159,11 +160,27 @@ def test_default_dag_on_the_real_smollm2(tmp_path_factory):
     assert (path.filter(pl.col("t") == 0)["kl_to_reference"] == 0).all()
     assert (path.filter(pl.col("t") == 1)["kl_to_end"] == 0).all()
 
+    steering = root / "results/steering/smollm2-135m"
+    actadd = pl.read_parquet(steering / "actadd.parquet")
+    assert set(actadd["coefficient"]) == {0.0, 4.0} and set(actadd["layer"]) == {10}
+    unsteered = actadd.filter(pl.col("coefficient") == 0)
+    assert (unsteered["relative_norm"] == 0).all() and (unsteered["off_target_kl"] < 1e-6).all()
+    assert actadd["sentiment"].is_between(-1, 1).all() and (actadd["perplexity"] > 1).all()
+    iti = pl.read_parquet(steering / "iti.parquet")
+    assert iti["truth_accuracy"].is_between(0, 1).all() and iti["held_out_items"][0] == 23
+    probes = pl.read_parquet(steering / "iti.probes.parquet")
+    assert probes.height == 30 * 9 and probes["selected"].sum() == 4
+    assert abs(probes["shuffled_accuracy"].mean() - 0.5) < 0.1  # the shuffled-label control sits at chance
+    optimised = pl.read_parquet(steering / "optimised.parquet")
+    assert optimised.height == 2 and (optimised["steps"] <= 3).all()
+
     figures = ["activations/smollm2-135m.registers.norms", "lenses/smollm2-135m.registers.curves",
                "lenses/smollm2-135m.registers.agreement", "lenses/smollm2-135m.registers.grid",
                "neighbourhood/smollm2-135m.registers.eiffel-paris.stability",
                "neighbourhood/smollm2-135m.registers.eiffel-paris.map",
-               "neighbourhood/smollm2-135m.registers.cat-to-dog.path"]  # fmt: skip
+               "neighbourhood/smollm2-135m.registers.cat-to-dog.path",
+               "steering/smollm2-135m.effect", "steering/smollm2-135m.frontier", "steering/smollm2-135m.iti",
+               "steering/smollm2-135m.examples"]  # fmt: skip
     for name in figures:
         for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
             assert (root / f"results/figures/{name}.{ext}").read_bytes()[:4] == magic
