@@ -285,3 +285,15 @@ def test_steering_figures_are_drawn(steering_setup, tmp_path):
     }.items():
         draw(tmp_path / f"{name}.pdf", tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_typical_norms_fall_back_to_the_nearest_stored_layer(tmp_path):
+    from latent_atlas.neighbourhood.knn import typical_norm
+    from latent_atlas.steering.pipeline import typical_norms
+    from latent_atlas.store import ActivationStore
+    from tests.unit.test_neighbourhood import _synthetic_store
+
+    _synthetic_store(tmp_path / "s.h5")  # stores resid.01 only
+    with ActivationStore(tmp_path / "s.h5") as store:
+        norms = typical_norms(store, [1, 3, 7])
+        assert norms == {layer: typical_norm(store, 1) for layer in (1, 3, 7)}

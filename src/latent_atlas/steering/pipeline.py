@@ -64,8 +64,14 @@ class SweepSettings:
 
 
 def typical_norms(store: ActivationStore, layers: Sequence[int]) -> dict[int, float]:
-    """Median ‖h‖ of stored states at each layer (position 0 left out), as in the neighbourhood radii."""
-    return {layer: typical_norm(store, layer) for layer in sorted(set(layers))}
+    """Median ‖h‖ of stored states at each layer (position 0 left out), as in the neighbourhood radii.
+
+    A layer the store lacks takes the norm of the nearest stored layer (the lower one on a tie).
+    """
+    stored = store.layers
+    nearest = {layer: min(stored, key=lambda s: (abs(s - layer), s)) for layer in set(layers)}
+    norms = {source: typical_norm(store, source) for source in set(nearest.values())}
+    return {layer: norms[nearest[layer]] for layer in sorted(nearest)}
 
 
 def _row_seed(seed: int, prompt: int, sample: int) -> int:
