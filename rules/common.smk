@@ -20,10 +20,19 @@ NEIGHBOURHOOD_SETTINGS = {
     if key not in ("points", "paths")
 }
 NEIGHBOURHOOD_LENSES = {"semantic_basis": config["lenses"]["semantic_basis"]}
-STEERING_SETTINGS = {
-    key: value for key, value in config["steering"].items() if key != "methods"
-}
 GENERATION_METHODS = ["actadd", "mean_difference", "icv"]
+STEERING_METHODS = [*GENERATION_METHODS, "iti", "optimised"]
+
+
+def steering_settings(method):
+    """What a steering job depends on: the shared steering keys and its own method's section only."""
+    steering = config["steering"]
+    shared = {
+        key: value
+        for key, value in steering.items()
+        if key not in ["methods", *STEERING_METHODS]
+    }
+    return shared | {method: steering[method]}
 
 
 def _alternatives(names):
@@ -125,14 +134,12 @@ def steering_figure_outputs():
 
 
 def get_steering_inputs(wildcards):
-    """A steering job reads the model, its data files and a store (for the layers' typical norms)."""
-    section = config["steering"]
+    """A steering job reads the model, the steering data and a store (for the layers' typical norms)."""
     corpus = config["run"]["corpora"][0]
     return {
         "manifest": f"results/models/{wildcards.model}/manifest.json",
         "store": f"results/activations/{wildcards.model}/{corpus}.h5",
-        "data": section["data"],
-        "facts": section["facts"],
+        "data": config["steering"]["data"],
     }
 
 

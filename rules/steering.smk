@@ -12,7 +12,7 @@ rule steer_with_vectors:
     resources:
         gpu=1,
     params:
-        settings=STEERING_SETTINGS,
+        settings=lambda wildcards: steering_settings(wildcards.method),
     script:
         "../scripts/steer_with_vectors.py"
 
@@ -21,6 +21,7 @@ rule steer_heads:
     """Inference-time intervention: per-head probes on true/false statements, the top heads shifted."""
     input:
         unpack(get_steering_inputs),
+        facts=config["steering"]["facts"],
     output:
         table="results/steering/{model}/iti.parquet",
         probes="results/steering/{model}/iti.probes.parquet",
@@ -32,7 +33,7 @@ rule steer_heads:
     resources:
         gpu=1,
     params:
-        settings=STEERING_SETTINGS,
+        settings=steering_settings("iti"),
     script:
         "../scripts/steer_heads.py"
 
@@ -51,6 +52,6 @@ rule optimise_steering_vectors:
     resources:
         gpu=1,
     params:
-        settings=STEERING_SETTINGS,
+        settings=steering_settings("optimised"),
     script:
         "../scripts/optimise_steering_vectors.py"
