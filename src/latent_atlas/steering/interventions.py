@@ -15,8 +15,9 @@ ActAdd needs (it edits the prompt only; generated tokens see the edit through th
 """
 
 import contextlib
+import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,10 +48,13 @@ class Intervention(ABC):
     def attach(self, parts: ModelParts) -> contextlib.AbstractContextManager:
         """A context manager that installs the hooks on a model."""
 
+    @abstractmethod
+    def change_norms(self, parts: ModelParts) -> dict[int, torch.Tensor]:
+        """Per edited layer, the norm of what the intervention adds to the residual stream, one per row."""
+
     def with_coefficients(self, coefficients: Sequence[float] | torch.Tensor) -> "Intervention":
         """The same intervention with other strengths (e.g. one row of a sweep)."""
-        clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)
+        clone = copy.copy(self)
         clone.coefficients = torch.as_tensor(coefficients, dtype=torch.float32).reshape(-1)
         return clone
 
@@ -92,7 +96,7 @@ class ResidualAddition(Intervention):
         with edit_residual(parts, self.layer, self._edit):
             yield
 
-    def change_norms(self) -> dict[int, torch.Tensor]:
+    def change_norms(self, parts: ModelParts) -> dict[int, torch.Tensor]:
         """The norm of the added vector per row (mean over positions for a multi-position vector)."""
         return {
             self.layer: self.coefficients.abs() * self.vector.reshape(-1, self.vector.shape[-1]).norm(dim=-1).mean()
@@ -151,7 +155,7 @@ class MlpShift(Intervention):
                     stack.enter_context(_edit_output(parts.layers[block - 1].mlp, edit))
             yield
 
-    def change_norms(self) -> dict[int, torch.Tensor]:
+    def change_norms(self, parts: ModelParts) -> dict[int, torch.Tensor]:
         """Mean norm of the change per row, per block, over the passes since :meth:`attach`."""
         return {block: torch.stack(values).mean(0) for block, values in self.changes.items()}
 
@@ -203,30 +207,31 @@ class HeadShift(Intervention):
         self.heads, self.head_dim = list(heads), head_dim
         self.from_position: int | Sequence[int] | None = None
 
-    def _shift_by_layer(self) -> Mapping[int, list[HeadDirection]]:
-        layers: dict[int, list[HeadDirection]] = {}
+    def _layer_shifts(self, parts: ModelParts) -> dict[int, torch.Tensor]:
+        """Per block with a selected head, the σθ of its heads side by side: the output projection's input space."""
+        shifts: dict[int, torch.Tensor] = {}
         for head in self.heads:
-            layers.setdefault(head.layer, []).append(head)
-        return layers
+            if head.layer not in shifts:
+                width = _projection_weight(output_projection(parts.layers[head.layer - 1])).shape[1]
+                shifts[head.layer] = torch.zeros(width)
+            start = head.head * self.head_dim
+            shifts[head.layer][start : start + self.head_dim] += head.std * head.direction.float().cpu()
+        return shifts
 
-    def _editor(self, heads: list[HeadDirection]) -> Any:
+    def _editor(self, layer_shift: torch.Tensor) -> Any:
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             inputs = args[0]
             scale = _per_row(self.coefficients, inputs)
-            shift = torch.zeros(inputs.shape[-1], dtype=inputs.dtype, device=inputs.device)
-            for head in heads:
-                start = head.head * self.head_dim
-                shift[start : start + self.head_dim] += head.std * head.direction.to(inputs)
+            if not bool((scale != 0).any()):
+                return args
             positions = torch.arange(inputs.shape[1], device=inputs.device)
             if self.from_position is None:
                 edit = positions == inputs.shape[1] - 1
             else:
                 start = torch.as_tensor(self.from_position, device=inputs.device).reshape(-1, 1)
                 edit = positions >= start
-            if not bool((scale != 0).any()):
-                return args
             edited = inputs.clone()  # keeps the input's strides, so unshifted rows stay bit-identical
-            edited += (scale * shift) * edit.reshape(-1, inputs.shape[1], 1).to(inputs.dtype)
+            edited += (scale * layer_shift.to(inputs)) * edit.reshape(-1, inputs.shape[1], 1).to(inputs.dtype)
             return (edited, *args[1:])
 
         return pre_hook
@@ -235,8 +240,8 @@ class HeadShift(Intervention):
     def attach(self, parts: ModelParts) -> Iterator[None]:
         """Install a pre-hook on the output projection of every block with a selected head."""
         handles = [
-            output_projection(parts.layers[layer - 1]).register_forward_pre_hook(self._editor(heads))
-            for layer, heads in self._shift_by_layer().items()
+            output_projection(parts.layers[layer - 1]).register_forward_pre_hook(self._editor(shift))
+            for layer, shift in self._layer_shifts(parts).items()
         ]
         try:
             yield
@@ -247,12 +252,12 @@ class HeadShift(Intervention):
     def change_norms(self, parts: ModelParts) -> dict[int, torch.Tensor]:
         """Norm per row of what the shift adds to ``resid.{layer}`` (through the output projection)."""
         norms = {}
-        for layer, heads in self._shift_by_layer().items():
-            projection = output_projection(parts.layers[layer - 1])
-            weight = projection.weight.T if type(projection).__name__ == "Conv1D" else projection.weight
-            shift = torch.zeros(weight.shape[1], device=weight.device)
-            for head in heads:
-                start = head.head * self.head_dim
-                shift[start : start + self.head_dim] += head.std * head.direction.to(shift)
-            norms[layer] = self.coefficients.abs() * float((weight @ shift).norm().detach())
+        for layer, shift in self._layer_shifts(parts).items():
+            weight = _projection_weight(output_projection(parts.layers[layer - 1]))
+            norms[layer] = self.coefficients.abs() * float((weight @ shift.to(weight)).norm().detach())
         return norms
+
+
+def _projection_weight(projection: nn.Module) -> torch.Tensor:
+    """A projection's weight in ``(out, in)`` layout (GPT-2's Conv1D stores ``(in, out)``)."""
+    return projection.weight.T if type(projection).__name__ == "Conv1D" else projection.weight

@@ -48,7 +48,7 @@ METHODS = (*GENERATION_METHODS, "iti", "optimised")
 class SweepSettings:
     """How continuations are generated and how many."""
 
-    max_new_tokens: int = 24
+    max_new_tokens: int = 20
     decodings: tuple[Decoding, ...] = (Decoding("greedy"), Decoding("sampled"))
     samples: int = 1
     seed: int = 0
@@ -60,7 +60,7 @@ class SweepSettings:
             Decoding(name, section.get("temperature", 1.0), section.get("top_p", 0.9))
             for name in section.get("decodings", ["greedy", "sampled"])
         )
-        return cls(section.get("max_new_tokens", 24), decodings, section.get("samples", 1), section.get("seed", 0))
+        return cls(section.get("max_new_tokens", 20), decodings, section.get("samples", 1), section.get("seed", 0))
 
 
 def typical_norms(store: ActivationStore, layers: Sequence[int]) -> dict[int, float]:
@@ -142,11 +142,7 @@ def _setting_columns(
 ) -> dict[str, np.ndarray]:
     """Off-target KL and relative intervention norm per strength."""
     kl = off_target_kl(loaded, texts, intervention, n).numpy()
-    if isinstance(intervention, HeadShift):
-        changes = intervention.change_norms(loaded.parts)
-    else:
-        changes = intervention.change_norms()  # type: ignore[attr-defined]
-    return {"off_target_kl": kl, "relative_norm": relative_norm(changes, norms)}
+    return {"off_target_kl": kl, "relative_norm": relative_norm(intervention.change_norms(loaded.parts), norms)}
 
 
 def sweep(
