@@ -14,6 +14,7 @@ rule extract_activations:
         gpu=1,
     params:
         settings=config["extraction"],
+        model=get_model_spec,
         provenance=get_extraction_provenance,
     script:
         "../scripts/extract_activations.py"

@@ -11,7 +11,9 @@ from latent_atlas.models import load_model
 
 with job_log(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
-    settings = ExtractionSettings.from_config(snakemake.params.settings)
+    store_dtype = snakemake.params.model.get("store_dtype")  # a per-model override of extraction.dtype
+    overrides = {"dtype": store_dtype} if store_dtype else {}
+    settings = ExtractionSettings.from_config({**snakemake.params.settings, **overrides})
     loaded = load_model(Path(snakemake.input.manifest).parent, settings.device, settings.model_dtype)
     corpus, corpus_meta = load_corpus_table(snakemake.input.corpus)
     attrs = {**snakemake.params.provenance, "corpus_sha256": corpus_meta["corpus_sha256"]}

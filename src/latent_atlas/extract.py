@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from latent_atlas.config import LayerSpec, select_layers
-from latent_atlas.errors import ConfigError
+from latent_atlas.errors import ConfigError, StoreError
 from latent_atlas.hooks import capture_residuals
 from latent_atlas.models import LoadedModel
 from latent_atlas.provenance import code_version, utc_now
@@ -204,8 +204,9 @@ def extract_activations(
         batch_rows: dict[str, Any] = {}  # where the batch in flight goes: first store row, mask of stored positions
 
         def write(address: str, states: torch.Tensor) -> None:
-            rows = states[batch_rows["stored"]].to(store_dtype).cpu().numpy()
-            writer.write_states(address, batch_rows["start"], rows)
+            rows = states[batch_rows["stored"]]
+            check_storable(address, rows, store_dtype)
+            writer.write_states(address, batch_rows["start"], rows.to(store_dtype).cpu().numpy())
 
         with torch.inference_mode(), capture_residuals(loaded.parts, layers, write):
             for number, batch in enumerate(plan.batches):
@@ -219,6 +220,22 @@ def extract_activations(
                     on_batch(number)
         bar.close()
     return Path(out_path)
+
+
+def check_storable(address: str, states: torch.Tensor, store_dtype: torch.dtype) -> None:
+    """Refuse states that are non-finite or that the store's dtype cannot hold (float16 overflows to inf).
+
+    Gemma's residual stream, for one, reaches ~10^5 in some dimensions: float16 would silently store inf.
+    """
+    if not bool(torch.isfinite(states).all()):
+        raise StoreError(f"the model produced non-finite states at {address}; check the model dtype (model_dtype)")
+    if store_dtype == torch.float16:
+        largest = float(states.abs().max()) if states.numel() else 0.0
+        if largest > torch.finfo(torch.float16).max:
+            raise StoreError(
+                f"{address} holds values up to {largest:.4g}, beyond float16's range (±65504): set "
+                "`store_dtype: float32` in this model's entry under `models` (or `extraction.dtype: float32`)"
+            )
 
 
 def _write_token_table(writer: StoreWriter, plan: ExtractionPlan) -> None:
