@@ -1,0 +1,37 @@
+"""Geometry of the latent space (METHODS §8).
+
+Metrics and affine post-processings (``metrics``), a Gaussianising flow (``flow``), the per-layer measurement
+of a store (``measure``) and the readout-rescaling check (``readout``).
+"""
+
+from latent_atlas.geometry.metrics import (
+    Anisotropy,
+    PostProcessing,
+    anisotropy,
+    cosine_contributions,
+    effective_rank,
+    euclidean_contributions,
+    fit_post_processing,
+    intra_sentence_similarity,
+    isoscore,
+    maximum_explainable_variance,
+    random_pairs,
+    self_similarity,
+    twonn,
+)
+
+__all__ = [
+    "Anisotropy",
+    "PostProcessing",
+    "anisotropy",
+    "cosine_contributions",
+    "effective_rank",
+    "euclidean_contributions",
+    "fit_post_processing",
+    "intra_sentence_similarity",
+    "isoscore",
+    "maximum_explainable_variance",
+    "random_pairs",
+    "self_similarity",
+    "twonn",
+]

@@ -1,0 +1,534 @@
+"""Per-layer geometry of an activation store (METHODS §8), before and after post-processing, per register.
+
+One streamed pass over each selected layer gathers everything: the exact moments of the *fitting* split
+(every post-processing is fitted there), a whole-document sample of the *measured* split (metrics are
+computed there, so that a post-processing is judged on text it was not fitted on), a sample of the fitting
+split for the linear probes, and pooled (mean) states of every sentence and passage. Memory is
+``O(max_states · d + d²)`` whatever the store's size.
+
+Token-level metrics (per processing, for all tokens and per register): mean cosine of random pairs from
+different passages and the rogue-dimension shares of it, IsoScore, effective rank, TwoNN, norms,
+Ethayarajh's self-similarity, intra-passage similarity and MEV with their baselines. Position 0 (the
+attention sink) is left out by default. Passage-level: how well cosine of pooled passage states separates
+same-register from different-register pairs (ROC AUC), with each post-processing fitted on pooled sentence
+states of the fitting split, as BERT-flow is (Li et al. 2020); the flow is then also applied to token states.
+Mickus et al.'s confound: ridge probes for position bucket and register, with shuffled-label controls.
+"""
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from latent_atlas.config import select_layers
+from latent_atlas.errors import ConfigError
+from latent_atlas.geometry.flow import FittedFlow, FlowSettings, fit_flow
+from latent_atlas.geometry.metrics import (
+    AFFINE_POST_PROCESSINGS,
+    MomentAccumulator,
+    Moments,
+    anisotropy,
+    effective_rank_from_variances,
+    intra_sentence_similarity,
+    isoscore_from_variances,
+    maximum_explainable_variance,
+    pca_variances,
+    post_processing_from_moments,
+    random_pairs,
+    rank_average,
+    self_similarity,
+    twonn,
+)
+from latent_atlas.store import ActivationStore
+
+POST_PROCESSINGS = (*AFFINE_POST_PROCESSINGS, "flow")
+ALL_REGISTERS = "all"
+_SENTENCE_END = re.compile(r"[.!?]['\"”’)\]]*\s*$")
+_BLOCK_ROWS = 8192
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class GeometrySettings:
+    """The ``geometry`` config section (see the schema for each key)."""
+
+    layers: Any = field(default_factory=lambda: {"every": 3})
+    split: str = "heldout"
+    fit_split: str = "train"
+    include_first_position: bool = False
+    max_states: int = 8192
+    pairs: int = 5000
+    twonn_states: int = 4000
+    processings: tuple[str, ...] = POST_PROCESSINGS
+    register_processings: tuple[str, ...] = ("none",)
+    register_states: int = 512
+    all_but_the_top: int | None = None
+    words: int = 200
+    min_occurrences: int = 5
+    max_occurrences: int = 32
+    position_buckets: tuple[int, ...] = (1, 4, 16, 64)
+    ridge: float = 1.0
+    flow: FlowSettings = field(default_factory=FlowSettings)
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> "GeometrySettings":
+        """Build from the config section, rejecting unknown keys and post-processings by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) geometry.{', geometry.'.join(unknown)}; valid: {sorted(known)}")
+        values = dict(section)
+        for key in ("processings", "register_processings", "position_buckets"):
+            if key in values:
+                values[key] = tuple(values[key])
+        if "flow" in values:
+            values["flow"] = FlowSettings.from_config(values["flow"])
+        settings = cls(**values)
+        for key in ("processings", "register_processings"):
+            bad = [name for name in getattr(settings, key) if name not in POST_PROCESSINGS]
+            if bad:
+                raise ConfigError(f"geometry.{key} names {bad}; valid post-processings: {list(POST_PROCESSINGS)}")
+        missing = [name for name in settings.register_processings if name not in settings.processings]
+        if missing:
+            raise ConfigError(f"geometry.register_processings {missing} must also be in geometry.processings")
+        return settings
+
+
+@dataclass(frozen=True)
+class GeometryResult:
+    """Tables of one store: metrics (long format), rogue dimensions, and the flows' training losses."""
+
+    metrics: pl.DataFrame
+    rogue: pl.DataFrame
+    flow_losses: pl.DataFrame
+
+
+# --------------------------------------------------------------------------------------------------
+# The token table: which rows are fitted on, measured, pooled
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Per-row token ids, documents, positions, registers and sentences of a store."""
+
+    token_id: np.ndarray
+    doc: np.ndarray
+    pos: np.ndarray
+    split: np.ndarray  # per row
+    label: np.ndarray  # per row ('' when the corpus has no labels)
+    sentence: np.ndarray  # per row; -1 for rows left out of pooling
+    sentence_split: np.ndarray  # per sentence
+    doc_split: np.ndarray
+    doc_label: np.ndarray
+
+    @property
+    def registers(self) -> list[str]:
+        """The register labels present (empty when the corpus is unlabelled)."""
+        return sorted({str(label) for label in self.doc_label if label})
+
+
+def token_table(store: ActivationStore, tokenizer: Any, include_first_position: bool) -> TokenTable:
+    """Read the store's tokens and documents and split passages into sentences by their final punctuation."""
+    tokens, docs = store.tokens(), store.docs()
+    doc = tokens["doc"].to_numpy()
+    pos = tokens["pos"].to_numpy()
+    doc_split = np.asarray(docs["split"].to_list() if "split" in docs.columns else [""] * docs.height, dtype=object)
+    labels = docs["label"].to_list() if "label" in docs.columns else [None] * docs.height
+    doc_label = np.asarray([label or "" for label in labels], dtype=object)
+    token_id = tokens["token_id"].to_numpy()
+    eligible = pos > 0 if not include_first_position else np.ones(len(pos), dtype=bool)
+    sentence = _sentence_ids(token_id, doc, eligible, _sentence_end_ids(tokenizer, np.unique(token_id)))
+    sentence_split = np.empty(int(sentence.max()) + 1 if len(sentence) else 0, dtype=object)
+    sentence_split[sentence[eligible]] = doc_split[doc[eligible]]
+    return TokenTable(
+        token_id, doc, pos, doc_split[doc], doc_label[doc], sentence, sentence_split, doc_split, doc_label
+    )
+
+
+def _sentence_end_ids(tokenizer: Any, token_ids: np.ndarray) -> set[int]:
+    """Token ids whose text ends a sentence (., ! or ?, possibly followed by quotes or brackets)."""
+    return {int(i) for i in token_ids if _SENTENCE_END.search(tokenizer.decode([int(i)]))}
+
+
+def _sentence_ids(token_id: np.ndarray, doc: np.ndarray, eligible: np.ndarray, ends: set[int]) -> np.ndarray:
+    """Number the sentences 0.. over eligible rows: a new one starts at a document or after a sentence end."""
+    is_end = np.isin(token_id, list(ends))
+    new_doc = np.r_[True, doc[1:] != doc[:-1]]
+    starts = new_doc | np.r_[False, is_end[:-1]]
+    raw = np.cumsum(starts) - 1
+    sentence = np.full(len(token_id), -1, dtype=np.int64)
+    sentence[eligible] = np.unique(raw[eligible], return_inverse=True)[1]
+    return sentence
+
+
+def whole_document_sample(
+    table: TokenTable, split: str, eligible: np.ndarray, max_states: int, rng: np.random.Generator
+) -> np.ndarray:
+    """A row mask over whole documents of ``split``, drawn at random until ``max_states`` rows are reached."""
+    docs = np.flatnonzero(table.doc_split == split)
+    if not len(docs):
+        present = sorted({str(s) for s in table.doc_split})
+        raise ConfigError(
+            f"the store has no documents in split {split!r} (splits present: {present}); "
+            "set geometry.split / geometry.fit_split"
+        )
+    counts = np.bincount(table.doc[eligible], minlength=len(table.doc_split))
+    chosen, total = [], 0
+    for doc in rng.permutation(docs):
+        if chosen and total + counts[doc] > max_states:
+            continue
+        chosen.append(doc)
+        total += counts[doc]
+    return eligible & np.isin(table.doc, chosen)
+
+
+# --------------------------------------------------------------------------------------------------
+# One streamed pass over a layer
+
+
+@dataclass(frozen=True)
+class LayerSample:
+    """What one pass over a layer gathers."""
+
+    moments: Moments  # of every fitting-split row
+    measured: np.ndarray  # states of the measured sample
+    measured_rows: np.ndarray
+    probe: np.ndarray  # states of the fitting-split probe sample
+    probe_rows: np.ndarray
+    sentence_means: np.ndarray  # (n_sentences, d)
+    doc_means: np.ndarray  # (n_docs, d), NaN for documents with no eligible row
+
+
+def read_layer(
+    store: ActivationStore,
+    layer: int,
+    table: TokenTable,
+    fit_rows: np.ndarray,
+    measured_rows: np.ndarray,
+    probe_rows: np.ndarray,
+) -> LayerSample:
+    """Stream a layer block by block into the fitting moments, the samples and the pooled states."""
+    d = store.d_model
+    accumulator = MomentAccumulator(d)
+    n_sentences = len(table.sentence_split)
+    sentence_sums, doc_sums = (
+        torch.zeros(n_sentences, d, dtype=torch.float64),
+        torch.zeros(len(table.doc_split), d, dtype=torch.float64),
+    )
+    sentence_counts = np.bincount(table.sentence[table.sentence >= 0], minlength=n_sentences)
+    doc_counts = np.bincount(table.doc[table.sentence >= 0], minlength=len(table.doc_split))
+    measured, probe = [], []
+    buffer = np.empty((_BLOCK_ROWS, d), dtype=store.stored_dtype(layer))
+    for start in range(0, store.n_tokens, _BLOCK_ROWS):
+        rows = slice(start, min(start + _BLOCK_ROWS, store.n_tokens))
+        block = store.read_into(layer, start, buffer[: rows.stop - start]).astype(np.float64)
+        accumulator.add(block[fit_rows[rows]])
+        measured.append(block[measured_rows[rows]])
+        probe.append(block[probe_rows[rows]])
+        pooled = table.sentence[rows] >= 0
+        states = torch.from_numpy(block[pooled])
+        sentence_sums.index_add_(0, torch.from_numpy(table.sentence[rows][pooled]), states)
+        doc_sums.index_add_(0, torch.from_numpy(table.doc[rows][pooled]), states)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        doc_means = doc_sums.numpy() / doc_counts[:, None]
+    return LayerSample(
+        moments=accumulator.moments(),
+        measured=np.concatenate(measured),
+        measured_rows=np.flatnonzero(measured_rows),
+        probe=np.concatenate(probe),
+        probe_rows=np.flatnonzero(probe_rows),
+        sentence_means=sentence_sums.numpy() / np.maximum(sentence_counts, 1)[:, None],
+        doc_means=doc_means,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics of one set of token states
+
+
+def word_occurrences(
+    token_id: np.ndarray, groups: np.ndarray, settings: GeometrySettings, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Row indices of the occurrences of up to ``words`` word types seen in ≥ ``min_occurrences`` passages.
+
+    One occurrence per passage (its first), at most ``max_occurrences`` per word, words drawn at random.
+    """
+    first = np.unique(np.stack([token_id, groups], 1), axis=0, return_index=True)[1]
+    first.sort()
+    types, counts = np.unique(token_id[first], return_counts=True)
+    frequent = types[counts >= settings.min_occurrences]
+    chosen = rng.permutation(frequent)[: settings.words]
+    occurrences = []
+    for word in chosen:
+        rows = first[token_id[first] == word]
+        occurrences.append(rng.permutation(rows)[: settings.max_occurrences])
+    return occurrences
+
+
+def space_metrics(
+    states: np.ndarray,
+    groups: np.ndarray,
+    token_id: np.ndarray,
+    settings: GeometrySettings,
+    seed: int,
+) -> dict[str, float]:
+    """Every token-level metric of one set of states (rows grouped by passage)."""
+    rng = np.random.default_rng(seed)
+    pairs = random_pairs(groups, settings.pairs, seed=seed)
+    aniso = anisotropy(states, pairs)
+    variances = pca_variances(states)
+    norms = np.linalg.norm(states, axis=1)
+    twonn_rows = rng.permutation(len(states))[: settings.twonn_states]
+    metrics = {
+        "mean_cosine": aniso.mean_cosine,
+        "cosine_top3_share": aniso.top_share(3),
+        "euclidean_top3_share": float(np.sort(aniso.euclidean_share)[::-1][:3].sum()),
+        "isoscore": isoscore_from_variances(variances),
+        "effective_rank": effective_rank_from_variances(variances),
+        "twonn": twonn(states[twonn_rows]),
+        "norm_mean": float(norms.mean()),
+        "norm_cv": float(norms.std() / max(norms.mean(), 1e-12)),
+    }
+    intra = [intra_sentence_similarity(states[groups == g]) for g in np.unique(groups) if (groups == g).sum() > 1]
+    metrics["intra_similarity"] = float(np.mean(intra))
+    metrics["intra_similarity_adjusted"] = metrics["intra_similarity"] - aniso.mean_cosine
+    metrics.update(_word_metrics(states, groups, token_id, settings, rng, aniso.mean_cosine))
+    return metrics
+
+
+def _word_metrics(
+    states: np.ndarray,
+    groups: np.ndarray,
+    token_id: np.ndarray,
+    settings: GeometrySettings,
+    rng: np.random.Generator,
+    baseline_cosine: float,
+) -> dict[str, float]:
+    """Ethayarajh's self-similarity and MEV over words in several contexts, raw and baseline-adjusted."""
+    occurrences = word_occurrences(token_id, groups, settings, rng)
+    if not occurrences:
+        return {}
+    self_sim = np.mean([self_similarity(states[rows]) for rows in occurrences])
+    mev = np.mean([maximum_explainable_variance(states[rows]) for rows in occurrences])
+    random_rows = [rng.choice(len(states), len(rows), replace=False) for rows in occurrences]
+    random_mev = np.mean([maximum_explainable_variance(states[rows]) for rows in random_rows])
+    return {
+        "self_similarity": float(self_sim),
+        "self_similarity_adjusted": float(self_sim - baseline_cosine),
+        "mev": float(mev),
+        "mev_adjusted": float(mev - random_mev),
+        "words": float(len(occurrences)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Passage level and probes
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``positive`` (Mann–Whitney, ties halved)."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    ranks = rank_average(np.asarray(scores, dtype=np.float64))
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def register_auc(vectors: np.ndarray, labels: np.ndarray) -> float:
+    """How well cosine similarity separates same-label from different-label pairs (all pairs i < j)."""
+    units = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    i, j = np.triu_indices(len(vectors), k=1)
+    cosines = (units[i] * units[j]).sum(1)
+    return roc_auc(cosines, labels[i] == labels[j])
+
+
+def ridge_probe_accuracy(
+    train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray, ridge: float
+) -> float:
+    """Held-out accuracy of a one-vs-rest ridge classifier on standardised features."""
+    mean, std = train.mean(0), np.maximum(train.std(0), 1e-8)
+    x, x_test = (train - mean) / std, (test - mean) / std
+    classes = np.unique(train_labels)
+    targets = (train_labels[:, None] == classes[None]).astype(np.float64) - 1 / len(classes)
+    gram = x.T @ x + ridge * len(x) * np.eye(x.shape[1])
+    weights = np.linalg.solve(gram, x.T @ targets)
+    predicted = classes[np.argmax(x_test @ weights, axis=1)]
+    return float((predicted == test_labels).mean())
+
+
+def probe_metrics(
+    sample: LayerSample, table: TokenTable, settings: GeometrySettings, rng: np.random.Generator
+) -> dict[str, float]:
+    """Mickus et al.'s confound: can position bucket (no semantic content) and register be read off linearly?"""
+    targets = {"position": np.searchsorted(settings.position_buckets, table.pos, side="right") - 1}
+    if table.registers:
+        targets["register"] = table.label
+    metrics = {}
+    for name, labels in targets.items():
+        train_labels, test_labels = labels[sample.probe_rows], labels[sample.measured_rows]
+        if len(np.unique(train_labels)) < 2:
+            continue
+        accuracy = ridge_probe_accuracy(sample.probe, train_labels, sample.measured, test_labels, settings.ridge)
+        shuffled = ridge_probe_accuracy(
+            sample.probe, rng.permutation(train_labels), sample.measured, test_labels, settings.ridge
+        )
+        values, counts = np.unique(train_labels, return_counts=True)
+        metrics[f"{name}_probe_accuracy"] = accuracy
+        metrics[f"{name}_probe_shuffled"] = shuffled
+        metrics[f"{name}_probe_majority"] = float((test_labels == values[np.argmax(counts)]).mean())
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole store
+
+
+def fit_processings(
+    moments: Moments, sentences: np.ndarray, settings: GeometrySettings, d: int, seed: int
+) -> tuple[dict[str, Transform], dict[str, Transform], FittedFlow | None]:
+    """Fit the token-level and the passage-level transforms.
+
+    Token-level affine maps come from the streamed token moments; passage-level ones from pooled sentence
+    states. The flow is fitted once, on sentences, and serves both levels.
+    """
+    top = settings.all_but_the_top or max(1, d // 100)
+    sentence_moments = Moments.of(sentences)
+    tokens: dict[str, Transform] = {}
+    passages: dict[str, Transform] = {}
+    flow = None
+    for name in settings.processings:
+        if name == "flow":
+            flow = fit_flow(sentences, settings.flow, seed=seed)
+            tokens[name] = passages[name] = flow
+        else:
+            tokens[name] = post_processing_from_moments(moments, name, top)
+            passages[name] = post_processing_from_moments(sentence_moments, name, top)
+    return tokens, passages, flow
+
+
+def measure_layer(
+    store: ActivationStore, layer: int, table: TokenTable, masks: Mapping[str, np.ndarray], settings: GeometrySettings
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Metric rows, rogue-dimension rows and flow-loss rows of one layer."""
+    sample = read_layer(store, layer, table, masks["fit"], masks["measured"], masks["probe"])
+    seed = settings.seed * 1000 + layer
+    fit_sentences = sample.sentence_means[table.sentence_split == settings.fit_split]
+    tokens, passages, flow = fit_processings(sample.moments, fit_sentences, settings, store.d_model, seed)
+    rows = sample.measured_rows
+    groups, token_id, labels = table.doc[rows], table.token_id[rows], table.label[rows]
+    metric_rows: list[dict[str, Any]] = []
+    rogue_rows: list[dict[str, Any]] = []
+
+    def add(register: str, processing: str, values: Mapping[str, float], n: int) -> None:
+        metric_rows.extend(
+            {"layer": layer, "register": register, "processing": processing, "metric": k, "value": v, "n": n}
+            for k, v in values.items()
+        )
+
+    equal_size = _register_sizes(labels, table.registers, settings.register_states)
+    for name, transform in tokens.items():
+        states = transform(sample.measured)
+        add(ALL_REGISTERS, name, space_metrics(states, groups, token_id, settings, seed), len(states))
+        if name in ("none", "standardise"):
+            rogue_rows.extend(_rogue_rows(layer, name, states, groups, settings, seed))
+        if name not in settings.register_processings:
+            continue
+        rng = np.random.default_rng(seed)
+        for register in table.registers:
+            subset = _register_subset(labels, groups, register, equal_size, rng)
+            values = space_metrics(states[subset], groups[subset], token_id[subset], settings, seed)
+            add(register, name, values, int(subset.sum()))
+    measured_docs = np.flatnonzero((table.doc_split == settings.split) & np.isfinite(sample.doc_means).all(1))
+    for name, transform in passages.items():
+        vectors = transform(sample.doc_means[measured_docs])
+        pairs = random_pairs(np.arange(len(vectors)), settings.pairs, seed=seed)
+        values = {"passage_mean_cosine": anisotropy(vectors, pairs).mean_cosine}
+        if table.registers:
+            values["passage_register_auc"] = register_auc(vectors, table.doc_label[measured_docs])
+        add(ALL_REGISTERS, name, values, len(vectors))
+    add(ALL_REGISTERS, "none", probe_metrics(sample, table, settings, np.random.default_rng(seed)), len(rows))
+    flow_rows = [
+        {"layer": layer, "epoch": epoch, "loss": loss, "sentences": len(fit_sentences)}
+        for epoch, loss in enumerate(flow.losses if flow else [])
+    ]
+    return metric_rows, rogue_rows, flow_rows
+
+
+def _register_sizes(labels: np.ndarray, registers: Sequence[str], cap: int) -> int:
+    """One sample size for every register (the smallest register's count, at most ``cap``): fair comparisons."""
+    counts = [int((labels == register).sum()) for register in registers]
+    return min([cap, *counts]) if counts else 0
+
+
+def _register_subset(
+    labels: np.ndarray, groups: np.ndarray, register: str, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """A mask of ``size`` random rows of one register."""
+    rows = np.flatnonzero(labels == register)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[rng.permutation(rows)[:size]] = True
+    return mask
+
+
+def _rogue_rows(
+    layer: int, processing: str, states: np.ndarray, groups: np.ndarray, settings: GeometrySettings, seed: int
+) -> list[dict[str, Any]]:
+    """The ten dimensions with the largest share of the mean cosine and of squared Euclidean distance."""
+    aniso = anisotropy(states, random_pairs(groups, settings.pairs, seed=seed))
+    rows = []
+    for kind, share, total in (
+        ("cosine", aniso.cosine_share, aniso.mean_cosine),
+        ("euclidean", aniso.euclidean_share, 1.0),
+    ):
+        for rank, dimension in enumerate(np.argsort(share)[::-1][:10], start=1):
+            rows.append(
+                {
+                    "layer": layer,
+                    "processing": processing,
+                    "kind": kind,
+                    "rank": rank,
+                    "dimension": int(dimension),
+                    "share": float(share[dimension] / total) if total else float("nan"),
+                }
+            )
+    return rows
+
+
+def measure_geometry(store: ActivationStore, tokenizer: Any, settings: GeometrySettings) -> GeometryResult:
+    """Measure every selected layer of a store; see the module docstring for what is measured where."""
+    n_layers = int(store.attrs["n_layers"])
+    layers = select_layers(settings.layers, n_layers)
+    missing = [layer for layer in layers if layer not in store.layers]
+    if missing:
+        raise ConfigError(
+            f"geometry.layers selects {missing}, not stored in {store.path} (stored: {store.layers}); "
+            "extract them (extraction.layers) or choose stored ones"
+        )
+    table = token_table(store, tokenizer, settings.include_first_position)
+    eligible = table.sentence >= 0
+    rng = np.random.default_rng(settings.seed)
+    masks = {
+        "fit": eligible & (table.split == settings.fit_split),
+        "measured": whole_document_sample(table, settings.split, eligible, settings.max_states, rng),
+        "probe": whole_document_sample(table, settings.fit_split, eligible, settings.max_states, rng),
+    }
+    metric_rows, rogue_rows, flow_rows = [], [], []
+    for layer in layers:
+        metrics, rogue, flow = measure_layer(store, layer, table, masks, settings)
+        metric_rows += metrics
+        rogue_rows += rogue
+        flow_rows += flow
+    depth = pl.col("layer") / n_layers
+    return GeometryResult(
+        metrics=pl.DataFrame(metric_rows).with_columns(relative_depth=depth),
+        rogue=pl.DataFrame(rogue_rows).with_columns(relative_depth=depth),
+        flow_losses=pl.DataFrame(
+            flow_rows, schema={"layer": pl.Int64, "epoch": pl.Int64, "loss": pl.Float64, "sentences": pl.Int64}
+        ),
+    )
