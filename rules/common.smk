@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from latent_atlas.config import load_yaml, validate_config
+from latent_atlas.config import analysis_models, load_yaml, validate_config
 from latent_atlas.provenance import config_hash
 
 SCHEMA = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
@@ -21,6 +21,8 @@ NEIGHBOURHOOD_SETTINGS = {
 }
 NEIGHBOURHOOD_LENSES = {"semantic_basis": config["lenses"]["semantic_basis"]}
 GENERATION_METHODS = ["actadd", "mean_difference", "icv"]
+GEOMETRY_MODEL_FIGURES = ["processing", "rogue", "registers"]
+GEOMETRY_CORPUS_FIGURES = ["models", "performance"]
 STEERING_METHODS = [*GENERATION_METHODS, "iti", "optimised"]
 
 
@@ -50,7 +52,11 @@ wildcard_constraints:
 
 
 def get_final_output():
-    """Every target of the default run: stores, lens tables and their figures for each (model, corpus)."""
+    """Every target of the default run.
+
+    For each model of run.models and each corpus: the store and its norms figure, geometry and performance;
+    for each analysis's own models: lens tables and figures, probes, projections, neighbourhoods, steering.
+    """
     models, corpora = config["run"]["models"], config["run"]["corpora"]
     stores = expand(
         "results/activations/{model}/{corpus}.h5", model=models, corpus=corpora
@@ -61,20 +67,21 @@ def get_final_output():
         corpus=corpora,
         ext=["pdf", "png"],
     )
+    lens_models = analysis_models(config, "lenses")
     lens_figures = expand(
         "results/figures/lenses/{model}.{corpus}.{figure}.{ext}",
-        model=models,
+        model=lens_models,
         corpus=corpora,
         figure=["curves", "agreement", "grid"],
         ext=["pdf", "png"],
     )
     probe_names = config["run"].get("probes", list(config["probes"]))
     probes = expand(
-        "results/probes/{model}/{probe}.json", model=models, probe=probe_names
+        "results/probes/{model}/{probe}.json", model=lens_models, probe=probe_names
     )
     projections = expand(
         "results/projections/{model}/{table}.parquet",
-        model=models,
+        model=analysis_models(config, "projections"),
         table=["mlp", "heads", "alignment"],
     )
     return (
@@ -83,9 +90,61 @@ def get_final_output():
         + lens_figures
         + probes
         + projections
-        + get_neighbourhood_output(models, corpora)
-        + get_steering_output(models)
+        + get_neighbourhood_output(analysis_models(config, "neighbourhood"), corpora)
+        + get_steering_output(analysis_models(config, "steering"))
+        + get_geometry_output(models, corpora)
     )
+
+
+def get_geometry_output(models, corpora):
+    """Geometry and performance tables per (model, corpus), their relations, and the geometry figures."""
+    tables = expand(
+        "results/geometry/{model}/{corpus}.parquet", model=models, corpus=corpora
+    )
+    readout = expand("results/geometry/{model}/readout.parquet", model=models)
+    performance = expand(
+        "results/evaluation/{model}/{corpus}.parquet", model=models, corpus=corpora
+    )
+    per_model = expand(
+        "results/figures/geometry/{model}.{corpus}.{figure}.{ext}",
+        model=models,
+        corpus=corpora,
+        figure=GEOMETRY_MODEL_FIGURES,
+        ext=["pdf", "png"],
+    )
+    across = expand(
+        "results/figures/geometry/{corpus}.{figure}.{ext}",
+        corpus=corpora,
+        figure=GEOMETRY_CORPUS_FIGURES,
+        ext=["pdf", "png"],
+    )
+    relations = expand("results/geometry/{corpus}.relations.parquet", corpus=corpora)
+    return tables + readout + performance + per_model + across + relations
+
+
+def figure_outputs(stem, figures, caption_stem, category, labels):
+    """Named outputs of a plotting rule: PDF and PNG of each figure, the PNGs with report captions."""
+    outputs = {}
+    for figure in figures:
+        for ext in ("pdf", "png"):
+            outputs[f"{figure}_{ext}"] = report(
+                f"{stem}.{figure}.{ext}",
+                caption=f"../workflow/report/{caption_stem}_{figure}.rst",
+                category=category,
+                labels=labels | {"figure": figure + (" (pdf)" if ext == "pdf" else "")},
+            )
+    return outputs
+
+
+def get_geometry_models(wildcards):
+    """Geometry, readout and performance tables of every model of run.models on one corpus."""
+    models = config["run"]["models"]
+    corpus = wildcards.corpus
+    return {
+        "geometry": [f"results/geometry/{model}/{corpus}.parquet" for model in models],
+        "readout": [f"results/geometry/{model}/readout.parquet" for model in models],
+        "performance": [f"results/evaluation/{model}/{corpus}.parquet" for model in models],
+    } | ({"benchmarks": config["evaluation"]["benchmarks"]} if config["evaluation"]["benchmarks"] else {})
 
 
 def get_steering_output(models):
@@ -118,19 +177,13 @@ def steering_figures():
 
 def steering_figure_outputs():
     """The named outputs of plot_steering: PDF and PNG of each figure, with report captions."""
-    outputs = {}
-    for figure in steering_figures():
-        for ext in ("pdf", "png"):
-            outputs[f"{figure}_{ext}"] = report(
-                f"results/figures/steering/{{model}}.{figure}.{ext}",
-                caption=f"../workflow/report/steering_{figure}.rst",
-                category="Steering",
-                labels={
-                    "model": "{model}",
-                    "figure": figure + (" (pdf)" if ext == "pdf" else ""),
-                },
-            )
-    return outputs
+    return figure_outputs(
+        "results/figures/steering/{model}",
+        steering_figures(),
+        "steering",
+        "Steering",
+        {"model": "{model}"},
+    )
 
 
 def get_steering_inputs(wildcards):

@@ -94,10 +94,32 @@ def check_references(config: Mapping[str, Any], source: str = "the config") -> N
                     f"config key 'run.{section}' names '{name}', which is not defined under "
                     f"'{section}' in {source} (defined: {known}). Add it there or remove it from run."
                 )
+    check_analysis_models(config)
     probes = config.get("probes", {})
     for name in probes:
         probe_layer(probes, name)
     check_neighbourhood(config.get("neighbourhood", {}), probes)
+
+
+ANALYSES_WITH_MODELS = ("lenses", "projections", "neighbourhood", "steering")
+
+
+def analysis_models(config: Mapping[str, Any], section: str) -> list[str]:
+    """The models an analysis runs on: its own ``models`` key, else ``run.models``."""
+    models = config.get(section, {}).get("models")
+    return list(config["run"]["models"] if models is None else models)
+
+
+def check_analysis_models(config: Mapping[str, Any]) -> None:
+    """Each analysis's ``models`` must be a subset of ``run.models`` (their stores are built for those only)."""
+    studied = config.get("run", {}).get("models", [])
+    for section in ANALYSES_WITH_MODELS:
+        for name in config.get(section, {}).get("models") or []:
+            if name not in studied:
+                raise ConfigError(
+                    f"config key '{section}.models' names '{name}', which is not in run.models ({', '.join(studied)}); "
+                    f"add it to run.models or remove it from {section}.models"
+                )
 
 
 def check_neighbourhood(section: Mapping[str, Any], probes: Mapping[str, Any]) -> None:

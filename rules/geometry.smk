@@ -1,0 +1,51 @@
+rule measure_geometry:
+    """Per-layer geometry of a store (METHODS §8), before and after each post-processing, per register."""
+    input:
+        manifest="results/models/{model}/manifest.json",
+        store="results/activations/{model}/{corpus}.h5",
+    output:
+        metrics="results/geometry/{model}/{corpus}.parquet",
+        rogue="results/geometry/{model}/{corpus}.rogue.parquet",
+        flow="results/geometry/{model}/{corpus}.flow.parquet",
+    log:
+        "logs/geometry/{model}/{corpus}.log",
+    conda:
+        ENV
+    threads: 4
+    params:
+        settings=config["geometry"],
+    script:
+        "../scripts/measure_geometry.py"
+
+
+rule check_readout_rescaling:
+    """Steck et al.: moving the final norm's gain into W_U leaves logits unchanged but moves readout cosines."""
+    input:
+        manifest="results/models/{model}/manifest.json",
+        corpus=f"results/corpora/{config['run']['corpora'][0]}.parquet",
+    output:
+        table="results/geometry/{model}/readout.parquet",
+    log:
+        "logs/geometry/{model}/readout.log",
+    conda:
+        ENV
+    threads: 4
+    params:
+        split=config["evaluation"]["split"],
+        texts=config["evaluation"]["readout_texts"],
+    script:
+        "../scripts/check_readout_rescaling.py"
+
+
+rule relate_geometry:
+    """Correlate geometry (per depth band) with performance across models and registers."""
+    input:
+        unpack(get_geometry_models),
+    output:
+        table="results/geometry/{corpus}.relations.parquet",
+    log:
+        "logs/geometry/{corpus}.relations.log",
+    conda:
+        ENV
+    script:
+        "../scripts/relate_geometry.py"

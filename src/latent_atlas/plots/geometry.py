@@ -1,0 +1,252 @@
+"""Geometry figures (RQ3).
+
+Metrics by layer per post-processing, rogue dimensions, registers by layer, models by relative depth, and
+geometry against performance.
+"""
+
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
+import seaborn as sns
+
+from latent_atlas.geometry.measure import POST_PROCESSINGS
+from latent_atlas.geometry.relations import band_means
+from latent_atlas.plots import apply_style, save_figure
+
+Path = str | os.PathLike[str]
+
+METRIC_LABELS = {
+    "mean_cosine": "mean cosine (random pairs)",
+    "cosine_top3_share": "top-3 dimensions' share of cosine",
+    "isoscore": "IsoScore",
+    "effective_rank": "effective rank",
+    "twonn": "intrinsic dimension (TwoNN)",
+    "norm_mean": "mean norm",
+    "intra_similarity_adjusted": "intra-passage similarity − baseline",
+    "self_similarity_adjusted": "self-similarity − baseline",
+    "mev_adjusted": "MEV − baseline",
+    "passage_register_auc": "register AUC of passage cosine",
+    "passage_mean_cosine": "mean cosine of passages",
+    "position_probe_accuracy": "position probe accuracy",
+    "register_probe_accuracy": "register probe accuracy",
+}
+PROCESSING_METRICS = (
+    "mean_cosine",
+    "cosine_top3_share",
+    "isoscore",
+    "effective_rank",
+    "twonn",
+    "intra_similarity_adjusted",
+    "self_similarity_adjusted",
+    "mev_adjusted",
+    "passage_register_auc",
+)
+REGISTER_METRICS = ("mean_cosine", "isoscore", "effective_rank", "twonn", "intra_similarity_adjusted", "norm_mean")
+MODEL_METRICS = (
+    "mean_cosine",
+    "cosine_top3_share",
+    "isoscore",
+    "effective_rank",
+    "twonn",
+    "norm_mean",
+    "self_similarity_adjusted",
+    "passage_register_auc",
+    "position_probe_accuracy",
+)
+SCATTER_METRICS = ("mean_cosine", "isoscore", "effective_rank", "twonn", "intra_similarity_adjusted")
+
+
+def _grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3.2)) -> tuple[plt.Figure, np.ndarray]:
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(size[0] * columns, size[1] * rows), squeeze=False)
+    for axis in axes.flat[count:]:
+        axis.set_visible(False)
+    return figure, axes.flat
+
+
+def _present(table: pl.DataFrame, metrics: tuple[str, ...]) -> list[str]:
+    available = set(table["metric"])
+    return [metric for metric in metrics if metric in available]
+
+
+def plot_processing(metrics: pl.DataFrame, pdf: Path, png: Path, title: str) -> None:
+    """One panel per metric against layer, one line per post-processing (all registers together)."""
+    apply_style()
+    data = metrics.filter(pl.col("register") == "all")
+    names = _present(data, PROCESSING_METRICS)
+    figure, axes = _grid(len(names))
+    order = [name for name in POST_PROCESSINGS if name in set(data["processing"])]
+    for index, (axis, metric) in enumerate(zip(axes, names, strict=False)):
+        subset = data.filter(pl.col("metric") == metric).sort("layer")
+        sns.lineplot(
+            data=subset.to_pandas(), x="layer", y="value", hue="processing", hue_order=order, marker="o",
+            markersize=3, ax=axis, legend=index == 0,
+        )  # fmt: skip
+        axis.set(title=METRIC_LABELS.get(metric, metric), xlabel="layer", ylabel="")
+    if names:
+        axes[0].legend(fontsize=7, frameon=False, title="post-processing", title_fontsize=7)
+    figure.suptitle(f"Geometry by layer, before and after post-processing — {title}")
+    figure.tight_layout()
+    save_figure(figure, pdf, png, title)
+
+
+def _spread_layers(layers: list[int], count: int = 4) -> list[int]:
+    """Up to ``count`` layers spread from first to last."""
+    if len(layers) <= count:
+        return layers
+    return [layers[round(i * (len(layers) - 1) / (count - 1))] for i in range(count)]
+
+
+def plot_rogue(rogue: pl.DataFrame, pdf: Path, png: Path, title: str) -> None:
+    """The ten dimensions with the largest share of cosine (top) and of squared distance (bottom), raw states."""
+    apply_style()
+    data = rogue.filter(pl.col("processing") == "none")
+    layers = _spread_layers(sorted(set(data["layer"])))
+    figure, axes = plt.subplots(2, len(layers), figsize=(3.6 * len(layers), 6), squeeze=False)
+    for column, layer in enumerate(layers):
+        for row, kind in enumerate(("cosine", "euclidean")):
+            subset = data.filter((pl.col("layer") == layer) & (pl.col("kind") == kind)).sort("rank")
+            axis = axes[row, column]
+            axis.bar(range(len(subset)), subset["share"].to_list(), color=sns.color_palette()[row])
+            axis.set_xticks(range(len(subset)), [str(d) for d in subset["dimension"]], rotation=90, fontsize=7)
+            axis.set(title=f"resid.{layer:02d}", xlabel="dimension", ylabel=f"share of {kind}" if column == 0 else "")
+    figure.suptitle(f"Rogue dimensions (Timkey & van Schijndel) — {title}")
+    figure.tight_layout()
+    save_figure(figure, pdf, png, title)
+
+
+def plot_registers(metrics: pl.DataFrame, pdf: Path, png: Path, title: str) -> None:
+    """Heat-maps register × layer for the raw states, one per metric, as differences from each layer's mean.
+
+    Layers differ far more than registers do, so each column is centred on its mean over registers (the
+    mean is printed under the column); equal-size samples per register.
+    """
+    apply_style()
+    data = metrics.filter((pl.col("register") != "all") & (pl.col("processing") == "none"))
+    names = _present(data, REGISTER_METRICS) if not data.is_empty() else []
+    figure, axes = _grid(max(len(names), 1), columns=2, size=(6.5, 3.6))
+    if not names:
+        axes[0].text(0.5, 0.5, "the corpus has no register labels", ha="center", va="center")
+        axes[0].set_axis_off()
+    for axis, metric in zip(axes, names, strict=False):
+        grid = (
+            data.filter(pl.col("metric") == metric).pivot(on="layer", index="register", values="value").sort("register")
+        )
+        values = grid.drop("register").to_numpy()
+        means = values.mean(0)
+        limit = float(np.abs(values - means).max()) or 1.0
+        labels = [f"{layer}\n{mean:.3g}" for layer, mean in zip(grid.columns[1:], means, strict=True)]
+        sns.heatmap(
+            values - means, ax=axis, cmap="vlag", center=0, vmin=-limit, vmax=limit, cbar=True, xticklabels=labels,
+            yticklabels=grid["register"].to_list(),
+        )  # fmt: skip
+        axis.set(
+            title=f"{METRIC_LABELS.get(metric, metric)}: register − layer mean", xlabel="layer (layer mean)", ylabel=""
+        )
+        axis.tick_params(axis="x", labelsize=7)
+    figure.suptitle(f"Geometry per register (raw states) — {title}")
+    figure.tight_layout()
+    save_figure(figure, pdf, png, title)
+
+
+def plot_models(geometry: pl.DataFrame, readout: pl.DataFrame, pdf: Path, png: Path, title: str) -> None:
+    """Each metric by relative depth, one line per model (raw states), and the readout-rescaling check."""
+    apply_style()
+    data = geometry.filter((pl.col("register") == "all") & (pl.col("processing") == "none"))
+    names = _present(data, MODEL_METRICS)
+    figure, axes = _grid(len(names) + 1)
+    models = sorted(set(data["model"]))
+    for index, (axis, metric) in enumerate(zip(axes, names, strict=False)):
+        subset = data.filter(pl.col("metric") == metric).sort("model", "layer")
+        sns.lineplot(
+            data=subset.to_pandas(), x="relative_depth", y="value", hue="model", hue_order=models, marker="o",
+            markersize=3, ax=axis, legend=index == 0,
+        )  # fmt: skip
+        shuffled = metric.replace("_accuracy", "_shuffled")
+        if metric.endswith("_probe_accuracy") and shuffled in set(geometry["metric"]):
+            control = geometry.filter(pl.col("metric") == shuffled).sort("model", "layer")
+            sns.lineplot(
+                data=control.to_pandas(), x="relative_depth", y="value", hue="model", hue_order=models,
+                linestyle=":", ax=axis, legend=False,
+            )  # fmt: skip
+            axis.set_title(f"{METRIC_LABELS[metric]} (dotted: shuffled labels)")
+        else:
+            axis.set_title(METRIC_LABELS.get(metric, metric))
+        axis.set(xlabel="relative depth (layer / L)", ylabel="")
+    _readout_panel(axes[len(names)], readout)
+    figure.suptitle(f"Geometry by relative depth, raw states — {title}")
+    figure.tight_layout()
+    save_figure(figure, pdf, png, title)
+
+
+def _readout_panel(axis: plt.Axes, readout: pl.DataFrame) -> None:
+    """Mean cosine of unembedding rows with the final norm's gain on either side (Steck et al.)."""
+    rows = readout.filter(pl.col("quantity").is_in(["unembedding_mean_cosine", "unembedding_mean_cosine_folded"]))
+    data = rows.with_columns(
+        pl.col("quantity").replace({"unembedding_mean_cosine": "W_U", "unembedding_mean_cosine_folded": "W_U·diag(γ)"})
+    )
+    sns.barplot(data=data.to_pandas(), x="model", y="value", hue="quantity", ax=axis)
+    changes = readout.filter(pl.col("quantity") == "max_abs_logit_change")
+    note = ", ".join(f"{m}: {v:.1e}" for m, v in zip(changes["model"], changes["value"], strict=True))
+    axis.set(title="readout rescaling: cosine of W_U rows", xlabel=f"max |Δ logit| {note}", ylabel="mean cosine")
+    axis.legend(fontsize=7, frameon=False)
+
+
+def plot_performance(
+    geometry: pl.DataFrame,
+    performance: pl.DataFrame,
+    relations: pl.DataFrame,
+    pdf: Path,
+    png: Path,
+    title: str,
+) -> None:
+    """Bits-per-byte per register and model, then middle-band geometry against it, one point per (model, register)."""
+    apply_style()
+    figure, axes = _grid(len(SCATTER_METRICS) + 1, size=(5.0, 3.6))
+    per_register = performance.filter(pl.col("register") != "all").sort("register")
+    models = sorted(set(performance["model"]))
+    sns.barplot(
+        data=per_register.to_pandas(), x="bits_per_byte", y="register", hue="model", hue_order=models, ax=axes[0]
+    )
+    axes[0].set(title="bits per byte (held-out split)", xlabel="bits per byte", ylabel="")
+    axes[0].legend(fontsize=7, frameon=True, loc="lower right")
+    bands = band_means(geometry.filter((pl.col("register") != "all") & (pl.col("processing") == "none")))
+    points = bands.filter(pl.col("band") == "middle").join(
+        per_register.select("model", "register", "bits_per_byte"), on=["model", "register"]
+    )
+    for index, (axis, metric) in enumerate(zip(axes[1:], SCATTER_METRICS, strict=False)):
+        subset = points.filter(pl.col("metric") == metric)
+        if subset.is_empty():
+            axis.set_visible(False)
+            continue
+        sns.scatterplot(
+            data=subset.to_pandas(), x="value", y="bits_per_byte", hue="model", hue_order=models, style="register",
+            style_order=sorted(set(points["register"])), ax=axis, legend=index == len(SCATTER_METRICS) - 1, s=40,
+        )  # fmt: skip
+        if index == len(SCATTER_METRICS) - 1:
+            axis.legend(fontsize=6, frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        axis.set(
+            title=_relation_title(relations, metric),
+            xlabel=f"{METRIC_LABELS[metric]} (middle layers)",
+            ylabel="bits per byte",
+        )
+    figure.suptitle(f"Geometry and performance, one point per (model, register) — {title}")
+    figure.tight_layout()
+    save_figure(figure, pdf, png, title)
+
+
+def _relation_title(relations: pl.DataFrame, metric: str) -> str:
+    """Spearman's ρ pooled and within each model, with the number of points behind it, said plainly."""
+    rows = relations.filter(
+        pl.col("level").str.starts_with("registers") & (pl.col("metric") == metric)
+        & (pl.col("processing") == "none") & (pl.col("band") == "middle") & (pl.col("measure") == "bits_per_byte")
+    )  # fmt: skip
+    pooled = rows.filter(pl.col("level") == "registers")
+    if pooled.is_empty():
+        return METRIC_LABELS[metric]
+    n, n_models = pooled["n"][0], pooled["n_models"][0]
+    within = rows.filter(pl.col("level") != "registers").sort("model")
+    inner = ", ".join(f"{model} {rho:+.2f}" for model, rho in zip(within["model"], within["spearman"], strict=True))
+    return f"Spearman ρ = {pooled['spearman'][0]:+.2f} ({n} points, {n_models} models)\nwithin: {inner}"
