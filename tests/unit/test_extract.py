@@ -192,3 +192,145 @@ def test_a_killed_extraction_leaves_no_store_at_the_final_name(tiny_model_dirs, 
     _extract(loaded, tiny_corpus, target)
     with ActivationStore(target) as store:
         assert store.attrs["complete"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# States the store's dtype cannot hold (Gemma's residual reaches ~1e5): refused, never stored as inf
+
+
+def test_check_storable_refuses_float16_overflow_and_names_the_fix():
+    from latent_atlas.errors import StoreError
+    from latent_atlas.extract import check_storable
+
+    states = torch.zeros(3, 4)
+    states[1, 2] = -70000.0
+    with pytest.raises(StoreError, match=r"resid\.02.*7e\+04.*float16's range \(±65504\).*`store_dtype: float32`"):
+        check_storable("resid.02", states, torch.float16)
+    check_storable("resid.02", states, torch.float32)  # float32 holds it
+    states[1, 2] = 65504.0  # float16's largest finite value: storable
+    check_storable("resid.02", states, torch.float16)
+    check_storable("resid.02", torch.zeros(0, 4), torch.float16)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_check_storable_refuses_non_finite_states_whatever_the_dtype(bad, dtype):
+    from latent_atlas.errors import StoreError
+    from latent_atlas.extract import check_storable
+
+    states = torch.ones(2, 3)
+    states[0, 1] = bad
+    with pytest.raises(StoreError, match=r"non-finite states at ln_final.*model_dtype"):
+        check_storable("ln_final", states, dtype)
+
+
+def _huge_residual_model(tiny_model_dirs, scale: float = 1e7):
+    """The tiny Llama with embeddings scaled so that the residual stream exceeds float16's range."""
+    from latent_atlas.models import load_model
+
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu")
+    with torch.no_grad():
+        loaded.parts.embed.weight.mul_(scale)
+    return loaded
+
+
+def test_extraction_of_states_beyond_float16_fails_and_leaves_nothing(tiny_model_dirs, tiny_corpus, tmp_path):
+    from latent_atlas.errors import StoreError
+
+    loaded = _huge_residual_model(tiny_model_dirs)
+    _, out = _reference(loaded, tiny_corpus["text"][0])
+    assert float(out.hidden_states[0].abs().max()) > 65504  # the premise: the residual overflows float16
+    target = tmp_path / "out" / "s.h5"
+    with pytest.raises(StoreError, match=r"beyond float16's range.*store_dtype: float32"):
+        _extract(loaded, tiny_corpus, target, dtype="float16")
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []  # no temporary sibling (.s.h5.tmp-<pid>) either
+
+
+def test_extraction_of_states_beyond_float16_succeeds_in_float32(tiny_model_dirs, tiny_corpus, tmp_path):
+    loaded = _huge_residual_model(tiny_model_dirs)
+    path = _extract(loaded, tiny_corpus, tmp_path / "s.h5", dtype="float32")
+    assert [p.name for p in tmp_path.iterdir()] == ["s.h5"]
+    n_layers = loaded.n_layers
+    largest = 0.0
+    with ActivationStore(path) as store:
+        assert store.attrs["dtype"] == "float32"
+        for doc_id, text in zip(tiny_corpus["doc_id"], tiny_corpus["text"], strict=True):
+            _, out = _reference(loaded, text)
+            rows = store.doc_rows(doc_id)
+            for layer in range(n_layers):
+                stored = store.read(layer, rows)
+                expected = out.hidden_states[layer][0].numpy()
+                np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+                largest = max(largest, float(np.abs(stored).max()))
+            np.testing.assert_allclose(store.read("ln_final", rows), out.hidden_states[n_layers][0], atol=1e-4)
+    assert largest > 65504
+
+
+def _run_extract_script(monkeypatch, tmp_path, model_dir, corpus, model_entry: dict, name: str):
+    """Run scripts/extract_activations.py in-process with a stand-in ``snakemake`` object."""
+    import contextlib
+    import logging
+    import runpy
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import latent_atlas.joblog
+    from latent_atlas.corpus import write_corpus
+
+    @contextlib.contextmanager
+    def quiet_log(_path):  # the real job_log re-configures the root logger of the whole test process
+        yield logging.getLogger("latent_atlas")
+
+    monkeypatch.setattr(latent_atlas.joblog, "job_log", quiet_log)
+    corpus_path = tmp_path / "corpus.parquet"
+    if not corpus_path.exists():
+        write_corpus(corpus, corpus_path, {"format": "test"})
+    store = tmp_path / "activations" / name / "c.h5"
+    snakemake = SimpleNamespace(
+        log=[str(tmp_path / "logs" / f"{name}.log")],
+        threads=torch.get_num_threads(),
+        input=SimpleNamespace(manifest=str(Path(model_dir) / "manifest.json"), corpus=str(corpus_path)),
+        output=SimpleNamespace(store=str(store)),
+        params=SimpleNamespace(
+            settings={"dtype": "float16", "device": "cpu", "max_length": 64, "batch_size": 4, "layers": "all"},
+            model=model_entry,
+            provenance={"model": name, "corpus": "c", "config_hash": "test"},
+        ),
+    )
+    runpy.run_path(str(Path(__file__).resolve().parents[2] / "scripts" / "extract_activations.py"),
+                   init_globals={"snakemake": snakemake}, run_name="__main__")  # fmt: skip
+    return store
+
+
+def test_a_models_store_dtype_overrides_the_extraction_dtype(tiny_model_dirs, tiny_corpus, tmp_path, monkeypatch):
+    """The fix the float16 error names (`store_dtype: float32` in the model's entry) is honoured by the rule."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from latent_atlas.errors import StoreError
+
+    huge = tmp_path / "huge-model"
+    shutil.copytree(tiny_model_dirs["llama"], huge)
+    model = AutoModelForCausalLM.from_pretrained(huge)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1e7)
+    model.save_pretrained(huge)
+
+    with pytest.raises(StoreError, match="store_dtype: float32"):
+        _run_extract_script(monkeypatch, tmp_path, huge, tiny_corpus, {"source": "local"}, "plain")
+    assert list((tmp_path / "activations" / "plain").iterdir()) == []
+
+    store = _run_extract_script(
+        monkeypatch, tmp_path, huge, tiny_corpus, {"source": "local", "store_dtype": "float32"}, "override"
+    )
+    with ActivationStore(store) as opened:
+        assert opened.attrs["dtype"] == "float32"
+        assert json.loads(opened.attrs["extraction"])["dtype"] == "float32"
+        assert float(np.abs(opened.read(0)).max()) > 65504
+    # a model without the override keeps the configured float16
+    normal = _run_extract_script(monkeypatch, tmp_path, tiny_model_dirs["llama"], tiny_corpus, {}, "normal")
+    with ActivationStore(normal) as opened:
+        assert opened.attrs["dtype"] == "float16"

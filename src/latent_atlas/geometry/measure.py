@@ -12,7 +12,7 @@ Ethayarajh's self-similarity, intra-passage similarity and MEV with their baseli
 attention sink) is left out by default. Passage-level: how well cosine of pooled passage states separates
 same-register from different-register pairs (ROC AUC), with each post-processing fitted on pooled sentence
 states of the fitting split, as BERT-flow is (Li et al. 2020); the flow is then also applied to token states.
-Mickus et al.'s confound: ridge probes for position bucket and register, with shuffled-label controls.
+Mickus et al.'s confound: logistic probes for position bucket and register, with shuffled-label controls.
 """
 
 import re
@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+from torch.nn import functional
 
 from latent_atlas.config import select_layers
-from latent_atlas.errors import ConfigError
+from latent_atlas.errors import ConfigError, StoreError
 from latent_atlas.geometry.flow import FittedFlow, FlowSettings, fit_flow
 from latent_atlas.geometry.metrics import (
     AFFINE_POST_PROCESSINGS,
@@ -72,7 +73,7 @@ class GeometrySettings:
     min_occurrences: int = 5
     max_occurrences: int = 32
     position_buckets: tuple[int, ...] = (1, 4, 16, 64)
-    ridge: float = 1.0
+    probe_l2: float = 1e-3
     flow: FlowSettings = field(default_factory=FlowSettings)
     seed: int = 0
 
@@ -228,6 +229,11 @@ def read_layer(
     for start in range(0, store.n_tokens, _BLOCK_ROWS):
         rows = slice(start, min(start + _BLOCK_ROWS, store.n_tokens))
         block = store.read_into(layer, start, buffer[: rows.stop - start]).astype(np.float64)
+        if not np.isfinite(block).all():
+            raise StoreError(
+                f"{store.path}: resid.{layer:02d} holds non-finite values (rows {start}..{rows.stop - 1}); a float16 "
+                "store overflowed? Rebuild it with this model's `store_dtype: float32` under `models`"
+            )
         accumulator.add(block[fit_rows[rows]])
         measured.append(block[measured_rows[rows]])
         probe.append(block[probe_rows[rows]])
@@ -348,17 +354,27 @@ def register_auc(vectors: np.ndarray, labels: np.ndarray) -> float:
     return roc_auc(cosines, labels[i] == labels[j])
 
 
-def ridge_probe_accuracy(
-    train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray, ridge: float
+def probe_accuracy(
+    train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray, l2: float, steps: int = 100
 ) -> float:
-    """Held-out accuracy of a one-vs-rest ridge classifier on standardised features."""
+    """Held-out accuracy of a multinomial logistic probe on standardised features (L-BFGS, L2 penalty)."""
     mean, std = train.mean(0), np.maximum(train.std(0), 1e-8)
-    x, x_test = (train - mean) / std, (test - mean) / std
+    x, x_test = torch.from_numpy((train - mean) / std), torch.from_numpy((test - mean) / std)
     classes = np.unique(train_labels)
-    targets = (train_labels[:, None] == classes[None]).astype(np.float64) - 1 / len(classes)
-    gram = x.T @ x + ridge * len(x) * np.eye(x.shape[1])
-    weights = np.linalg.solve(gram, x.T @ targets)
-    predicted = classes[np.argmax(x_test @ weights, axis=1)]
+    y = torch.from_numpy(np.searchsorted(classes, train_labels))
+    weights = torch.zeros(x.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weights, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = functional.cross_entropy(x @ weights + bias, y) + l2 * weights.square().sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    with torch.no_grad():
+        predicted = classes[(x_test @ weights + bias).argmax(1).numpy()]
     return float((predicted == test_labels).mean())
 
 
@@ -374,9 +390,9 @@ def probe_metrics(
         train_labels, test_labels = labels[sample.probe_rows], labels[sample.measured_rows]
         if len(np.unique(train_labels)) < 2:
             continue
-        accuracy = ridge_probe_accuracy(sample.probe, train_labels, sample.measured, test_labels, settings.ridge)
-        shuffled = ridge_probe_accuracy(
-            sample.probe, rng.permutation(train_labels), sample.measured, test_labels, settings.ridge
+        accuracy = probe_accuracy(sample.probe, train_labels, sample.measured, test_labels, settings.probe_l2)
+        shuffled = probe_accuracy(
+            sample.probe, rng.permutation(train_labels), sample.measured, test_labels, settings.probe_l2
         )
         values, counts = np.unique(train_labels, return_counts=True)
         metrics[f"{name}_probe_accuracy"] = accuracy

@@ -32,13 +32,14 @@ def norm_gain(final_norm: nn.Module, d: int) -> tuple[torch.Tensor, torch.Tensor
     if isinstance(final_norm, nn.LayerNorm):
         gain = final_norm.weight.detach() if final_norm.weight is not None else torch.ones(d, dtype=dtype)
         bias = final_norm.bias.detach() if final_norm.bias is not None else torch.zeros(d, dtype=dtype)
-        return gain, bias
-    eps = float(getattr(final_norm, "variance_epsilon", getattr(final_norm, "eps", 0.0)))
-    with torch.no_grad():
-        gain = final_norm(torch.ones(1, d, dtype=dtype))[0] * math.sqrt(1 + eps)
+    else:
+        eps = float(getattr(final_norm, "variance_epsilon", getattr(final_norm, "eps", 0.0)))
+        with torch.no_grad():
+            gain = final_norm(torch.ones(1, d, dtype=dtype))[0] * math.sqrt(1 + eps)
+        bias = torch.zeros(d, dtype=dtype)
     if gain.abs().min() < 1e-6:
         raise ValueError("the final norm has a (near-)zero gain in some dimension: it cannot be moved into W_U")
-    return gain, torch.zeros(d, dtype=dtype)
+    return gain, bias
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,9 @@ MIN_POINTS = 3
 
 def depth_band(relative_depth: float) -> str:
     """The band a relative depth (layer / L, in [0, 1]) falls in; layer 0 counts as early."""
-    for name, low, high in BANDS:
-        if relative_depth <= high and (relative_depth > low or low == 0.0):
-            return name
-    raise ValueError(f"relative depth {relative_depth} is outside [0, 1]")
+    if not 0.0 <= relative_depth <= 1.0:
+        raise ValueError(f"relative depth {relative_depth} is outside [0, 1]")
+    return next(name for name, _, high in BANDS if relative_depth <= high)
 
 
 def band_means(metrics: pl.DataFrame) -> pl.DataFrame:
