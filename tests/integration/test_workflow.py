@@ -43,7 +43,8 @@ def test_dry_run_plans_the_whole_dag_without_importing_torch(tmp_path):
     assert "EXIT 0 TORCH False" in result.stdout, result.stdout + result.stderr
     rules = ("acquire_model", "prepare_corpus", "extract_activations", "plot_store_norms", "explore_neighbourhood",
              "explore_path", "plot_neighbourhood", "plot_path", "steer_with_vectors", "steer_heads",
-             "optimise_steering_vectors", "plot_steering")  # fmt: skip
+             "optimise_steering_vectors", "plot_steering", "measure_geometry", "check_readout_rescaling",
+             "evaluate_performance", "relate_geometry", "plot_geometry", "plot_geometry_models")  # fmt: skip
     for rule in rules:
         assert f"rule {rule}:" in result.stdout
 
@@ -66,7 +67,7 @@ def test_invalid_config_fails_at_parse_time(tmp_path, overlay, message):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_default_dag_on_the_real_smollm2(tmp_path_factory):
+def test_default_dag_on_the_real_models(tmp_path_factory):
     root = workdir(tmp_path_factory.mktemp("e2e"))
     args = [
         "--snakefile",
@@ -185,8 +186,56 @@ def test_default_dag_on_the_real_smollm2(tmp_path_factory):
         for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
             assert (root / f"results/figures/{name}.{ext}").read_bytes()[:4] == magic
 
+    _check_geometry_and_performance(root, manifest)
+
     report = snakemake(*args, "--report", str(root / "report.html"))
     assert report.returncode == 0, report.stderr[-3000:]
     html = (root / "report.html").read_text(errors="ignore")
     assert "attention sinks with very large norms" in html  # the figure's caption, rendered
     assert "smollm2-135m.registers.norms.png" in html
+    assert "Mickus et al.'s confound" in html and "registers.performance.png" in html  # geometry captions
+
+
+def _check_geometry_and_performance(root: Path, smollm2: dict) -> None:
+    """Gemma 3 acquired and stored without overflow; geometry, readout and performance for both models."""
+    import polars as pl
+
+    from latent_atlas.store import ActivationStore
+
+    gemma = json.loads((root / "results/models/gemma3-270m/manifest.json").read_text())
+    assert gemma["sha256"] == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert (gemma["n_layers"], gemma["d_model"], gemma["vocab_size"]) == (18, 640, 262144)
+    with ActivationStore(root / "results/activations/gemma3-270m/registers.h5") as store:
+        assert store.layers == [0, 10, 18] and store.attrs["dtype"] == "float32"  # its stream exceeds float16
+        assert np.isfinite(store.read(18)).all()
+
+    registers = {"all", "narrative", "informational_description", "opinion", "interactive_discussion", "how_to",
+                 "informational_persuasion", "lyrical", "spoken"}  # fmt: skip
+    for name, manifest, layers in (("smollm2-135m", smollm2, {0, 10, 20, 30}), ("gemma3-270m", gemma, {0, 10, 18})):
+        performance = pl.read_parquet(root / f"results/evaluation/{name}/registers.parquet")
+        assert set(performance["register"]) == registers
+        overall = performance.filter(pl.col("register") == "all")
+        parts = performance.filter(pl.col("register") != "all")
+        assert overall["nll"][0] == pytest.approx(parts["nll"].sum()) and overall["documents"][0] == 16
+        assert 0.3 < overall["bits_per_byte"][0] < 3 and overall["perplexity"][0] > 1
+        meta = json.loads(
+            pl.read_parquet_metadata(root / f"results/evaluation/{name}/registers.parquet")["latent_atlas"]
+        )
+        assert meta["model_sha256"] == manifest["weights_sha256"]
+        geometry = pl.read_parquet(root / f"results/geometry/{name}/registers.parquet")
+        assert set(geometry["layer"]) == layers and set(geometry["register"]) == registers
+        assert set(geometry["processing"]) == {"none", "centre", "standardise", "whiten", "all_but_the_top", "flow"}
+        assert geometry["value"].is_finite().all()
+        readout = pl.read_parquet(root / f"results/geometry/{name}/readout.parquet")
+        changes = dict(zip(readout["quantity"], readout["value"], strict=True))
+        assert changes["max_abs_logit_change"] < 1e-9 and changes["scalar_rescaling_cosine_change"] < 1e-12
+    assert meta["context_token"] == "tokenizer_prefix=<bos>"  # Gemma's tokenizer adds its own <bos>
+
+    relations = pl.read_parquet(root / "results/geometry/registers.relations.parquet")
+    pooled = relations.filter(pl.col("level") == "registers", pl.col("measure") == "bits_per_byte")
+    assert set(pooled["n"]) == {16} and set(pooled["n_models"]) == {2}  # 2 models x 8 registers, said so
+    assert relations.filter(pl.col("level") == "models")["spearman"].is_nan().all()  # two models: no correlation
+    for name in ("smollm2-135m.registers.processing", "gemma3-270m.registers.rogue",
+                 "gemma3-270m.registers.registers", "registers.models", "registers.performance"):  # fmt: skip
+        for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
+            assert (root / f"results/figures/geometry/{name}.{ext}").read_bytes()[:4] == magic
