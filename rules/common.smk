@@ -123,7 +123,7 @@ def get_geometry_output(models, corpora):
 
 
 def figure_outputs(stem, figures, caption_stem, category, labels):
-    """Named outputs of a plotting rule: PDF and PNG of each figure, the PNGs with report captions."""
+    """Named outputs of a plotting rule: PDF and PNG of each figure, each declared with its report caption."""
     outputs = {}
     for figure in figures:
         for ext in ("pdf", "png"):
@@ -143,8 +143,14 @@ def get_geometry_models(wildcards):
     return {
         "geometry": [f"results/geometry/{model}/{corpus}.parquet" for model in models],
         "readout": [f"results/geometry/{model}/readout.parquet" for model in models],
-        "performance": [f"results/evaluation/{model}/{corpus}.parquet" for model in models],
-    } | ({"benchmarks": config["evaluation"]["benchmarks"]} if config["evaluation"]["benchmarks"] else {})
+        "performance": [
+            f"results/evaluation/{model}/{corpus}.parquet" for model in models
+        ],
+    } | (
+        {"benchmarks": config["evaluation"]["benchmarks"]}
+        if config["evaluation"]["benchmarks"]
+        else {}
+    )
 
 
 def get_steering_output(models):
