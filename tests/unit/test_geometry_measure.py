@@ -223,3 +223,13 @@ def test_bad_settings_and_bad_stores_fail_clearly(store_path, tmp_path):
     _write_store(poisoned, poison=True)
     with ActivationStore(poisoned) as store, pytest.raises(StoreError, match=r"non-finite.*store_dtype: float32"):
         measure_geometry(store, tiny_tokenizer(), GeometrySettings.from_config({"layers": [1], **FAST}))
+
+
+def test_pooled_states_are_bounded_by_settings_not_by_the_store(store_path):
+    """Sentences for the flow are capped by max_sentences; passages are the measured sample's documents only."""
+    settings = GeometrySettings.from_config({"layers": [1], "max_sentences": 20, "max_states": 200, **FAST})
+    with ActivationStore(store_path) as store:
+        result = measure_geometry(store, tiny_tokenizer(), settings)
+    assert set(result.flow_losses["sentences"]) == {20}
+    passages = result.metrics.filter(pl.col("metric") == "passage_register_auc")["n"]
+    assert set(passages) == {200 // (DOC_LENGTH - 1)}  # whole documents of 29 eligible tokens within 200 states

@@ -3,8 +3,8 @@
 One streamed pass over each selected layer gathers everything: the exact moments of the *fitting* split
 (every post-processing is fitted there), a whole-document sample of the *measured* split (metrics are
 computed there, so that a post-processing is judged on text it was not fitted on), a sample of the fitting
-split for the linear probes, and pooled (mean) states of every sentence and passage. Memory is
-``O(max_states · d + d²)`` whatever the store's size.
+split for the linear probes, pooled (mean) states of up to ``max_sentences`` fitting sentences and of the
+measured passages. Memory is ``O((max_states + max_sentences) · d + d²)`` whatever the store's size.
 
 Token-level metrics (per processing, for all tokens and per register): mean cosine of random pairs from
 different passages and the rogue-dimension shares of it, IsoScore, effective rank, TwoNN, norms,
@@ -15,6 +15,7 @@ states of the fitting split, as BERT-flow is (Li et al. 2020); the flow is then 
 Mickus et al.'s confound: logistic probes for position bucket and register, with shuffled-label controls.
 """
 
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -46,6 +47,7 @@ from latent_atlas.geometry.metrics import (
 )
 from latent_atlas.store import ActivationStore
 
+log = logging.getLogger(__name__)
 POST_PROCESSINGS = (*AFFINE_POST_PROCESSINGS, "flow")
 ALL_REGISTERS = "all"
 _SENTENCE_END = re.compile(r"[.!?]['\"”’)\]]*\s*$")
@@ -63,6 +65,7 @@ class GeometrySettings:
     fit_split: str = "train"
     include_first_position: bool = False
     max_states: int = 8192
+    max_sentences: int = 20000
     pairs: int = 5000
     twonn_states: int = 4000
     processings: tuple[str, ...] = POST_PROCESSINGS
@@ -74,6 +77,7 @@ class GeometrySettings:
     max_occurrences: int = 32
     position_buckets: tuple[int, ...] = (1, 4, 16, 64)
     probe_l2: float = 1e-3
+    probe_steps: int = 30
     flow: FlowSettings = field(default_factory=FlowSettings)
     seed: int = 0
 
@@ -194,6 +198,41 @@ def whole_document_sample(
 
 
 @dataclass(frozen=True)
+class Selection:
+    """Which rows each part of a layer's pass uses; every part is bounded by a setting, not by the store."""
+
+    fit: np.ndarray  # row mask: the fitting split's rows, streamed into exact moments
+    measured: np.ndarray  # row mask: whole documents of the measured split, at most max_states rows
+    probe: np.ndarray  # row mask: whole documents of the fitting split, at most max_states rows
+    sentence_slot: np.ndarray  # per row: its pooled fitting sentence (at most max_sentences), else -1
+    passage_slot: np.ndarray  # per row: its measured passage, else -1
+    passage_docs: np.ndarray  # the document of each passage slot
+
+    @classmethod
+    def draw(cls, table: TokenTable, settings: "GeometrySettings") -> "Selection":
+        """Draw the samples once (seeded), so that every layer is measured on the same tokens."""
+        eligible = table.sentence >= 0
+        rng = np.random.default_rng(settings.seed)
+        measured = whole_document_sample(table, settings.split, eligible, settings.max_states, rng)
+        probe = whole_document_sample(table, settings.fit_split, eligible, settings.max_states, rng)
+        fitting = np.flatnonzero(table.sentence_split == settings.fit_split)
+        pooled = np.sort(rng.permutation(fitting)[: settings.max_sentences])
+        sentence_slot = np.full(len(table.sentence_split), -1, dtype=np.int64)
+        sentence_slot[pooled] = np.arange(len(pooled))
+        passage_docs, passage_of_row = np.unique(table.doc[measured], return_inverse=True)
+        passage_slot = np.full(len(table.doc), -1, dtype=np.int64)
+        passage_slot[measured] = passage_of_row
+        return cls(
+            fit=eligible & (table.split == settings.fit_split),
+            measured=measured,
+            probe=probe,
+            sentence_slot=np.where(eligible, sentence_slot[np.maximum(table.sentence, 0)], -1),
+            passage_slot=passage_slot,
+            passage_docs=passage_docs,
+        )
+
+
+@dataclass(frozen=True)
 class LayerSample:
     """What one pass over a layer gathers."""
 
@@ -202,28 +241,26 @@ class LayerSample:
     measured_rows: np.ndarray
     probe: np.ndarray  # states of the fitting-split probe sample
     probe_rows: np.ndarray
-    sentence_means: np.ndarray  # (n_sentences, d)
-    doc_means: np.ndarray  # (n_docs, d), NaN for documents with no eligible row
+    sentence_means: np.ndarray  # (pooled fitting sentences, d)
+    passage_means: np.ndarray  # (measured passages, d)
 
 
-def read_layer(
-    store: ActivationStore,
-    layer: int,
-    table: TokenTable,
-    fit_rows: np.ndarray,
-    measured_rows: np.ndarray,
-    probe_rows: np.ndarray,
-) -> LayerSample:
+def _pooled_means(slots: np.ndarray, count: int, d: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Zeroed float64 sums for ``count`` pooled groups and the number of rows each will receive."""
+    return torch.zeros(count, d, dtype=torch.float64), np.bincount(slots[slots >= 0], minlength=count)
+
+
+def _add_pooled(sums: torch.Tensor, slots: np.ndarray, block: np.ndarray) -> None:
+    keep = slots >= 0
+    sums.index_add_(0, torch.from_numpy(slots[keep]), torch.from_numpy(block[keep]))
+
+
+def read_layer(store: ActivationStore, layer: int, selection: Selection) -> LayerSample:
     """Stream a layer block by block into the fitting moments, the samples and the pooled states."""
     d = store.d_model
     accumulator = MomentAccumulator(d)
-    n_sentences = len(table.sentence_split)
-    sentence_sums, doc_sums = (
-        torch.zeros(n_sentences, d, dtype=torch.float64),
-        torch.zeros(len(table.doc_split), d, dtype=torch.float64),
-    )
-    sentence_counts = np.bincount(table.sentence[table.sentence >= 0], minlength=n_sentences)
-    doc_counts = np.bincount(table.doc[table.sentence >= 0], minlength=len(table.doc_split))
+    sentence_sums, sentence_counts = _pooled_means(selection.sentence_slot, int(selection.sentence_slot.max()) + 1, d)
+    passage_sums, passage_counts = _pooled_means(selection.passage_slot, len(selection.passage_docs), d)
     measured, probe = [], []
     buffer = np.empty((_BLOCK_ROWS, d), dtype=store.stored_dtype(layer))
     for start in range(0, store.n_tokens, _BLOCK_ROWS):
@@ -234,23 +271,19 @@ def read_layer(
                 f"{store.path}: resid.{layer:02d} holds non-finite values (rows {start}..{rows.stop - 1}); a float16 "
                 "store overflowed? Rebuild it with this model's `store_dtype: float32` under `models`"
             )
-        accumulator.add(block[fit_rows[rows]])
-        measured.append(block[measured_rows[rows]])
-        probe.append(block[probe_rows[rows]])
-        pooled = table.sentence[rows] >= 0
-        states = torch.from_numpy(block[pooled])
-        sentence_sums.index_add_(0, torch.from_numpy(table.sentence[rows][pooled]), states)
-        doc_sums.index_add_(0, torch.from_numpy(table.doc[rows][pooled]), states)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        doc_means = doc_sums.numpy() / doc_counts[:, None]
+        accumulator.add(block[selection.fit[rows]])
+        measured.append(block[selection.measured[rows]])
+        probe.append(block[selection.probe[rows]])
+        _add_pooled(sentence_sums, selection.sentence_slot[rows], block)
+        _add_pooled(passage_sums, selection.passage_slot[rows], block)
     return LayerSample(
         moments=accumulator.moments(),
         measured=np.concatenate(measured),
-        measured_rows=np.flatnonzero(measured_rows),
+        measured_rows=np.flatnonzero(selection.measured),
         probe=np.concatenate(probe),
-        probe_rows=np.flatnonzero(probe_rows),
+        probe_rows=np.flatnonzero(selection.probe),
         sentence_means=sentence_sums.numpy() / np.maximum(sentence_counts, 1)[:, None],
-        doc_means=doc_means,
+        passage_means=passage_sums.numpy() / np.maximum(passage_counts, 1)[:, None],
     )
 
 
@@ -350,8 +383,7 @@ def register_auc(vectors: np.ndarray, labels: np.ndarray) -> float:
     """How well cosine similarity separates same-label from different-label pairs (all pairs i < j)."""
     units = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     i, j = np.triu_indices(len(vectors), k=1)
-    cosines = (units[i] * units[j]).sum(1)
-    return roc_auc(cosines, labels[i] == labels[j])
+    return roc_auc((units @ units.T)[i, j], labels[i] == labels[j])
 
 
 def probe_accuracy(
@@ -390,9 +422,16 @@ def probe_metrics(
         train_labels, test_labels = labels[sample.probe_rows], labels[sample.measured_rows]
         if len(np.unique(train_labels)) < 2:
             continue
-        accuracy = probe_accuracy(sample.probe, train_labels, sample.measured, test_labels, settings.probe_l2)
+        accuracy = probe_accuracy(
+            sample.probe, train_labels, sample.measured, test_labels, settings.probe_l2, settings.probe_steps
+        )
         shuffled = probe_accuracy(
-            sample.probe, rng.permutation(train_labels), sample.measured, test_labels, settings.probe_l2
+            sample.probe,
+            rng.permutation(train_labels),
+            sample.measured,
+            test_labels,
+            settings.probe_l2,
+            settings.probe_steps,
         )
         values, counts = np.unique(train_labels, return_counts=True)
         metrics[f"{name}_probe_accuracy"] = accuracy
@@ -429,12 +468,12 @@ def fit_processings(
 
 
 def measure_layer(
-    store: ActivationStore, layer: int, table: TokenTable, masks: Mapping[str, np.ndarray], settings: GeometrySettings
+    store: ActivationStore, layer: int, table: TokenTable, selection: Selection, settings: GeometrySettings
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Metric rows, rogue-dimension rows and flow-loss rows of one layer."""
-    sample = read_layer(store, layer, table, masks["fit"], masks["measured"], masks["probe"])
+    sample = read_layer(store, layer, selection)
     seed = settings.seed * 1000 + layer
-    fit_sentences = sample.sentence_means[table.sentence_split == settings.fit_split]
+    fit_sentences = sample.sentence_means
     tokens, passages, flow = fit_processings(sample.moments, fit_sentences, settings, store.d_model, seed)
     rows = sample.measured_rows
     groups, token_id, labels = table.doc[rows], table.token_id[rows], table.label[rows]
@@ -458,15 +497,21 @@ def measure_layer(
         rng = np.random.default_rng(seed)
         for register in table.registers:
             subset = _register_subset(labels, groups, register, equal_size, rng)
+            if np.unique(groups[subset]).size < 2:
+                log.warning(
+                    "resid.%02d: register %s has under two measured passages; raise geometry.max_states",
+                    layer,
+                    register,
+                )
+                continue
             values = space_metrics(states[subset], groups[subset], token_id[subset], settings, seed)
             add(register, name, values, int(subset.sum()))
-    measured_docs = np.flatnonzero((table.doc_split == settings.split) & np.isfinite(sample.doc_means).all(1))
     for name, transform in passages.items():
-        vectors = transform(sample.doc_means[measured_docs])
+        vectors = transform(sample.passage_means)
         pairs = random_pairs(np.arange(len(vectors)), settings.pairs, seed=seed)
         values = {"passage_mean_cosine": anisotropy(vectors, pairs).mean_cosine}
         if table.registers:
-            values["passage_register_auc"] = register_auc(vectors, table.doc_label[measured_docs])
+            values["passage_register_auc"] = register_auc(vectors, table.doc_label[selection.passage_docs])
         add(ALL_REGISTERS, name, values, len(vectors))
     add(ALL_REGISTERS, "none", probe_metrics(sample, table, settings, np.random.default_rng(seed)), len(rows))
     flow_rows = [
@@ -527,16 +572,15 @@ def measure_geometry(store: ActivationStore, tokenizer: Any, settings: GeometryS
             "extract them (extraction.layers) or choose stored ones"
         )
     table = token_table(store, tokenizer, settings.include_first_position)
-    eligible = table.sentence >= 0
-    rng = np.random.default_rng(settings.seed)
-    masks = {
-        "fit": eligible & (table.split == settings.fit_split),
-        "measured": whole_document_sample(table, settings.split, eligible, settings.max_states, rng),
-        "probe": whole_document_sample(table, settings.fit_split, eligible, settings.max_states, rng),
-    }
+    selection = Selection.draw(table, settings)
+    if len(selection.passage_docs) < 2:
+        raise ConfigError(
+            f"the measured sample holds {len(selection.passage_docs)} document(s) of split {settings.split!r}; "
+            "raise geometry.max_states (or use a split with more documents)"
+        )
     metric_rows, rogue_rows, flow_rows = [], [], []
     for layer in layers:
-        metrics, rogue, flow = measure_layer(store, layer, table, masks, settings)
+        metrics, rogue, flow = measure_layer(store, layer, table, selection, settings)
         metric_rows += metrics
         rogue_rows += rogue
         flow_rows += flow
