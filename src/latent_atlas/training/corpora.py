@@ -205,7 +205,7 @@ def _require_tool(tool: str, package: str, purpose: str) -> str:
 
 
 def _find_deb(package: str, downloads: Path, version: str | None = None) -> Path | None:
-    """Return the newest ``<package>_<version>_<arch>.deb`` already in ``downloads``, if any."""
+    """Return the ``<package>_<version>_<arch>.deb`` already in ``downloads`` (the latest written if several)."""
     stem = f"{package}_{version.replace(':', '%3a')}_" if version else f"{package}_"
     found = [path for path in downloads.glob(f"{stem}*.deb") if path.name.count("_") == 2]
     return max(found, key=lambda path: (path.stat().st_mtime, path.name)) if found else None
@@ -215,7 +215,8 @@ def download_deb(package: str, downloads: str | Path, version: str | None = None
     """Return the ``.deb`` of ``package`` in ``downloads``, fetching it with ``apt-get download`` if absent.
 
     Needs no root: ``apt-get download`` writes into the current directory. Fetches the candidate version of
-    the system's package lists (the current Debian 12 version here), or ``version`` when given.
+    the system's package lists (the current Debian 12 version here), or ``version`` when given. The manifest
+    records the version and sha256 of the file actually used, so a reused older ``.deb`` shows there.
 
     Raises:
         CorpusError: naming the package and the fix when ``apt-get`` is missing, the package is unknown or
@@ -935,12 +936,13 @@ def read_fortunes(path: Path) -> list[str]:
 def extract_fortunes(files: Sequence[Path], options: Mapping[str, Any]) -> Iterator[str]:
     """Fortunes, grouped (per file, in order) into documents of about ``group_words`` words; line breaks kept.
 
-    The offensive collection (any file under an ``off/`` directory) and the binary ``.dat`` indexes are
-    always skipped, whatever the globs say. A fortune that appeared earlier in the source is skipped.
+    The offensive collection (files in a directory named ``off``, as in ``usr/share/games/fortunes/off/``)
+    and the binary ``.dat`` indexes are always skipped, whatever the globs say. A fortune that appeared
+    earlier in the source is skipped.
     """
     seen: set[str] = set()
     for path in files:
-        if "off" in path.parts or path.suffix == ".dat":
+        if path.parent.name == "off" or path.suffix == ".dat":
             continue
         fresh = []
         for fortune in read_fortunes(path):
@@ -961,6 +963,7 @@ def word_count(text: str) -> int:
 
 
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # Unicode category Cc, except the newline
 
 
 def clean_text(text: str) -> str:
@@ -972,7 +975,7 @@ def clean_text(text: str) -> str:
     text = re.sub(r".\x08", "", text)
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = text.replace("\t", " ").translate(_INVISIBLE)
-    text = "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) != "Cc")
+    text = _CONTROL.sub("", text)
     lines = [" ".join(line.split()) for line in text.split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
@@ -1169,13 +1172,19 @@ def _cap(pieces: list[_Piece], names: Sequence[str], limit: int, salt: str, reas
 
 
 def _copyright(root: Path, package: str, lines: int) -> dict[str, Any]:
-    """Describe ``usr/share/doc/<package>/copyright``: where it is, its sha256, first lines and ``License:`` names."""
+    """Describe ``usr/share/doc/<package>/copyright``: where it is, its sha256, first lines, declared licences.
+
+    ``licences_declared`` lists the ``License:`` names of a machine-readable (DEP-5) copyright file; it is empty
+    for a free-form one, whose terms are only in the text.
+    """
     relative = f"usr/share/doc/{package}/copyright"
     path = root / relative
     if not path.is_file():
         return {"copyright_file": None, "copyright_excerpt": None, "licences_declared": []}
     text = path.read_text(encoding="utf-8", errors="replace")
-    declared = sorted({m.strip() for m in re.findall(r"^License:[ \t]*(\S[^\n]*)$", text, flags=re.MULTILINE)})
+    machine_readable = text.startswith("Format:")  # DEP-5; free-form files have no License: fields to trust
+    found = re.findall(r"^License:[ \t]*(\S[^\n]*)$", text, flags=re.MULTILINE) if machine_readable else []
+    declared = sorted({licence.strip() for licence in found})
     return {
         "copyright_file": relative,
         "copyright_path": str(path.resolve()),
