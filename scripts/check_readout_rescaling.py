@@ -22,6 +22,7 @@ with job_log(snakemake.log[0]):
         model=snakemake.wildcards.model,
         model_sha256=loaded.manifest["weights_sha256"],
         corpus=snakemake.input.corpus,
+        corpus_sha256=corpus_meta["corpus_sha256"],
     )
     write_parquet_with_provenance(
         table.with_columns(model=pl.lit(snakemake.wildcards.model)), snakemake.output.table, meta

@@ -15,7 +15,7 @@ with job_log(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
     loaded = load_model(Path(snakemake.input.manifest).parent, device="auto")
     settings = snakemake.params.settings
-    corpus, _ = load_corpus_table(snakemake.input.corpus)
+    corpus, corpus_meta = load_corpus_table(snakemake.input.corpus)
     table = evaluate_corpus(loaded, corpus, settings["split"], settings["max_length"])
     _, context = context_token(loaded.tokenizer)
     overall = table.filter(pl.col("register") == "all")
@@ -30,6 +30,7 @@ with job_log(snakemake.log[0]) as log:
         model=snakemake.wildcards.model,
         model_sha256=loaded.manifest["weights_sha256"],
         corpus=snakemake.input.corpus,
+        corpus_sha256=corpus_meta["corpus_sha256"],
         context_token=context,
     )
     table = table.with_columns(model=pl.lit(snakemake.wildcards.model), corpus=pl.lit(snakemake.wildcards.corpus))
