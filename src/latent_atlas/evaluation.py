@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from latent_atlas.errors import ConfigError
 from latent_atlas.models import LoadedModel
 
 ALL = "all"
@@ -189,7 +190,10 @@ def evaluate_corpus(
     if split is not None:
         present = sorted(corpus["split"].unique().drop_nulls().to_list())
         if split not in present:
-            raise ValueError(f"split {split!r} is not in the corpus; it has {', '.join(present) or 'no splits'}")
+            raise ConfigError(
+                f"split {split!r} is not in the corpus; it has {', '.join(present) or 'no splits'}: "
+                "set evaluation.split to one of them"
+            )
         corpus = corpus.filter(pl.col("split") == split)
     if corpus.height == 0:
         raise ValueError("the corpus has no documents to score")
