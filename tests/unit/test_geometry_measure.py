@@ -188,7 +188,14 @@ def test_every_metric_is_measured_for_every_processing_and_register(measured):
     assert table["value"].is_finite().all()
     registers = table.filter((pl.col("register") != "all") & (pl.col("metric") == "isoscore") & (pl.col("layer") == 1))
     assert registers["n"].n_unique() == 1  # equal-size samples per register
-    assert set(measured.flow_losses["layer"]) == {1, 2}
+    flows = measured.flow_losses
+    assert set(flows["layer"]) == {1, 2} and flows.group_by("layer").agg(pl.col("kept").sum())["kept"].to_list() == [
+        1,
+        1,
+    ]
+    best = flows.group_by("layer").agg(pl.col("validation_loss").min())
+    kept = flows.filter(pl.col("kept")).select("layer", "validation_loss")
+    assert kept.sort("layer").equals(best.sort("layer"))  # the kept epoch has the best held-back loss
 
 
 def test_the_planted_structure_is_found(measured):

@@ -496,7 +496,7 @@ def measure_layer(
             continue
         rng = np.random.default_rng(seed)
         for register in table.registers:
-            subset = _register_subset(labels, groups, register, equal_size, rng)
+            subset = _register_subset(labels, register, equal_size, rng)
             if np.unique(groups[subset]).size < 2:
                 log.warning(
                     "resid.%02d: register %s has under two measured passages; raise geometry.max_states",
@@ -515,8 +515,15 @@ def measure_layer(
         add(ALL_REGISTERS, name, values, len(vectors))
     add(ALL_REGISTERS, "none", probe_metrics(sample, table, settings, np.random.default_rng(seed)), len(rows))
     flow_rows = [
-        {"layer": layer, "epoch": epoch, "loss": loss, "sentences": len(fit_sentences)}
-        for epoch, loss in enumerate(flow.losses if flow else [])
+        {
+            "layer": layer,
+            "epoch": epoch,
+            "loss": flow.losses[epoch - 1] if epoch else float("nan"),  # epoch 0: whitening alone, untrained
+            "validation_loss": held,
+            "kept": epoch == flow.best_epoch,
+            "sentences": len(fit_sentences),
+        }
+        for epoch, held in enumerate(flow.validation_losses if flow else [])
     ]
     return metric_rows, rogue_rows, flow_rows
 
@@ -527,9 +534,7 @@ def _register_sizes(labels: np.ndarray, registers: Sequence[str], cap: int) -> i
     return min([cap, *counts]) if counts else 0
 
 
-def _register_subset(
-    labels: np.ndarray, groups: np.ndarray, register: str, size: int, rng: np.random.Generator
-) -> np.ndarray:
+def _register_subset(labels: np.ndarray, register: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A mask of ``size`` random rows of one register."""
     rows = np.flatnonzero(labels == register)
     mask = np.zeros(len(labels), dtype=bool)
@@ -540,14 +545,18 @@ def _register_subset(
 def _rogue_rows(
     layer: int, processing: str, states: np.ndarray, groups: np.ndarray, settings: GeometrySettings, seed: int
 ) -> list[dict[str, Any]]:
-    """The ten dimensions with the largest share of the mean cosine and of squared Euclidean distance."""
+    """The ten dimensions with the largest share of the mean cosine and of squared Euclidean distance.
+
+    A cosine share is CC_i / Σ_j |CC_j| (Timkey & van Schijndel's CC_i / Â when every contribution is
+    positive, and still defined after centring, where Â ≈ 0); dimensions are ranked by its magnitude.
+    """
     aniso = anisotropy(states, random_pairs(groups, settings.pairs, seed=seed))
     rows = []
     for kind, share, total in (
-        ("cosine", aniso.cosine_share, aniso.mean_cosine),
+        ("cosine", aniso.cosine_share, float(np.abs(aniso.cosine_share).sum())),
         ("euclidean", aniso.euclidean_share, 1.0),
     ):
-        for rank, dimension in enumerate(np.argsort(share)[::-1][:10], start=1):
+        for rank, dimension in enumerate(np.argsort(np.abs(share))[::-1][:10], start=1):
             rows.append(
                 {
                     "layer": layer,
@@ -589,6 +598,14 @@ def measure_geometry(store: ActivationStore, tokenizer: Any, settings: GeometryS
         metrics=pl.DataFrame(metric_rows).with_columns(relative_depth=depth),
         rogue=pl.DataFrame(rogue_rows).with_columns(relative_depth=depth),
         flow_losses=pl.DataFrame(
-            flow_rows, schema={"layer": pl.Int64, "epoch": pl.Int64, "loss": pl.Float64, "sentences": pl.Int64}
+            flow_rows,
+            schema={
+                "layer": pl.Int64,
+                "epoch": pl.Int64,
+                "loss": pl.Float64,
+                "validation_loss": pl.Float64,
+                "kept": pl.Boolean,
+                "sentences": pl.Int64,
+            },
         ),
     )
