@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from latent_atlas.geometry.metrics import Moments, principal_axes, whitening_floor
+
 _DTYPE = torch.float64
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -74,12 +76,11 @@ class FlowSettings:
 
 def _whitening(states: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean, eigenvectors U and log scales −½ log(Λ + ε·mean(Λ)) of ``states`` ``(n, d)``, Λ descending."""
-    mean = states.mean(0)
-    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(states - mean, rowvar=False))
-    eigenvalues, eigenvectors = np.clip(eigenvalues[::-1], 0.0, None), eigenvectors[:, ::-1]
+    moments = Moments.of(states)
+    eigenvalues, eigenvectors = principal_axes(moments.covariance)
     if not eigenvalues.mean() > 0:
         raise ValueError("the states have zero variance: there is nothing to whiten")
-    return mean, np.ascontiguousarray(eigenvectors), -0.5 * np.log(eigenvalues + epsilon * eigenvalues.mean())
+    return moments.mean, eigenvectors, -0.5 * np.log(eigenvalues + whitening_floor(eigenvalues, epsilon))
 
 
 class _InvertibleLinear(nn.Module):

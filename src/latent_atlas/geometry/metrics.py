@@ -77,10 +77,18 @@ def anisotropy(states: np.ndarray, pairs: np.ndarray) -> Anisotropy:
 
 def pca_variances(states: np.ndarray) -> np.ndarray:
     """Variances along the principal axes of ``states`` (descending, length d), from the d × d covariance."""
-    x = _float64(states)
-    centred = x - x.mean(0)
-    covariance = centred.T @ centred / max(len(x) - 1, 1)
-    return np.clip(np.linalg.eigvalsh(covariance)[::-1], 0.0, None)
+    return np.clip(np.linalg.eigvalsh(Moments.of(states).covariance)[::-1], 0.0, None)
+
+
+def principal_axes(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending, clipped at 0) and eigenvectors (columns) of a covariance matrix."""
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    return np.clip(eigenvalues[::-1], 0.0, None), np.ascontiguousarray(eigenvectors[:, ::-1])
+
+
+def whitening_floor(eigenvalues: np.ndarray, epsilon: float) -> float:
+    """The eigenvalue floor ε·mean(Λ) that keeps whitening finite when the covariance is rank-deficient."""
+    return epsilon * max(float(eigenvalues.mean()), _EPS)
 
 
 def isoscore_from_variances(variances: np.ndarray) -> float:
@@ -268,11 +276,10 @@ def post_processing_from_moments(moments: Moments, name: str, top: int = 3, epsi
         std = np.sqrt(np.clip(np.diag(moments.covariance), 0.0, None))
         floor = epsilon * max(float(np.median(std)), _EPS)
         return PostProcessing(name, moments.mean, np.diag(1 / np.maximum(std, floor)))
-    eigenvalues, eigenvectors = np.linalg.eigh(moments.covariance)
-    order = np.argsort(eigenvalues)[::-1]
-    eigenvalues, eigenvectors = np.clip(eigenvalues[order], 0.0, None), eigenvectors[:, order]
+    eigenvalues, eigenvectors = principal_axes(moments.covariance)
     if name == "whiten":
-        floor = epsilon * max(float(eigenvalues.mean()), _EPS)
-        return PostProcessing(name, moments.mean, eigenvectors / np.sqrt(eigenvalues + floor))
+        return PostProcessing(
+            name, moments.mean, eigenvectors / np.sqrt(eigenvalues + whitening_floor(eigenvalues, epsilon))
+        )
     top_components = eigenvectors[:, :top]
     return PostProcessing(name, moments.mean, np.eye(d) - top_components @ top_components.T)
