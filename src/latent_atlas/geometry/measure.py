@@ -31,6 +31,7 @@ from latent_atlas.errors import ConfigError, StoreError
 from latent_atlas.geometry.flow import FittedFlow, FlowSettings, fit_flow
 from latent_atlas.geometry.metrics import (
     AFFINE_POST_PROCESSINGS,
+    Anisotropy,
     MomentAccumulator,
     Moments,
     anisotropy,
@@ -310,17 +311,23 @@ def word_occurrences(
     return occurrences
 
 
+def pair_anisotropy(states: np.ndarray, groups: np.ndarray, settings: GeometrySettings, seed: int) -> Anisotropy:
+    """Mean cosine and per-dimension shares over ``settings.pairs`` seeded pairs from different passages."""
+    return anisotropy(states, random_pairs(groups, settings.pairs, seed=seed))
+
+
 def space_metrics(
     states: np.ndarray,
     groups: np.ndarray,
     token_id: np.ndarray,
     settings: GeometrySettings,
     seed: int,
+    aniso: Anisotropy | None = None,
 ) -> dict[str, float]:
-    """Every token-level metric of one set of states (rows grouped by passage)."""
+    """Every token-level metric of one set of states (rows grouped by passage); ``aniso`` if already computed."""
     rng = np.random.default_rng(seed)
-    pairs = random_pairs(groups, settings.pairs, seed=seed)
-    aniso = anisotropy(states, pairs)
+    if aniso is None:
+        aniso = pair_anisotropy(states, groups, settings, seed)
     variances = pca_variances(states)
     norms = np.linalg.norm(states, axis=1)
     twonn_rows = rng.permutation(len(states))[: settings.twonn_states]
@@ -489,9 +496,10 @@ def measure_layer(
     equal_size = _register_sizes(labels, table.registers, settings.register_states)
     for name, transform in tokens.items():
         states = transform(sample.measured)
-        add(ALL_REGISTERS, name, space_metrics(states, groups, token_id, settings, seed), len(states))
+        aniso = pair_anisotropy(states, groups, settings, seed)
+        add(ALL_REGISTERS, name, space_metrics(states, groups, token_id, settings, seed, aniso), len(states))
         if name in ("none", "standardise"):
-            rogue_rows.extend(_rogue_rows(layer, name, states, groups, settings, seed))
+            rogue_rows.extend(_rogue_rows(layer, name, aniso))
         if name not in settings.register_processings:
             continue
         rng = np.random.default_rng(seed)
@@ -542,15 +550,12 @@ def _register_subset(labels: np.ndarray, register: str, size: int, rng: np.rando
     return mask
 
 
-def _rogue_rows(
-    layer: int, processing: str, states: np.ndarray, groups: np.ndarray, settings: GeometrySettings, seed: int
-) -> list[dict[str, Any]]:
+def _rogue_rows(layer: int, processing: str, aniso: Anisotropy) -> list[dict[str, Any]]:
     """The ten dimensions with the largest share of the mean cosine and of squared Euclidean distance.
 
     A cosine share is CC_i / Σ_j |CC_j| (Timkey & van Schijndel's CC_i / Â when every contribution is
     positive, and still defined after centring, where Â ≈ 0); dimensions are ranked by its magnitude.
     """
-    aniso = anisotropy(states, random_pairs(groups, settings.pairs, seed=seed))
     rows = []
     for kind, share, total in (
         ("cosine", aniso.cosine_share, float(np.abs(aniso.cosine_share).sum())),
