@@ -7,9 +7,9 @@ import torch
 
 from latent_atlas.joblog import job_log
 from latent_atlas.models import load_model
-from latent_atlas.provenance import provenance_record, sha256_file, write_parquet_with_provenance
+from latent_atlas.provenance import sha256_file, write_parquet_with_provenance
 from latent_atlas.steering.data import city_statements, load_steering_data
-from latent_atlas.steering.pipeline import run_iti
+from latent_atlas.steering.pipeline import run_iti, steering_provenance
 from latent_atlas.store import ActivationStore
 
 with job_log(snakemake.log[0]):
@@ -21,13 +21,14 @@ with job_log(snakemake.log[0]):
     statements = city_statements(snakemake.input.facts, iti.get("train_fraction", 0.5), settings.get("seed", 0))
     with ActivationStore(snakemake.input.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
         table, probes = run_iti(loaded, statements, data, settings, store)
-    meta = provenance_record(
-        {"steering": settings, "method": "iti"},
-        model=snakemake.wildcards.model,
-        model_sha256=loaded.manifest["weights_sha256"],
+    meta = steering_provenance(
+        loaded,
+        snakemake.wildcards.model,
+        settings,
+        "iti",
+        snakemake.input.data,
+        snakemake.input.store,
         facts_sha256=sha256_file(snakemake.input.facts),
-        data_sha256=sha256_file(snakemake.input.data),
-        store=snakemake.input.store,
     )
     model = snakemake.wildcards.model
     write_parquet_with_provenance(table.with_columns(model=pl.lit(model)), snakemake.output.table, meta)

@@ -7,9 +7,9 @@ import torch
 
 from latent_atlas.joblog import job_log
 from latent_atlas.models import load_model
-from latent_atlas.provenance import provenance_record, sha256_file, write_parquet_with_provenance
+from latent_atlas.provenance import write_parquet_with_provenance
 from latent_atlas.steering.data import load_steering_data
-from latent_atlas.steering.pipeline import sweep
+from latent_atlas.steering.pipeline import steering_provenance, sweep
 from latent_atlas.store import ActivationStore
 
 with job_log(snakemake.log[0]):
@@ -19,12 +19,8 @@ with job_log(snakemake.log[0]):
     data = load_steering_data(snakemake.input.data)
     with ActivationStore(snakemake.input.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
         table = sweep(loaded, method, data, settings, store)
-    meta = provenance_record(
-        {"steering": settings, "method": method},
-        model=snakemake.wildcards.model,
-        model_sha256=loaded.manifest["weights_sha256"],
-        data_sha256=sha256_file(snakemake.input.data),
-        store=snakemake.input.store,
+    meta = steering_provenance(
+        loaded, snakemake.wildcards.model, settings, method, snakemake.input.data, snakemake.input.store
     )
     write_parquet_with_provenance(
         table.with_columns(model=pl.lit(snakemake.wildcards.model)), snakemake.output.table, meta

@@ -18,6 +18,7 @@ import torch
 
 from latent_atlas.models import LoadedModel
 from latent_atlas.neighbourhood.knn import typical_norm
+from latent_atlas.provenance import provenance_record, sha256_file
 from latent_atlas.steering.data import Statements, SteeringData
 from latent_atlas.steering.generate import (
     Decoding,
@@ -61,6 +62,20 @@ class SweepSettings:
             for name in section.get("decodings", ["greedy", "sampled"])
         )
         return cls(section.get("max_new_tokens", 20), decodings, section.get("samples", 1), section.get("seed", 0))
+
+
+def steering_provenance(
+    loaded: LoadedModel, model: str, settings: Mapping[str, Any], method: str, data: str, store: str, **extra: Any
+) -> dict[str, Any]:
+    """The provenance of a steering table: its settings and method, the model's hash, the data's hash, the store."""
+    return provenance_record(
+        {"steering": settings, "method": method},
+        model=model,
+        model_sha256=loaded.manifest["weights_sha256"],
+        data_sha256=sha256_file(data),
+        store=store,
+        **extra,
+    )
 
 
 def typical_norms(store: ActivationStore, layers: Sequence[int]) -> dict[int, float]:
