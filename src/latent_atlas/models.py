@@ -197,7 +197,7 @@ def acquire_model(
     dtype = spec.get("dtype", "float32")
     with atomic_output(out_dir) as tmp:
         _save_standard(model, tokenizer, tmp, _dtype(dtype))
-        manifest = _manifest(name, spec, model, tmp, origin, dtype)
+        manifest = describe_model(name, spec, model, tmp, origin, dtype)
         write_json(tmp / MANIFEST, manifest)
     return manifest
 
@@ -215,7 +215,7 @@ def _save_standard(model: nn.Module, tokenizer: Any, out: Path, dtype: torch.dty
     tokenizer.save_pretrained(out)
 
 
-def _manifest(
+def describe_model(
     name: str, spec: Mapping[str, Any], model: nn.Module, model_dir: Path, origin: dict[str, Any], dtype: str
 ) -> dict[str, Any]:
     """Describe a saved model: source, hashes, shape, dtype and provenance."""
