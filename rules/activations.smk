@@ -9,7 +9,7 @@ rule extract_activations:
         "logs/activations/{model}/{corpus}.log",
     conda:
         ENV
-    threads: 8  # torch threads; capped by --cores locally, set per cluster in its profile
+    threads: model_threads(8)  # torch threads; capped by --cores locally, set per cluster in its profile
     resources:
         gpu=1,
     params:

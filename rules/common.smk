@@ -5,6 +5,7 @@ from pathlib import Path
 
 from latent_atlas.config import analysis_models, load_yaml, validate_config
 from latent_atlas.provenance import config_hash
+from latent_atlas.training.family import family_name, member_spec, members
 
 SCHEMA = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
 validate_config(
@@ -12,6 +13,10 @@ validate_config(
 )
 
 ENV = "../environment.yml"
+# The training family (config key `training`): its name and its members (member name -> mixture).
+FAMILY = family_name(config)
+MEMBERS = members(config)
+TRAINING_FIGURES = ["performance", "curves", "geometry", "lenses", "relations"]
 # What a neighbourhood job depends on: its settings without the lists of points and paths (adding a point
 # must not re-run the others), and the one lens setting it uses.
 NEIGHBOURHOOD_SETTINGS = {
@@ -43,7 +48,7 @@ def _alternatives(names):
 
 
 wildcard_constraints:
-    model=_alternatives(config["models"]),
+    model=_alternatives([*config["models"], *MEMBERS]),
     corpus=_alternatives(config["corpora"]),
     probe=_alternatives(config["probes"]) or "(?!)",
     point=_alternatives(config["neighbourhood"]["points"]) or "(?!)",
@@ -93,6 +98,7 @@ def get_final_output():
         + get_neighbourhood_output(analysis_models(config, "neighbourhood"), corpora)
         + get_steering_output(analysis_models(config, "steering"))
         + get_geometry_output(models, corpora)
+        + get_training_output()
     )
 
 
@@ -234,8 +240,92 @@ def get_neighbourhood_output(models, corpora):
 
 
 def get_model_spec(wildcards):
-    """The config entry of a model."""
+    """The config entry of a model; a family member's is built from the training section."""
+    if wildcards.model in MEMBERS:
+        return member_spec(config, wildcards.model)
     return config["models"][wildcards.model]
+
+
+def model_threads(threads):
+    """Threads of a per-model job: 1 for a family member (tiny: members run side by side), else ``threads``."""
+    return lambda wildcards: 1 if wildcards.model in MEMBERS else threads
+
+
+def with_member_layers(section):
+    """An analysis's settings, measured at every layer for family members (they have only a few)."""
+
+    def settings(wildcards):
+        if wildcards.model in MEMBERS:
+            return config[section] | {"layers": "all"}
+        return config[section]
+
+    return settings
+
+
+# ---- the training family (rules/training.smk) ----------------------------------------------------
+
+
+def training_corpus():
+    """The shared corpus every member's space is measured on."""
+    return config["training"]["analysis"]["corpus"] or config["run"]["corpora"][0]
+
+
+def family_scored_models():
+    """Models scored on the training corpus's test split: the members, then the chosen pretrained models."""
+    return [*MEMBERS, *config["training"]["evaluation"]["pretrained"]]
+
+
+def family_lens_models():
+    """Models whose lens tables the family figures compare: the members and the pretrained lens models."""
+    return [*MEMBERS, *analysis_models(config, "lenses")]
+
+
+def get_training_output():
+    """The family's tables and figures (nothing when the config trains no family)."""
+    if not FAMILY:
+        return []
+    tables = expand(
+        f"results/training/{FAMILY}/{{table}}.parquet",
+        table=["performance", "specialisation", "relations"],
+    )
+    figures = expand(
+        f"results/figures/training/{FAMILY}.{{figure}}.{{ext}}",
+        figure=TRAINING_FIGURES,
+        ext=["pdf", "png"],
+    )
+    return tables + figures
+
+
+def get_family_tables(wildcards):
+    """Every table the family summary combines."""
+    corpus = training_corpus()
+    studied = [*MEMBERS, *config["run"]["models"]]
+    return {
+        "performance": [
+            f"results/training/{FAMILY}/performance/{model}.parquet"
+            for model in family_scored_models()
+        ],
+        "losses": [
+            f"results/training/{FAMILY}/losses/{model}.parquet" for model in MEMBERS
+        ],
+        "geometry": [f"results/geometry/{model}/{corpus}.parquet" for model in studied],
+        "lenses": [
+            f"results/lenses/{model}/{corpus}.parquet" for model in family_lens_models()
+        ],
+        "manifests": [f"results/models/{model}/manifest.json" for model in studied],
+    }
+
+
+def debian_sources():
+    """The Debian sources file of the training corpus (so that editing it rebuilds the corpus)."""
+    corpus = config["training"]["corpus"]
+    return [corpus["sources"]] if corpus["source"] == "debian" else []
+
+
+def get_tokenizer_source(wildcards):
+    """The model directory whose tokenizer the family reuses (training.tokenizer.model), if any."""
+    model = config["training"]["tokenizer"].get("model")
+    return {"model": f"results/models/{model}/manifest.json"} if model else {}
 
 
 def get_corpus_spec(wildcards):
@@ -252,7 +342,7 @@ def get_corpus_source(wildcards):
 def get_extraction_provenance(wildcards):
     """What the store's config_hash covers: the model, the corpus and the extraction settings."""
     fragment = {
-        "model": config["models"][wildcards.model],
+        "model": get_model_spec(wildcards),
         "corpus": config["corpora"][wildcards.corpus],
         "extraction": config["extraction"],
     }

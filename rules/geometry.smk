@@ -11,9 +11,9 @@ rule measure_geometry:
         "logs/geometry/{model}/{corpus}.log",
     conda:
         ENV
-    threads: 4
+    threads: model_threads(4)
     params:
-        settings=config["geometry"],
+        settings=with_member_layers("geometry"),
     script:
         "../scripts/measure_geometry.py"
 

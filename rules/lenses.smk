@@ -9,9 +9,9 @@ rule train_tuned_lens:
         "logs/lenses/{model}/{corpus}.tuned.log",
     conda:
         ENV
-    threads: 8
+    threads: model_threads(8)
     params:
-        settings=config["lenses"],
+        settings=with_member_layers("lenses"),
     script:
         "../scripts/train_tuned_lens.py"
 
@@ -28,9 +28,9 @@ rule evaluate_lenses:
         "logs/lenses/{model}/{corpus}.evaluate.log",
     conda:
         ENV
-    threads: 8
+    threads: model_threads(8)
     params:
-        settings=config["lenses"],
+        settings=with_member_layers("lenses"),
     script:
         "../scripts/evaluate_lenses.py"
 

@@ -8,6 +8,8 @@ rule acquire_model:
         manifest="results/models/{model}/manifest.json",
     log:
         "logs/models/{model}.log",
+    wildcard_constraints:
+        model=_alternatives(config["models"]),
     conda:
         ENV
     params:

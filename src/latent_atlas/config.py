@@ -15,6 +15,7 @@ import jsonschema.protocols
 import yaml
 
 from latent_atlas.errors import ConfigError
+from latent_atlas.training.family import members
 
 LayerSpec = str | int | list[int] | Mapping[str, int]
 
@@ -99,6 +100,7 @@ def check_references(config: Mapping[str, Any], source: str = "the config") -> N
     for name in probes:
         probe_layer(probes, name)
     check_neighbourhood(config.get("neighbourhood", {}), probes)
+    check_training(config)
 
 
 ANALYSES_WITH_MODELS = ("lenses", "projections", "neighbourhood", "steering")
@@ -120,6 +122,35 @@ def check_analysis_models(config: Mapping[str, Any]) -> None:
                     f"config key '{section}.models' names '{name}', which is not in run.models ({', '.join(studied)}); "
                     f"add it to run.models or remove it from {section}.models"
                 )
+
+
+def check_training(config: Mapping[str, Any]) -> None:
+    """The training family's references: pretrained models, analysis corpus and tokenizer model must exist."""
+    training = config.get("training")
+    if not training:
+        return
+    studied, corpora = config.get("run", {}).get("models", []), config.get("corpora", {})
+    for name in training.get("evaluation", {}).get("pretrained", []):
+        if name not in studied:
+            raise ConfigError(
+                f"config key 'training.evaluation.pretrained' names '{name}', which is not in run.models "
+                f"({', '.join(studied)}); add it there or remove it"
+            )
+    corpus = training.get("analysis", {}).get("corpus")
+    if corpus is not None and corpus not in corpora:
+        raise ConfigError(
+            f"config key 'training.analysis.corpus' names '{corpus}', which is not under 'corpora' "
+            f"({', '.join(corpora)}); name one of them or null"
+        )
+    model = training.get("tokenizer", {}).get("model")
+    if model is not None and model not in config.get("models", {}):
+        raise ConfigError(
+            f"config key 'training.tokenizer.model' names '{model}', which is not under 'models'; "
+            "name a defined model or give training.tokenizer.vocab_size instead"
+        )
+    if model is None and "vocab_size" not in training.get("tokenizer", {}):
+        raise ConfigError("config key 'training.tokenizer' needs vocab_size (train a BPE) or model (reuse one)")
+    members(config)
 
 
 def check_neighbourhood(section: Mapping[str, Any], probes: Mapping[str, Any]) -> None:

@@ -187,6 +187,7 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
             assert (root / f"results/figures/{name}.{ext}").read_bytes()[:4] == magic
 
     _check_geometry_and_performance(root, manifest)
+    _check_training_family(root, manifest)
 
     report = snakemake(*args, "--report", str(root / "report.html"))
     assert report.returncode == 0, report.stderr[-3000:]
@@ -194,6 +195,7 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
     assert "attention sinks with very large norms" in html  # the figure's caption, rendered
     assert "smollm2-135m.registers.norms.png" in html
     assert "Mickus et al.'s confound" in html and "registers.performance.png" in html  # geometry captions
+    assert "debian.performance.png" in html and "differ only in" in html  # the training family's figures
 
 
 def _check_geometry_and_performance(root: Path, smollm2: dict) -> None:
@@ -239,3 +241,75 @@ def _check_geometry_and_performance(root: Path, smollm2: dict) -> None:
                  "gemma3-270m.registers.registers", "registers.models", "registers.performance"):  # fmt: skip
         for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
             assert (root / f"results/figures/geometry/{name}.{ext}").read_bytes()[:4] == magic
+
+
+CI_MEMBERS = ["debian-narrative", "debian-how_to", "debian-uniform"]
+
+
+def _check_training_family(root: Path, smollm2: dict) -> None:
+    """ci.yaml's family: members saved like acquired models, scored, measured at every layer, plotted."""
+    import polars as pl
+
+    manifests = {m: json.loads((root / f"results/models/{m}/manifest.json").read_text()) for m in CI_MEMBERS}
+    records = {m: manifest["training"] for m, manifest in manifests.items()}
+    assert {m: r["mixture"] for m, r in records.items()} == {
+        "debian-narrative": {"narrative": 1.0},
+        "debian-how_to": {"how_to": 1.0},
+        "debian-uniform": {"how_to": 0.5, "narrative": 0.5},
+    }
+    assert len({r["recipe_hash"] for r in records.values()}) == 1  # one recipe: only the data differ
+    assert len({r["data_hash"] for r in records.values()}) == 3
+    assert all(r["tokens_seen"] == 20480 and r["seed"] == 0 for r in records.values())
+    assert all(m["n_layers"] == 2 and m["d_model"] == 32 and m["source"] == "trained" for m in manifests.values())
+    corpus = json.loads((root / "results/training/debian/corpus.json").read_text())
+    assert {"kjv-narrative", "manpages"} <= set(corpus["sources"]) and corpus["corpus_sha256"]
+
+    family = root / "results/training/debian"
+    matrix = pl.read_parquet(family / "performance.parquet")
+    assert set(matrix["model"]) == {*CI_MEMBERS, "smollm2-135m"}
+    assert set(matrix["register"]) == {"all", "narrative", "how_to"}
+    assert (matrix.filter(pl.col("register") != "all")["documents"] == 2).all()
+    smol = matrix.filter(pl.col("model") == "smollm2-135m", pl.col("register") == "all")
+    member = matrix.filter(pl.col("model") == "debian-uniform", pl.col("register") == "all")
+    assert smol["bytes"].item() == member["bytes"].item()  # the same raw text, whatever the tokenizer
+    assert smol["bits_per_byte"].item() < member["bits_per_byte"].item()  # 135M pretrained beats 20k tokens
+    geometry = pl.read_parquet(family / "geometry.parquet")
+    member_layers = geometry.filter(pl.col("model") == "debian-narrative")["layer"].unique().sort().to_list()
+    assert member_layers == [0, 1, 2] and set(geometry["kind"]) == {"member", "pretrained"}
+    lenses = pl.read_parquet(family / "lenses.parquet")
+    assert set(lenses["model"]) == {*CI_MEMBERS, "smollm2-135m"}
+    final = lenses.filter(pl.col("model") == "debian-uniform", pl.col("lens") == "logit", pl.col("layer") == 2)
+    assert final.filter(pl.col("metric") == "kl_to_final")["value"].item() < 1e-4  # float32 member store
+    losses = pl.read_parquet(family / "losses.parquet")
+    assert losses.group_by("model").len()["len"].to_list() == [40, 40, 40]
+    assert pl.read_parquet(family / "specialisation.parquet")["register"].to_list() == ["how_to", "narrative"]
+    for figure in ("performance", "curves", "geometry", "lenses", "relations"):
+        for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
+            assert (root / f"results/figures/training/debian.{figure}.{ext}").read_bytes()[:4] == magic
+
+
+DEFAULT_MEMBERS = ["debian-narrative", "debian-informational_description", "debian-how_to", "debian-uniform"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_the_default_family_specialises(tmp_path_factory):
+    """config.yaml's family: each single-register member beats every member that never saw its register.
+
+    Runs the real DAG up to each member's scores on the test split (corpus, tokenizer, four members).
+    """
+    import polars as pl
+
+    from latent_atlas.training.evaluate import performance_matrix, specialisation
+
+    root = workdir(tmp_path_factory.mktemp("family"))
+    tables = [f"results/training/debian/performance/{member}.parquet" for member in DEFAULT_MEMBERS]
+    args = ["--snakefile", str(REPO / "workflow/Snakefile"), "--directory", str(root)]
+    result = snakemake(*args, "--configfile", "config/config.yaml", str(root / "overlay.yaml"), "--cores", "2", *tables)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    mixtures = {m: json.loads((root / f"results/models/{m}/manifest.json").read_text())["training"]["mixture"]
+                for m in DEFAULT_MEMBERS}  # fmt: skip
+    matrix = performance_matrix([pl.read_parquet(root / table) for table in tables], mixtures)
+    checks = specialisation(matrix, mixtures)
+    assert checks["register"].to_list() == ["how_to", "informational_description", "narrative"]
+    assert checks["holds"].all(), checks

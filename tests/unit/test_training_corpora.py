@@ -531,3 +531,15 @@ def test_real_fortunes_package(tmp_path):
     words = sum(word_count(document) for document in documents)
     assert len(documents) > 1000 and words > 300_000
     assert (root / "usr/share/doc/fortunes/copyright").is_file()
+
+
+def test_a_family_fetches_only_the_sources_of_its_registers():
+    from latent_atlas.training.corpora import Source, sources_for_registers
+
+    sources = [
+        Source("bible-kjv-text", "narrative", "kjv", ("usr/lib/bible.data",), "public-domain"),
+        Source("manpages", "how_to", "man", ("usr/share/man/**",), "GPL"),
+    ]
+    assert [s.package for s in sources_for_registers(sources, ["how_to"], "x.yaml")] == ["manpages"]
+    with pytest.raises(CorpusError, match=r"names \['poetry'\], which no source in x.yaml provides"):
+        sources_for_registers(sources, ["how_to", "poetry"], "x.yaml")

@@ -195,6 +195,23 @@ def read_sources_config(path: str | Path) -> tuple[list[Source], Settings]:
 # Fetching
 
 
+def sources_for_registers(sources: Sequence[Source], registers: Sequence[str], where: str) -> list[Source]:
+    """The sources of the given registers (a family need not fetch what it never reads).
+
+    Raises:
+        CorpusError: naming each register no source provides.
+    """
+    chosen = [source for source in sources if source.register in registers]
+    missing = sorted(set(registers) - {source.register for source in chosen})
+    if missing:
+        known = sorted({source.register for source in sources})
+        raise CorpusError(
+            f"training.registers names {missing}, which no source in {where} provides (its registers: "
+            f"{', '.join(known)}); add a source for it or remove it from training.registers"
+        )
+    return chosen
+
+
 def _require_tool(tool: str, package: str, purpose: str) -> str:
     """Return the path of a command-line tool, or fail naming it and the Debian package that has it."""
     found = shutil.which(tool)

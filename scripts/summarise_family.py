@@ -1,0 +1,51 @@
+"""Entry point of rule summarise_family (rules/training.smk)."""
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from latent_atlas.geometry.relations import relate
+from latent_atlas.joblog import job_log
+from latent_atlas.provenance import provenance_record, write_parquet_with_provenance
+from latent_atlas.training.evaluate import add_rank_fraction, lens_depths, performance_matrix, specialisation, tag_models
+
+
+def _concat(paths: list[str]) -> pl.DataFrame:
+    return pl.concat([pl.read_parquet(path) for path in paths], how="diagonal_relaxed")
+
+
+with job_log(snakemake.log[0]) as log:
+    mixtures = snakemake.params.mixtures
+    members = list(mixtures)
+    inputs, out = snakemake.input, snakemake.output
+    matrix = performance_matrix([pl.read_parquet(path) for path in inputs.performance], mixtures)
+    checks = specialisation(matrix, mixtures)
+    manifests = [json.loads(Path(path).read_text()) for path in inputs.manifests]
+    n_layers = {manifest["name"]: manifest["n_layers"] for manifest in manifests}
+    widths = {manifest["name"]: manifest["d_model"] for manifest in manifests}
+    geometry = tag_models(add_rank_fraction(_concat(inputs.geometry), widths), members)
+    lenses = tag_models(lens_depths(_concat(inputs.lenses), n_layers), members)
+    losses = _concat(inputs.losses)
+    relations = relate(geometry, matrix.select("model", "register", "perplexity", "bits_per_byte"))
+    meta = provenance_record({"training": snakemake.params.training}, members=members)
+    for table, path in [
+        (matrix, out.performance),
+        (checks, out.specialisation),
+        (geometry, out.geometry),
+        (lenses, out.lenses),
+        (losses, out.losses),
+        (relations, out.relations),
+    ]:
+        write_parquet_with_provenance(table, path, meta)
+    for row in checks.iter_rows(named=True):
+        verdict = "holds" if row["holds"] else "FAILS (the training budget is too small to specialise)"
+        log.info(
+            "%s: %s %.1f vs %s %.1f: %s",
+            row["register"],
+            row["trained_member"],
+            row["trained_perplexity"],
+            row["unseen_member"],
+            row["unseen_perplexity"],
+            verdict,
+        )
