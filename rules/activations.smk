@@ -13,7 +13,7 @@ rule extract_activations:
     resources:
         gpu=1,
     params:
-        settings=config["extraction"],
+        settings=with_member_layers("extraction"),
         model=get_model_spec,
         provenance=get_extraction_provenance,
     script:

@@ -252,7 +252,7 @@ def model_threads(threads):
 
 
 def with_member_layers(section):
-    """An analysis's settings, measured at every layer for family members (they have only a few)."""
+    """A section's settings, with every layer for family members (they have only a few): extraction, lenses, geometry."""
 
     def settings(wildcards):
         if wildcards.model in MEMBERS:
@@ -344,7 +344,7 @@ def get_extraction_provenance(wildcards):
     fragment = {
         "model": get_model_spec(wildcards),
         "corpus": config["corpora"][wildcards.corpus],
-        "extraction": config["extraction"],
+        "extraction": with_member_layers("extraction")(wildcards),
     }
     return {
         "model": wildcards.model,

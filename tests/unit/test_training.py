@@ -350,3 +350,51 @@ def test_test_documents_are_capped_stably_per_register(register_corpus):
     assert sorted(first["doc_id"].to_list()) == sorted(again["doc_id"].to_list())
     with pytest.raises(ConfigError, match="no 'test' documents"):
         scored_documents(register_corpus, ["poetry"], "test", 3)
+
+
+KILLABLE_RUN = """
+import sys, time
+import numpy as np, torch
+from latent_atlas.training.data import train_tokenizer
+from latent_atlas.training.loop import build_model, parse_recipe, train
+torch.set_num_threads(1)
+training = {training!r}
+recipe = parse_recipe(training)
+tokenizer = train_tokenizer(iter({texts!r}), 320)
+model = build_model(recipe.architecture, tokenizer, recipe.seed)
+rng = np.random.default_rng(0)
+data = rng.integers(0, len(tokenizer), size=(recipe.train_sequences, recipe.architecture.sequence_length))
+validation = rng.integers(0, len(tokenizer), size=(4, recipe.architecture.sequence_length))
+slow = sys.argv[2] == "slow"
+result = train(model, data, validation, recipe, sys.argv[1], {{"run": "kill"}}, progress=False,
+               after_step=(lambda step: time.sleep(0.3)) if slow else None)
+torch.save({{"state": result.model.state_dict(), "resumed_from": result.resumed_from}}, sys.argv[1] + "/final.pt")
+"""
+
+
+def test_a_sigkilled_training_process_resumes_bit_identical(register_corpus, tmp_path):
+    """A real kill -9 mid-run: the rerun resumes from the last checkpoint and ends where an unkilled run ends."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    texts = register_corpus.filter(pl.col("split") == "train")["text"].to_list()
+    script = tmp_path / "run.py"
+    script.write_text(KILLABLE_RUN.format(training=_training(), texts=texts))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    subprocess.run([sys.executable, str(script), str(whole), "fast"], check=True, timeout=300)
+    process = subprocess.Popen([sys.executable, str(script), str(killed), "slow"])
+    deadline = time.monotonic() + 240
+    while not (killed / CHECKPOINT).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a step or two past the first checkpoint
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL and not (killed / "final.pt").exists()
+    subprocess.run([sys.executable, str(script), str(killed), "fast"], check=True, timeout=300)
+    expected, resumed = torch.load(whole / "final.pt"), torch.load(killed / "final.pt")
+    assert expected["resumed_from"] is None and resumed["resumed_from"] in (4, 8)
+    for name, tensor in expected["state"].items():
+        assert torch.equal(tensor, resumed["state"][name]), name

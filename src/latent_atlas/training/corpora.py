@@ -35,12 +35,13 @@ from latent_atlas.provenance import atomic_output, provenance_record, sha256_fil
 from latent_atlas.training.extractors import EXTRACTORS
 from latent_atlas.training.text import (
     assign_split,
+    cap_documents,
     chunk_text,
     clean_text,
     exact_duplicates,
     near_duplicates,
     parent_document,
-    unit_hash,
+    tally,
     word_count,
 )
 
@@ -344,14 +345,7 @@ def _cap(pieces: list[_Piece], names: Sequence[str], limit: int, salt: str, reas
     for piece in pieces:
         if piece.drop is None:
             documents[f"deb:{names[piece.source]}:{piece.n}"].append(piece)
-    total = 0
-    for document in sorted(documents, key=lambda d: (unit_hash(f"{salt}:cap:{d}"), d)):
-        words = sum(piece.words for piece in documents[document])
-        if total + words <= limit:
-            total += words
-        else:
-            for piece in documents[document]:
-                piece.drop = reason
+    cap_documents(documents, limit, salt, reason)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,24 +489,16 @@ def assemble_corpus(
         schema=dict.fromkeys(COLUMNS, pl.String),
     )
     spec = {"kind": "debian-packages", "sources": [asdict(s) for s in parsed], "settings": asdict(settings)}
-    meta = write_corpus(table, out_parquet, spec)
-    manifest = _manifest(parsed, settings, pieces, kept, splits, facts, meta, Path(out_parquet))
-    write_json(out_manifest, manifest)
+    with atomic_output(out_parquet) as tmp_corpus, atomic_output(out_manifest) as tmp_manifest:
+        meta = write_corpus(table, tmp_corpus, spec)  # both files appear together, or neither
+        manifest = _manifest(parsed, settings, pieces, kept, splits, facts, meta, Path(out_parquet))
+        write_json(tmp_manifest, manifest)
     return manifest
 
 
 def _tally(pieces: Iterable[_Piece], splits: Iterable[str]) -> dict[str, Any]:
     """Count documents (pieces) and words, in total and per split."""
-    per_split = {split: {"documents": 0, "words": 0} for split in SPLITS}
-    for piece, split in zip(pieces, splits, strict=True):
-        entry = per_split.setdefault(split, {"documents": 0, "words": 0})
-        entry["documents"] += 1
-        entry["words"] += piece.words
-    return {
-        "documents": sum(e["documents"] for e in per_split.values()),
-        "words": sum(e["words"] for e in per_split.values()),
-        "splits": per_split,
-    }
+    return tally(pieces, splits, SPLITS)
 
 
 def _manifest(

@@ -33,12 +33,13 @@ from latent_atlas.provenance import atomic_output, provenance_record, write_json
 from latent_atlas.training.corpora import SPLITS, Settings, parse_settings
 from latent_atlas.training.text import (
     assign_split,
+    cap_documents,
     chunk_text,
     clean_text,
     exact_duplicates,
     near_duplicates,
     parent_document,
-    unit_hash,
+    tally,
     word_count,
 )
 
@@ -503,28 +504,12 @@ def _cap(pieces: Sequence[_Piece], dataset: str, limit: int, salt: str) -> None:
         if piece.drop is None:
             documents[piece.register][f"hub:{dataset}:{piece.n}"].append(piece)
     for own in documents.values():
-        total = 0
-        for document in sorted(own, key=lambda d: (unit_hash(f"{salt}:cap:{d}"), d)):
-            words = sum(piece.words for piece in own[document])
-            if total + words <= limit:
-                total += words
-            else:
-                for piece in own[document]:
-                    piece.drop = "register_cap"
+        cap_documents(own, limit, salt, "register_cap")
 
 
 def _tally(pieces: Iterable[_Piece], splits: Iterable[str]) -> dict[str, Any]:
     """Count documents (pieces) and words, in total and per split."""
-    per_split = {split: {"documents": 0, "words": 0} for split in SPLITS}
-    for piece, split in zip(pieces, splits, strict=True):
-        entry = per_split.setdefault(split, {"documents": 0, "words": 0})
-        entry["documents"] += 1
-        entry["words"] += piece.words
-    return {
-        "documents": sum(e["documents"] for e in per_split.values()),
-        "words": sum(e["words"] for e in per_split.values()),
-        "splits": per_split,
-    }
+    return tally(pieces, splits, SPLITS)
 
 
 def assemble_hub_corpus(

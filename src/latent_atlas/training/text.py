@@ -6,7 +6,8 @@ import re
 import unicodedata
 import zlib
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -192,3 +193,44 @@ def parent_document(doc_id: str) -> str:
     """Return the id of the document a piece was cut from (``deb:x:12.3`` -> ``deb:x:12``)."""
     head, _, last = doc_id.rpartition(":")
     return f"{head}:{last.split('.')[0]}" if head else doc_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Balancing and counting (shared by the Debian and hub sources)
+
+
+class Counted(Protocol):
+    """A piece of a document with its word count and, once decided, why it was dropped."""
+
+    words: int
+    drop: str | None
+
+
+def cap_documents(documents: Mapping[str, Sequence[Any]], limit: int, salt: str, reason: str) -> None:
+    """Keep whole documents, in the order of a stable hash of their ids, while the words stay under ``limit``.
+
+    ``documents`` maps a document id to its pieces (objects with ``words`` and ``drop``); the pieces of every
+    document that does not fit get ``drop = reason``.
+    """
+    total = 0
+    for document in sorted(documents, key=lambda d: (unit_hash(f"{salt}:cap:{d}"), d)):
+        words = sum(piece.words for piece in documents[document])
+        if total + words <= limit:
+            total += words
+        else:
+            for piece in documents[document]:
+                piece.drop = reason
+
+
+def tally(pieces: Iterable[Counted], splits: Iterable[str], names: Sequence[str]) -> dict[str, Any]:
+    """Count documents (pieces) and words, in total and per split (every split of ``names`` listed)."""
+    per_split = {split: {"documents": 0, "words": 0} for split in names}
+    for piece, split in zip(pieces, splits, strict=True):
+        entry = per_split.setdefault(split, {"documents": 0, "words": 0})
+        entry["documents"] += 1
+        entry["words"] += piece.words
+    return {
+        "documents": sum(e["documents"] for e in per_split.values()),
+        "words": sum(e["words"] for e in per_split.values()),
+        "splits": per_split,
+    }
