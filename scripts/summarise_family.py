@@ -8,7 +8,13 @@ import polars as pl
 from latent_atlas.geometry.relations import relate
 from latent_atlas.joblog import job_log
 from latent_atlas.provenance import provenance_record, write_parquet_with_provenance
-from latent_atlas.training.evaluate import add_rank_fraction, lens_depths, performance_matrix, specialisation, tag_models
+from latent_atlas.training.evaluate import (
+    add_rank_fraction,
+    lens_depths,
+    performance_matrix,
+    specialisation,
+    tag_models,
+)
 
 
 def _concat(paths: list[str]) -> pl.DataFrame:
