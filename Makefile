@@ -41,6 +41,7 @@ lint: install
 
 benchmark: install
 	$(BIN)/python benchmarks/extraction.py
+	$(BIN)/python benchmarks/training.py
 
 clean:
 	rm -rf results .snakemake report.html

@@ -21,7 +21,7 @@ from latent_atlas.config import LayerSpec, select_layers
 from latent_atlas.errors import ConfigError, StoreError
 from latent_atlas.hooks import capture_residuals
 from latent_atlas.models import LoadedModel
-from latent_atlas.provenance import code_version, utc_now
+from latent_atlas.provenance import code_version, execution_context, utc_now
 from latent_atlas.store import STORE_DTYPES, StoreWriter
 
 
@@ -189,6 +189,7 @@ def extract_activations(
         "n_layers": loaded.n_layers,
         "code_version": code_version(),
         "created": utc_now(),
+        **execution_context(),
         "model_dtype": settings.model_dtype,
         "device": str(loaded.device),
         "extraction": {**asdict(settings), "splits": list(settings.splits)},

@@ -61,12 +61,19 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
 
+def execution_context() -> dict[str, str]:
+    """Where a job ran, when a scheduler says so: the SLURM job id and node (nothing for a local run)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job_id": job, "slurm_node": os.environ.get("SLURMD_NODENAME", "")} if job else {}
+
+
 def provenance_record(config_fragment: Any, **extra: Any) -> dict[str, Any]:
-    """Return the provenance every output carries: config hash, code version, time, and ``extra``."""
+    """Return the provenance every output carries: config hash, code version, time, where it ran, and ``extra``."""
     return {
         "config_hash": config_hash(config_fragment),
         "code_version": code_version(),
         "created": utc_now(),
+        **execution_context(),
         **extra,
     }
 

@@ -398,3 +398,15 @@ def test_a_sigkilled_training_process_resumes_bit_identical(register_corpus, tmp
     assert expected["resumed_from"] is None and resumed["resumed_from"] in (4, 8)
     for name, tensor in expected["state"].items():
         assert torch.equal(tensor, resumed["state"][name]), name
+
+
+def test_an_existing_models_tokenizer_can_be_the_familys(register_corpus):
+    """training.tokenizer.model: streams separate documents with that tokenizer's BOS."""
+    from latent_atlas.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    streams = tokenize_corpus(register_corpus, tokenizer, list(REGISTER_WORDS), SPLITS)
+    sagas = streams[("test", "sagas")]
+    assert sagas.n_documents == 5 and (sagas.ids[sagas.starts[:-1]] == tokenizer.bos_token_id).all()
+    model = build_model(Architecture(16, 1, 2, 32, 16), tokenizer, seed=0)
+    assert model.config.vocab_size == len(tokenizer) and model.config.bos_token_id == tokenizer.bos_token_id
