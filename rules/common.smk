@@ -339,20 +339,6 @@ def get_corpus_source(wildcards):
     return [] if spec["format"] == "hf" else [spec["path"]]
 
 
-def get_extraction_provenance(wildcards):
-    """What the store's config_hash covers: the model, the corpus and the extraction settings."""
-    fragment = {
-        "model": get_model_spec(wildcards),
-        "corpus": config["corpora"][wildcards.corpus],
-        "extraction": with_member_layers("extraction")(wildcards),
-    }
-    return {
-        "model": wildcards.model,
-        "corpus": wildcards.corpus,
-        "config_hash": config_hash(fragment),
-    }
-
-
 def probe_closure(names):
     """The named probes and every probe their midpoints read: what a job that reads them depends on."""
     closure, pending = {}, list(names)
@@ -404,3 +390,37 @@ def get_grid_inputs(wildcards):
         "manifest": f"results/models/{wildcards.model}/manifest.json",
         "tuned": f"results/lenses/{wildcards.model}/{wildcards.corpus}.tuned-lens.pt",
     }
+
+
+# ---- sharded extraction (rules/activations.smk) ---------------------------------------------------------
+# `extraction.shards` only splits the work over jobs: the store is the same, so it enters neither the
+# extraction jobs' params nor the store's config_hash (setting it never re-extracts a store for a new hash).
+SHARDS = config["extraction"]["shards"]
+
+
+def extraction_settings(wildcards):
+    """The extraction settings a store depends on: the section (every layer for members), less `shards`."""
+    settings = with_member_layers("extraction")(wildcards)
+    return {key: value for key, value in settings.items() if key != "shards"}
+
+
+def get_extraction_provenance(wildcards):
+    """What the store's config_hash covers: the model, the corpus and the extraction settings (not `shards`)."""
+    fragment = {
+        "model": get_model_spec(wildcards),
+        "corpus": config["corpora"][wildcards.corpus],
+        "extraction": extraction_settings(wildcards),
+    }
+    return {
+        "model": wildcards.model,
+        "corpus": wildcards.corpus,
+        "config_hash": config_hash(fragment),
+    }
+
+
+def get_extraction_shards(wildcards):
+    """The shards the gather job concatenates, shard 0 first."""
+    return [
+        f"results/activations/{wildcards.model}/{wildcards.corpus}.shards/{shard}.h5"
+        for shard in range(SHARDS)
+    ]

@@ -173,17 +173,32 @@ def extract_activations(
     Returns:
         The path of the complete store.
     """
+    corpus = selected_documents(corpus, settings)
+    plan = plan_extraction(loaded.tokenizer, corpus["text"].to_list(), settings)
+    store_attrs = store_attributes(loaded, settings, attrs)
+    return write_store(loaded, plan, plan_documents(corpus, plan), out_path, settings, store_attrs, progress, on_batch)
+
+
+def selected_documents(corpus: pl.DataFrame, settings: ExtractionSettings) -> pl.DataFrame:
+    """The documents of the extracted splits, failing clearly when there are none."""
     corpus = corpus.filter(pl.col("split").is_in(list(settings.splits)))
     if corpus.height == 0:
         raise ConfigError(f"no documents in splits {list(settings.splits)}; check extraction.splits")
-    layers = select_layers(settings.layers, loaded.n_layers)
-    plan = plan_extraction(loaded.tokenizer, corpus["text"].to_list(), settings)
-    docs = (
-        corpus[plan.doc_index]
-        .select("doc_id", "label", "split")
-        .with_columns(token_start=pl.Series(plan.row_start), token_count=pl.Series([len(k) for k in plan.keep]))
+    return corpus
+
+
+def plan_documents(corpus: pl.DataFrame, plan: ExtractionPlan) -> pl.DataFrame:
+    """The store's documents table, in the plan's order, with each document's first row and row count."""
+    rows = corpus[plan.doc_index] if plan.doc_index else corpus.clear()
+    return rows.select("doc_id", "label", "split").with_columns(
+        token_start=pl.Series(plan.row_start, dtype=pl.Int64),
+        token_count=pl.Series([len(k) for k in plan.keep], dtype=pl.Int64),
     )
-    store_attrs = {
+
+
+def store_attributes(loaded: LoadedModel, settings: ExtractionSettings, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The store's attributes: the caller's provenance, the model's hash, the settings, when and where it ran."""
+    return {
         **attrs,
         "model_sha256": loaded.manifest["weights_sha256"],
         "n_layers": loaded.n_layers,
@@ -194,14 +209,29 @@ def extract_activations(
         "device": str(loaded.device),
         "extraction": {**asdict(settings), "splits": list(settings.splits)},
     }
+
+
+def write_store(
+    loaded: LoadedModel,
+    plan: ExtractionPlan,
+    docs: pl.DataFrame,
+    out_path: str | Path,
+    settings: ExtractionSettings,
+    store_attrs: Mapping[str, Any],
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+    desc: str = "extract",
+) -> Path:
+    """Run the plan's batches through the model and write every stored row of every layer (atomically)."""
+    layers = select_layers(settings.layers, loaded.n_layers)
     store_dtype = torch.float16 if settings.dtype == "float16" else torch.float32
     pad_id = _pad_id(loaded.tokenizer)
     with StoreWriter(
-        out_path, plan.n_rows, loaded.d_model, layers, settings.dtype, store_attrs, settings.compression
+        out_path, plan.n_rows, loaded.d_model, layers, settings.dtype, dict(store_attrs), settings.compression
     ) as writer:
         _write_token_table(writer, plan)
         writer.write_docs(docs)
-        bar = tqdm(total=plan.n_rows, unit="tok", disable=not progress, file=sys.stderr, desc="extract")
+        bar = tqdm(total=plan.n_rows, unit="tok", disable=not progress, file=sys.stderr, desc=desc)
         batch_rows: dict[str, Any] = {}  # where the batch in flight goes: first store row, mask of stored positions
 
         def write(address: str, states: torch.Tensor) -> None:
@@ -240,11 +270,11 @@ def check_storable(address: str, states: torch.Tensor, store_dtype: torch.dtype)
 
 
 def _write_token_table(writer: StoreWriter, plan: ExtractionPlan) -> None:
-    """Write token ids, document numbers and positions of every stored row."""
-    ids = np.concatenate([np.asarray(t)[k] for t, k in zip(plan.token_ids, plan.keep, strict=True)])
-    doc = np.concatenate([np.full(len(k), i) for i, k in enumerate(plan.keep)])
-    pos = np.concatenate(plan.keep)
-    writer.write_tokens(ids, doc, pos)
+    """Write token ids, document numbers and positions of every stored row (a shard's plan may be empty)."""
+    ids = [np.asarray(t, dtype=np.int64)[k] for t, k in zip(plan.token_ids, plan.keep, strict=True)]
+    doc = [np.full(len(k), i) for i, k in enumerate(plan.keep)]
+    empty = [np.zeros(0, dtype=np.int64)]
+    writer.write_tokens(np.concatenate(ids or empty), np.concatenate(doc or empty), np.concatenate(plan.keep or empty))
 
 
 def _pad_id(tokenizer: Any) -> int:

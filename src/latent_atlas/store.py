@@ -126,6 +126,10 @@ class StoreWriter:
             raise RuntimeError("StoreWriter is used outside its `with` block")
         return self._file
 
+    def dataset(self, name: str) -> h5py.Dataset:
+        """The open dataset ``name`` (``tokens/ids``, ``resid/05``, ...), for writers that copy in blocks."""
+        return self._require_open()[name]
+
     def write_tokens(self, ids: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> None:
         """Write the whole token table (length N, in store row order)."""
         file = self._require_open()

@@ -1,0 +1,23 @@
+"""Entry point of rule extract_shard (rules/activations.smk): one shard of a sharded extraction."""
+
+from pathlib import Path
+
+import torch
+
+from latent_atlas.corpus import load_corpus_table
+from latent_atlas.extract import ExtractionSettings
+from latent_atlas.joblog import job_log
+from latent_atlas.models import load_model
+from latent_atlas.shards import extract_shard
+
+with job_log(snakemake.log[0]) as log:
+    torch.set_num_threads(snakemake.threads)
+    store_dtype = snakemake.params.model.get("store_dtype")  # a per-model override of extraction.dtype
+    overrides = {"dtype": store_dtype} if store_dtype else {}
+    settings = ExtractionSettings.from_config({**snakemake.params.settings, **overrides})
+    loaded = load_model(Path(snakemake.input.manifest).parent, settings.device, settings.model_dtype)
+    corpus, corpus_meta = load_corpus_table(snakemake.input.corpus)
+    attrs = {**snakemake.params.provenance, "corpus_sha256": corpus_meta["corpus_sha256"]}
+    shard, shards = int(snakemake.wildcards.shard), int(snakemake.params.shards)
+    path = extract_shard(loaded, corpus, snakemake.output.store, settings, attrs, shard, shards)
+    log.info("wrote shard %d of %d to %s on %s", shard, shards, path, loaded.device)
