@@ -30,6 +30,8 @@ rule check_readout_rescaling:
     conda:
         ENV
     threads: 4
+    resources:
+        gpu=1,
     params:
         split=config["evaluation"]["split"],
         texts=config["evaluation"]["readout_texts"],

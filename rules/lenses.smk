@@ -46,6 +46,8 @@ rule read_probe:
     conda:
         ENV
     threads: 8
+    resources:
+        gpu=1,
     params:
         probes=lambda wildcards: probe_closure([wildcards.probe]),
         settings=config["lenses"],

@@ -10,6 +10,8 @@ rule explore_neighbourhood:
     conda:
         ENV
     threads: 8
+    resources:
+        gpu=1,
     params:
         probes=neighbourhood_probes,
         settings=NEIGHBOURHOOD_SETTINGS,
@@ -29,6 +31,8 @@ rule explore_path:
     conda:
         ENV
     threads: 8
+    resources:
+        gpu=1,
     params:
         probes=neighbourhood_probes,
         ends=lambda wildcards: config["neighbourhood"]["paths"][wildcards.path],
