@@ -1,8 +1,10 @@
 """The real Snakemake DAG: lint, parse-time validation, a fast dry run, and the end-to-end run on SmolLM2."""
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +198,31 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
     assert "smollm2-135m.registers.norms.png" in html
     assert "Mickus et al.'s confound" in html and "registers.performance.png" in html  # geometry captions
     assert "debian.performance.png" in html and "differ only in" in html  # the training family's figures
+
+    _check_reruns(args, root)
+
+
+def _planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from a dry run's job stats table (empty when nothing is to be done)."""
+    table = result.stdout.split("Job stats:", 1)[-1] if "Job stats:" in result.stdout else ""
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE) if m[1] != "total"}
+
+
+def _check_reruns(args: list[str], root: Path) -> None:
+    """An up-to-date DAG plans nothing; changing one probe's text plans only what reads that probe."""
+    begin = time.perf_counter()
+    again = snakemake(*args, "--dry-run")
+    seconds = time.perf_counter() - begin
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout[-3000:]
+    print(f"up-to-date dry run: nothing to be done, {seconds:.1f} s", file=sys.stderr)
+    changed = root / "changed-probe.yaml"
+    changed.write_text(yaml.safe_dump({"probes": {"eiffel-paris": {"text": "The Eiffel Tower stands in Paris"}}}))
+    plan = snakemake(*args, str(changed), "--dry-run")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    jobs = _planned_jobs(plan)
+    reading_the_probe = {"read_probe", "explore_neighbourhood", "plot_neighbourhood", "all"}
+    assert jobs and set(jobs) <= reading_the_probe, jobs  # ci.yaml's one probe is also its neighbourhood point
+    assert jobs.get("read_probe") == 1 and jobs.get("explore_neighbourhood") == 1, jobs
 
 
 def _check_geometry_and_performance(root: Path, smollm2: dict) -> None:
