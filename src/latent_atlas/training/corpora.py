@@ -38,8 +38,7 @@ from latent_atlas.training.text import (
     cap_documents,
     chunk_text,
     clean_text,
-    exact_duplicates,
-    near_duplicates,
+    mark_duplicates,
     parent_document,
     tally,
     word_count,
@@ -449,21 +448,13 @@ def assemble_corpus(
         documents, facts[source.name] = _fetch(source, downloads, settings)
         pieces.extend(build_pieces(documents, index, settings))
 
-    texts = [piece.text for piece in pieces]
-    for piece, duplicate in zip(pieces, exact_duplicates(texts), strict=True):
-        if duplicate and piece.drop is None:
-            piece.drop = "exact_duplicate"
-    near = near_duplicates(
-        texts,
+    mark_duplicates(
+        pieces,
         settings.near_duplicate_threshold,
         settings.minhash_permutations,
         settings.minhash_bands,
         settings.shingle_words,
-        skip=[piece.drop is not None for piece in pieces],
     )
-    for piece, duplicate in zip(pieces, near, strict=True):
-        if duplicate:
-            piece.drop = "near_duplicate"
     for index, source in enumerate(parsed):
         if source.max_words:
             own = [piece for piece in pieces if piece.source == index]

@@ -36,8 +36,7 @@ from latent_atlas.training.text import (
     cap_documents,
     chunk_text,
     clean_text,
-    exact_duplicates,
-    near_duplicates,
+    mark_duplicates,
     parent_document,
     tally,
     word_count,
@@ -480,21 +479,13 @@ def _pieces(labelled: _Labelled, settings: Settings) -> list[_Piece]:
 
 def _deduplicate(pieces: Sequence[_Piece], settings: Settings) -> None:
     """Mark exact, then near duplicates of earlier pieces (stream order)."""
-    texts = [piece.text for piece in pieces]
-    for piece, duplicate in zip(pieces, exact_duplicates(texts), strict=True):
-        if duplicate and piece.drop is None:
-            piece.drop = "exact_duplicate"
-    near = near_duplicates(
-        texts,
+    mark_duplicates(
+        pieces,
         settings.near_duplicate_threshold,
         settings.minhash_permutations,
         settings.minhash_bands,
         settings.shingle_words,
-        skip=[piece.drop is not None for piece in pieces],
     )
-    for piece, duplicate in zip(pieces, near, strict=True):
-        if duplicate:
-            piece.drop = "near_duplicate"
 
 
 def _cap(pieces: Sequence[_Piece], dataset: str, limit: int, salt: str) -> None:

@@ -206,6 +206,28 @@ class Counted(Protocol):
     drop: str | None
 
 
+class Piece(Counted, Protocol):
+    """A piece with its text."""
+
+    text: str
+
+
+def mark_duplicates(
+    pieces: Sequence[Piece], threshold: float, permutations: int, bands: int, shingle_words: int
+) -> None:
+    """Mark exact, then near duplicates of earlier pieces (in the given order): ``drop`` = the reason."""
+    texts = [piece.text for piece in pieces]
+    for piece, duplicate in zip(pieces, exact_duplicates(texts), strict=True):
+        if duplicate and piece.drop is None:
+            piece.drop = "exact_duplicate"
+    near = near_duplicates(
+        texts, threshold, permutations, bands, shingle_words, skip=[piece.drop is not None for piece in pieces]
+    )
+    for piece, duplicate in zip(pieces, near, strict=True):
+        if duplicate:
+            piece.drop = "near_duplicate"
+
+
 def cap_documents(documents: Mapping[str, Sequence[Any]], limit: int, salt: str, reason: str) -> None:
     """Keep whole documents, in the order of a stable hash of their ids, while the words stay under ``limit``.
 
