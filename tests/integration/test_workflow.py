@@ -209,7 +209,7 @@ def _planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
 
 
 def _check_reruns(args: list[str], root: Path) -> None:
-    """An up-to-date DAG plans nothing; changing one probe's text plans only what reads that probe."""
+    """An up-to-date DAG plans nothing; a changed probe, corpus or model re-plans exactly what depends on it."""
     begin = time.perf_counter()
     again = snakemake(*args, "--dry-run")
     seconds = time.perf_counter() - begin
@@ -223,6 +223,18 @@ def _check_reruns(args: list[str], root: Path) -> None:
     reading_the_probe = {"read_probe", "explore_neighbourhood", "plot_neighbourhood", "all"}
     assert jobs and set(jobs) <= reading_the_probe, jobs  # ci.yaml's one probe is also its neighbourhood point
     assert jobs.get("read_probe") == 1 and jobs.get("explore_neighbourhood") == 1, jobs
+    # a changed corpus invalidates every store built on it (two models, three members), not the models themselves
+    corpus = root / "changed-corpus.yaml"
+    corpus.write_text(yaml.safe_dump({"corpora": {"registers": {"max_docs_per_label": 3}}}))
+    jobs = _planned_jobs(snakemake(*args, str(corpus), "--dry-run"))
+    assert jobs.get("prepare_corpus") == 1 and jobs.get("extract_activations") == 5, jobs
+    assert not {"acquire_model", "train_member", "project_parameters"} & set(jobs), jobs
+    # a changed model entry re-acquires that model and re-runs what descends from it, nothing of the other
+    model = root / "changed-model.yaml"
+    model.write_text(yaml.safe_dump({"models": {"smollm2-135m": {"description": "the same model, described anew"}}}))
+    jobs = _planned_jobs(snakemake(*args, str(model), "--dry-run"))
+    assert jobs.get("acquire_model") == 1 and jobs.get("extract_activations") == 1, jobs
+    assert jobs.get("evaluate_performance") == 1 and "train_member" not in jobs, jobs
 
 
 def _check_geometry_and_performance(root: Path, smollm2: dict) -> None:
