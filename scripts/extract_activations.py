@@ -14,7 +14,8 @@ with job_log(snakemake.log[0]) as log:
     store_dtype = snakemake.params.model.get("store_dtype")  # a per-model override of extraction.dtype
     overrides = {"dtype": store_dtype} if store_dtype else {}
     settings = ExtractionSettings.from_config({**snakemake.params.settings, **overrides})
-    loaded = load_model(Path(snakemake.input.manifest).parent, settings.device, settings.model_dtype)
+    model_dir = Path(snakemake.input.manifest).parent
+    loaded = load_model(model_dir, settings.device, settings.model_dtype, device_key="extraction.device")
     corpus, corpus_meta = load_corpus_table(snakemake.input.corpus)
     attrs = {**snakemake.params.provenance, "corpus_sha256": corpus_meta["corpus_sha256"]}
     path = extract_activations(loaded, corpus, snakemake.output.store, settings, attrs)

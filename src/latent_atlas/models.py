@@ -97,8 +97,12 @@ def locate_parts(model: nn.Module) -> ModelParts:
     )
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, key: str = "this step's `device` setting") -> torch.device:
     """Resolve ``auto`` to CUDA when available, else CPU; pass explicit devices through.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        key: the config key the device came from, named in the error.
 
     Raises:
         ModelAcquisitionError: if CUDA is asked for but not available.
@@ -108,7 +112,7 @@ def resolve_device(device: str) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelAcquisitionError(
-            f"device '{device}' asked for but CUDA is not available; set extraction.device to 'auto' or 'cpu'"
+            f"device '{device}' asked for but CUDA is not available; set {key} to 'auto' or 'cpu'"
         )
     return resolved
 
@@ -149,12 +153,17 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_model(model_dir: str | os.PathLike[str], device: str = "auto", dtype: str = "float32") -> LoadedModel:
-    """Load a model directory written by :func:`acquire_model`, in eval mode on ``device``."""
+def load_model(
+    model_dir: str | os.PathLike[str], device: str = "auto", dtype: str = "float32", device_key: str | None = None
+) -> LoadedModel:
+    """Load a model directory written by :func:`acquire_model`, in eval mode on ``device``.
+
+    ``device_key`` names the config key ``device`` came from, for the error when CUDA is missing.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = read_manifest(model_dir)
-    target = resolve_device(device)
+    target = resolve_device(device, device_key) if device_key else resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(dtype))
     model.to(target).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -178,3 +178,5 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ModelAcquisitionError, match="CUDA is not available"):
             resolve_device("cuda")
+        with pytest.raises(ModelAcquisitionError, match=r"set training\.device to 'auto' or 'cpu'"):
+            resolve_device("cuda:0", "training.device")

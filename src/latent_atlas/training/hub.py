@@ -313,10 +313,7 @@ class RegisterClassifier:
     @classmethod
     def from_source(cls, source: HubSource) -> "RegisterClassifier":
         """Load the classifier a hub source names, and check its ``labels`` against the classifier's labels."""
-        try:
-            device = resolve_device(source.device)
-        except ModelAcquisitionError as error:
-            raise ModelAcquisitionError(f"hub source: {error}".replace("extraction.device", "device")) from error
+        device = resolve_device(source.device, "training.corpus.device")
         loaded = cls.from_pretrained(
             source.classifier,
             source.classifier_revision,

@@ -57,7 +57,7 @@ def train_member(
         recipe,
         checkpoint_dir,
         fingerprint(spec),
-        device=resolve_device(device),
+        device=resolve_device(device, "training.device"),
         progress=progress,
     )
     training = {
