@@ -543,3 +543,19 @@ def test_a_family_fetches_only_the_sources_of_its_registers():
     assert [s.package for s in sources_for_registers(sources, ["how_to"], "x.yaml")] == ["manpages"]
     with pytest.raises(CorpusError, match=r"names \['poetry'\], which no source in x.yaml provides"):
         sources_for_registers(sources, ["how_to", "poetry"], "x.yaml")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"min_words": "5"}, r"settings\.min_words is '5' \(str\)"),
+        ({"max_words_per_register": 2.5}, r"settings\.max_words_per_register is 2\.5"),
+        ({"near_duplicate_threshold": 1.5}, r"near_duplicate_threshold is 1\.5; use a value in \(0, 1\]"),
+        ({"max_words_per_register": 0}, r"max_words_per_register must be at least 1"),
+    ],
+)
+def test_settings_of_the_wrong_type_or_range_are_named(values, message):
+    from latent_atlas.training.corpora import parse_settings
+
+    with pytest.raises(CorpusError, match=message):
+        parse_settings(values)

@@ -165,6 +165,7 @@ def parse_settings(values: Mapping[str, Any] | Settings | None) -> Settings:
             raise CorpusError(
                 f"unknown settings {unknown}; the settings are {', '.join(sorted(Settings.__dataclass_fields__))}"
             )
+        _check_setting_types(values)
         settings = Settings(**values)
     fractions = dict(settings.splits)
     if not fractions or any(f < 0 for f in fractions.values()) or not math.isclose(sum(fractions.values()), 1.0):
@@ -173,7 +174,38 @@ def parse_settings(values: Mapping[str, Any] | Settings | None) -> Settings:
         raise CorpusError("settings.minhash_permutations must be a multiple of settings.minhash_bands")
     if not 0 < settings.min_words <= settings.max_words:
         raise CorpusError("settings need 0 < min_words <= max_words")
+    if not 0 < settings.near_duplicate_threshold <= 1:
+        threshold = settings.near_duplicate_threshold
+        raise CorpusError(f"settings.near_duplicate_threshold is {threshold}; use a value in (0, 1]")
+    if settings.max_words_per_register is not None and settings.max_words_per_register < 1:
+        raise CorpusError("settings.max_words_per_register must be at least 1 (or null: no cap)")
     return settings
+
+
+def _check_setting_types(values: Mapping[str, Any]) -> None:
+    """Refuse a setting of the wrong type (a quoted number, say) by name, rather than with a TypeError later."""
+    for name, value in values.items():
+        expected = _SETTING_TYPES.get(name)
+        if expected is None:
+            continue
+        kinds, wanted = expected
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise CorpusError(f"settings.{name} is {value!r} ({type(value).__name__}); give {wanted}")
+
+
+_INTEGER = ((int,), "a whole number")
+_SETTING_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "min_words": _INTEGER,
+    "max_words": _INTEGER,
+    "group_words": _INTEGER,
+    "shingle_words": _INTEGER,
+    "minhash_permutations": _INTEGER,
+    "minhash_bands": _INTEGER,
+    "copyright_excerpt_lines": _INTEGER,
+    "max_words_per_register": ((int, type(None)), "a whole number or null"),
+    "near_duplicate_threshold": ((int, float), "a number in (0, 1]"),
+    "split_salt": ((str,), "a string"),
+}
 
 
 def read_sources_config(path: str | Path) -> tuple[list[Source], Settings]:
