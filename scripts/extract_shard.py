@@ -12,9 +12,7 @@ from latent_atlas.shards import extract_shard
 
 with job_log(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
-    store_dtype = snakemake.params.model.get("store_dtype")  # a per-model override of extraction.dtype
-    overrides = {"dtype": store_dtype} if store_dtype else {}
-    settings = ExtractionSettings.from_config({**snakemake.params.settings, **overrides})
+    settings = ExtractionSettings.for_model(snakemake.params.settings, snakemake.params.model)
     model_dir = Path(snakemake.input.manifest).parent
     loaded = load_model(model_dir, settings.device, settings.model_dtype, device_key="extraction.device")
     corpus, corpus_meta = load_corpus_table(snakemake.input.corpus)

@@ -7,8 +7,8 @@ import polars as pl
 from latent_atlas.corpus import load_corpus_table
 from latent_atlas.joblog import job_log
 from latent_atlas.provenance import atomic_output, provenance_record, write_json
-from latent_atlas.training.corpora import SPLITS
 from latent_atlas.training.data import save_streams, tokenize_corpus, train_tokenizer
+from latent_atlas.training.text import SPLITS
 
 with job_log(snakemake.log[0]) as log:
     training = snakemake.params.training

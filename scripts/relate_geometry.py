@@ -1,14 +1,11 @@
 """Entry point of rule relate_geometry (rules/geometry.smk)."""
 
-import polars as pl
-
 from latent_atlas.geometry.relations import read_benchmarks, relate
 from latent_atlas.joblog import job_log
-from latent_atlas.provenance import provenance_record, write_parquet_with_provenance
+from latent_atlas.provenance import provenance_record, read_tables, write_parquet_with_provenance
 
 with job_log(snakemake.log[0]):
-    geometry = pl.concat([pl.read_parquet(path) for path in snakemake.input.geometry], how="diagonal")
-    performance = pl.concat([pl.read_parquet(path) for path in snakemake.input.performance], how="diagonal")
+    geometry, performance = read_tables(snakemake.input.geometry), read_tables(snakemake.input.performance)
     models = performance["model"].unique().to_list()
     benchmarks = read_benchmarks(snakemake.input.get("benchmarks"), models)
     table = relate(geometry, performance, benchmarks)

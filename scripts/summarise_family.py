@@ -7,7 +7,7 @@ import polars as pl
 
 from latent_atlas.geometry.relations import relate
 from latent_atlas.joblog import job_log
-from latent_atlas.provenance import provenance_record, write_parquet_with_provenance
+from latent_atlas.provenance import provenance_record, read_tables, write_parquet_with_provenance
 from latent_atlas.training.evaluate import (
     add_rank_fraction,
     lens_depths,
@@ -15,11 +15,6 @@ from latent_atlas.training.evaluate import (
     specialisation,
     tag_models,
 )
-
-
-def _concat(paths: list[str]) -> pl.DataFrame:
-    return pl.concat([pl.read_parquet(path) for path in paths], how="diagonal_relaxed")
-
 
 with job_log(snakemake.log[0]) as log:
     mixtures = snakemake.params.mixtures
@@ -30,9 +25,9 @@ with job_log(snakemake.log[0]) as log:
     manifests = [json.loads(Path(path).read_text()) for path in inputs.manifests]
     n_layers = {manifest["name"]: manifest["n_layers"] for manifest in manifests}
     widths = {manifest["name"]: manifest["d_model"] for manifest in manifests}
-    geometry = tag_models(add_rank_fraction(_concat(inputs.geometry), widths), members)
-    lenses = tag_models(lens_depths(_concat(inputs.lenses), n_layers), members)
-    losses = _concat(inputs.losses)
+    geometry = tag_models(add_rank_fraction(read_tables(inputs.geometry), widths), members)
+    lenses = tag_models(lens_depths(read_tables(inputs.lenses), n_layers), members)
+    losses = read_tables(inputs.losses)
     relations = relate(geometry, matrix.select("model", "register", "perplexity", "bits_per_byte"))
     meta = provenance_record({"training": snakemake.params.training}, members=members)
     for table, path in [

@@ -61,6 +61,12 @@ class ExtractionSettings:
             values["splits"] = tuple(values["splits"])
         return cls(**values)
 
+    @classmethod
+    def for_model(cls, section: Mapping[str, Any], model: Mapping[str, Any]) -> "ExtractionSettings":
+        """Settings for one model: the ``extraction`` section, with the model entry's ``store_dtype`` if it sets one."""
+        store_dtype = model.get("store_dtype")
+        return cls.from_config({**section, **({"dtype": store_dtype} if store_dtype else {})})
+
 
 @dataclass(frozen=True)
 class ExtractionPlan:

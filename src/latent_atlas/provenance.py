@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,13 @@ def write_json(path: str | os.PathLike[str], payload: Any) -> None:
     """Write ``payload`` as indented JSON, atomically."""
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_tables(paths: Iterable[str | os.PathLike[str]]) -> Any:
+    """Read parquet tables into one polars table, columns matched by name (absent ones null)."""
+    import polars as pl
+
+    return pl.concat([pl.read_parquet(path) for path in paths], how="diagonal_relaxed")
 
 
 def write_parquet_with_provenance(table: Any, path: str | os.PathLike[str], meta: dict[str, Any]) -> None:

@@ -334,3 +334,9 @@ def test_a_models_store_dtype_overrides_the_extraction_dtype(tiny_model_dirs, ti
     normal = _run_extract_script(monkeypatch, tmp_path, tiny_model_dirs["llama"], tiny_corpus, {}, "normal")
     with ActivationStore(normal) as opened:
         assert opened.attrs["dtype"] == "float16"
+
+
+def test_a_models_store_dtype_overrides_the_sections_dtype():
+    section = {"dtype": "float16", "layers": "all", "unknown_key": 1}
+    assert ExtractionSettings.for_model(section, {"store_dtype": "float32"}).dtype == "float32"
+    assert ExtractionSettings.for_model(section, {}).dtype == "float16"

@@ -17,7 +17,7 @@ from matplotlib.patches import Rectangle
 
 from latent_atlas.geometry.relations import band_means
 from latent_atlas.plots import PALETTE, apply_style, save_figure
-from latent_atlas.plots.geometry import METRIC_LABELS, _grid
+from latent_atlas.plots.geometry import METRIC_LABELS, _grid, _present
 
 Path = str | os.PathLike[str]
 
@@ -244,11 +244,6 @@ def plot_training_curves(losses: pl.DataFrame, pdf: Path, png: Path, title: str)
 
 
 # -- geometry and lenses by depth ------------------------------------------------------------------------------
-
-
-def _present(table: pl.DataFrame, metrics: tuple[str, ...]) -> list[str]:
-    available = set(table["metric"])
-    return [metric for metric in metrics if metric in available]
 
 
 def _raw_all(geometry: pl.DataFrame) -> pl.DataFrame:

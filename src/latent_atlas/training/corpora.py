@@ -38,13 +38,12 @@ from latent_atlas.training.text import (
     cap_documents,
     chunk_text,
     clean_text,
+    document_id,
     mark_duplicates,
     parent_document,
     tally,
     word_count,
 )
-
-SPLITS = ("train", "validation", "test")
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -367,7 +366,7 @@ class _Piece:
     drop: str | None = None
 
     def doc_id(self, name: str) -> str:
-        return f"deb:{name}:{self.n}" if self.pieces == 1 else f"deb:{name}:{self.n}.{self.k}"
+        return document_id("deb", name, self.n, None if self.pieces == 1 else self.k)
 
 
 def _cap(pieces: list[_Piece], names: Sequence[str], limit: int, salt: str, reason: str) -> None:
@@ -375,7 +374,7 @@ def _cap(pieces: list[_Piece], names: Sequence[str], limit: int, salt: str, reas
     documents: dict[str, list[_Piece]] = defaultdict(list)
     for piece in pieces:
         if piece.drop is None:
-            documents[f"deb:{names[piece.source]}:{piece.n}"].append(piece)
+            documents[document_id("deb", names[piece.source], piece.n)].append(piece)
     cap_documents(documents, limit, salt, reason)
 
 
@@ -519,11 +518,6 @@ def assemble_corpus(
     return manifest
 
 
-def _tally(pieces: Iterable[_Piece], splits: Iterable[str]) -> dict[str, Any]:
-    """Count documents (pieces) and words, in total and per split."""
-    return tally(pieces, splits, SPLITS)
-
-
 def _manifest(
     sources: Sequence[Source],
     settings: Settings,
@@ -545,14 +539,14 @@ def _manifest(
             "pieces": len(own),
             "words_extracted": sum(piece.words for piece in own),
             "dropped": {reason: dropped.get(reason, 0) for reason in sorted(dropped)},
-            **_tally((p for p, _ in mine), (s for _, s in mine)),
+            **tally((p for p, _ in mine), (s for _, s in mine)),
         }
     registers: dict[str, Any] = {}
     for register in sorted({source.register for source in sources}):
         mine = [(p, s) for p, s in zip(kept, splits, strict=True) if sources[p.source].register == register]
         registers[register] = {
             "sources": [source.name for source in sources if source.register == register],
-            **_tally((p for p, _ in mine), (s for _, s in mine)),
+            **tally((p for p, _ in mine), (s for _, s in mine)),
         }
     total_debs = {facts[s.name]["deb"]: facts[s.name]["deb_bytes"] for s in sources}
     return {
@@ -563,7 +557,7 @@ def _manifest(
         "piece; all pieces of a document share its split",
         "sources": per_source,
         "registers": registers,
-        "totals": {**_tally(kept, splits), "deb_bytes": sum(total_debs.values())},
+        "totals": {**tally(kept, splits), "deb_bytes": sum(total_debs.values())},
         "settings": asdict(settings),
         "provenance": provenance_record({"sources": [asdict(s) for s in sources], "settings": asdict(settings)}),
     }

@@ -49,13 +49,9 @@ def performance_matrix(tables: Sequence[pl.DataFrame], mixtures: Mapping[str, Ma
     """
     if not tables:
         raise ValueError("no performance tables to combine")
-    matrix = pl.concat(tables, how="diagonal_relaxed")
-    kinds = {model: "member" for model in mixtures}
+    matrix = tag_models(pl.concat(tables, how="diagonal_relaxed"), list(mixtures))
     weights = {model: json.dumps(dict(mixture), sort_keys=True) for model, mixture in mixtures.items()}
-    return matrix.with_columns(
-        kind=pl.col("model").replace_strict(kinds, default="pretrained"),
-        mixture=pl.col("model").replace_strict(weights, default=None, return_dtype=pl.String),
-    )
+    return matrix.with_columns(mixture=pl.col("model").replace_strict(weights, default=None, return_dtype=pl.String))
 
 
 def specialisation(matrix: pl.DataFrame, mixtures: Mapping[str, Mapping[str, float]]) -> pl.DataFrame:

@@ -30,12 +30,13 @@ from latent_atlas.corpus import COLUMNS, write_corpus
 from latent_atlas.errors import CorpusError, ModelAcquisitionError
 from latent_atlas.models import resolve_device
 from latent_atlas.provenance import atomic_output, provenance_record, write_json
-from latent_atlas.training.corpora import SPLITS, Settings, parse_settings
+from latent_atlas.training.corpora import Settings, parse_settings
 from latent_atlas.training.text import (
     assign_split,
     cap_documents,
     chunk_text,
     clean_text,
+    document_id,
     mark_duplicates,
     parent_document,
     tally,
@@ -420,7 +421,7 @@ class _Piece:
     drop: str | None = None
 
     def doc_id(self, dataset: str) -> str:
-        return f"hub:{dataset}:{self.n}" if self.pieces == 1 else f"hub:{dataset}:{self.n}.{self.k}"
+        return document_id("hub", dataset, self.n, None if self.pieces == 1 else self.k)
 
 
 @dataclass
@@ -490,14 +491,9 @@ def _cap(pieces: Sequence[_Piece], dataset: str, limit: int, salt: str) -> None:
     documents: dict[str, dict[str, list[_Piece]]] = defaultdict(lambda: defaultdict(list))
     for piece in pieces:
         if piece.drop is None:
-            documents[piece.register][f"hub:{dataset}:{piece.n}"].append(piece)
+            documents[piece.register][document_id("hub", dataset, piece.n)].append(piece)
     for own in documents.values():
         cap_documents(own, limit, salt, "register_cap")
-
-
-def _tally(pieces: Iterable[_Piece], splits: Iterable[str]) -> dict[str, Any]:
-    """Count documents (pieces) and words, in total and per split."""
-    return tally(pieces, splits, SPLITS)
 
 
 def assemble_hub_corpus(
@@ -592,7 +588,7 @@ def _manifest(
             "labels": sorted(label for label, reg in source.labels.items() if reg == register),
             "documents_classified": kept_documents.get(register, 0),
             "probability": _probabilities(probs),
-            **_tally((p for p, _ in mine), (s for _, s in mine)),
+            **tally((p for p, _ in mine), (s for _, s in mine)),
         }
     return {
         "kind": "hub",
@@ -625,7 +621,7 @@ def _manifest(
             "dropped_pieces": {reason: dropped[reason] for reason in sorted(dropped)},
         },
         "registers": registers,
-        "totals": _tally(kept, splits),
+        "totals": tally(kept, splits),
         "settings": asdict(source.settings),
         "provenance": provenance_record({"kind": "hub", "source": asdict(source)}),
     }

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 _WORD = re.compile(r"\w+")
+SPLITS = ("train", "validation", "test")  # the training corpora's splits, by document
 
 # --------------------------------------------------------------------------------------------------
 # Cleaning and cutting
@@ -189,6 +190,11 @@ def assign_split(document_id: str, fractions: Mapping[str, float], salt: str = "
     return next(reversed(list(fractions)))
 
 
+def document_id(prefix: str, name: str, n: int, k: int | None = None) -> str:
+    """The id of document ``n`` of a source (``deb:x:12``), or of its piece ``k`` (``deb:x:12.3``)."""
+    return f"{prefix}:{name}:{n}" if k is None else f"{prefix}:{name}:{n}.{k}"
+
+
 def parent_document(doc_id: str) -> str:
     """Return the id of the document a piece was cut from (``deb:x:12.3`` -> ``deb:x:12``)."""
     head, _, last = doc_id.rpartition(":")
@@ -244,7 +250,7 @@ def cap_documents(documents: Mapping[str, Sequence[Any]], limit: int, salt: str,
                 piece.drop = reason
 
 
-def tally(pieces: Iterable[Counted], splits: Iterable[str], names: Sequence[str]) -> dict[str, Any]:
+def tally(pieces: Iterable[Counted], splits: Iterable[str], names: Sequence[str] = SPLITS) -> dict[str, Any]:
     """Count documents (pieces) and words, in total and per split (every split of ``names`` listed)."""
     per_split = {split: {"documents": 0, "words": 0} for split in names}
     for piece, split in zip(pieces, splits, strict=True):
