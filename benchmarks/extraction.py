@@ -10,6 +10,10 @@ median is reported. Methods:
   float16 (how HF, TransformerLens and nnsight caches hold them);
 - ``extract``: latent_atlas.extract into an HDF5 store (all layers + ln_final, float16).
 
+With a CUDA device, ``body`` and ``extract`` also run on it in float32 and in bfloat16 (``extraction.model_dtype:
+auto`` there), in the same rounds, and a second table gives their throughput against the CPU float32 run of the
+same method in the same round, and their peak GPU memory. Without one, it says that those rows were skipped.
+
 Usage (after `make run` has built the model and corpus):
     .venv/bin/python benchmarks/extraction.py [--docs 24] [--scale 4] [--rounds 5]
 """
@@ -26,10 +30,20 @@ import time
 from pathlib import Path
 
 METHODS = ("forward", "body", "hf-states", "extract")
+GPU_METHODS = ("body", "extract")  # timed on CUDA as well, when there is a CUDA device
+GPU_DTYPES = ("float32", "bfloat16")
 
 
-def child(method: str, model_dir: str, corpus_path: str, n_docs: int, threads: int) -> dict:
-    """Run one method once in this process; return tokens/s and memory figures."""
+def child(
+    method: str,
+    model_dir: str,
+    corpus_path: str,
+    n_docs: int,
+    threads: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict:
+    """Run one method once in this process, on ``device`` in ``dtype``; return tokens/s and memory figures."""
     import numpy as np
     import polars as pl
     import torch
@@ -39,13 +53,19 @@ def child(method: str, model_dir: str, corpus_path: str, n_docs: int, threads: i
     from latent_atlas.models import load_model
 
     torch.set_num_threads(threads)
-    loaded = load_model(model_dir, device="cpu")
+    loaded = load_model(model_dir, device=device, dtype=dtype)
     corpus, _ = load_corpus_table(corpus_path)
     corpus = corpus.head(n_docs).with_columns(pl.lit("train").alias("split"))
-    settings = ExtractionSettings(device="cpu", max_length=256, batch_size=32, max_batch_tokens=4096)
+    settings = ExtractionSettings(
+        device=device, model_dtype=dtype, max_length=256, batch_size=32, max_batch_tokens=4096
+    )
     plan = plan_extraction(loaded.tokenizer, corpus["text"].to_list(), settings)
     with torch.inference_mode():  # page in every weight (mmapped safetensors) and warm up, for all methods
-        loaded.model(input_ids=torch.tensor([plan.token_ids[-1][:8]]), use_cache=False)
+        loaded.model(input_ids=torch.tensor([plan.token_ids[-1][:8]], device=loaded.device), use_cache=False)
+    cuda = loaded.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     rss_loaded = _rss_now_mb()
     _reset_peak_rss()
     kept: list[np.ndarray] = []
@@ -69,7 +89,9 @@ def child(method: str, model_dir: str, corpus_path: str, n_docs: int, threads: i
                     out = loaded.model(
                         input_ids=ids, attention_mask=attention, use_cache=False, output_hidden_states=True
                     )
-                    kept.extend(h[stored].to(torch.float16).numpy() for h in out.hidden_states)
+                    kept.extend(h[stored].to(torch.float16).cpu().numpy() for h in out.hidden_states)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {
         "method": method,
@@ -78,6 +100,7 @@ def child(method: str, model_dir: str, corpus_path: str, n_docs: int, threads: i
         "peak_rss_mb": _peak_rss_mb(),
         "rss_after_load_mb": rss_loaded,
         "write_share": write_seconds[0] / seconds,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0,
     }
 
 
@@ -120,7 +143,7 @@ def _rss_now_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def run_child(method: str, args: argparse.Namespace, n_docs: int) -> dict:
+def run_child(method: str, args: argparse.Namespace, n_docs: int, device: str = "cpu", dtype: str = "float32") -> dict:
     """Run one measurement in a fresh process."""
     command = [
         sys.executable,
@@ -135,6 +158,10 @@ def run_child(method: str, args: argparse.Namespace, n_docs: int) -> dict:
         args.corpus,
         "--threads",
         str(args.threads),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -154,11 +181,17 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--child", choices=METHODS)
     parser.add_argument("--n-docs", type=int)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)  # a child's device and dtype
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.model, args.corpus, args.n_docs, args.threads)))
+        measured = child(args.child, args.model, args.corpus, args.n_docs, args.threads, args.device, args.dtype)
+        print(json.dumps(measured))
         return
     methods = args.methods.split(",")
+    gpu = [(method, dtype) for method in methods if method in GPU_METHODS for dtype in GPU_DTYPES]
+    if not _cuda_available():
+        gpu = []
     sizes = {"1x": args.docs, f"{args.scale}x": args.docs * args.scale}
     results: dict[tuple[str, str], list[dict]] = {}
     for round_number in range(args.rounds):
@@ -173,7 +206,20 @@ def main() -> None:
                     file=sys.stderr,
                     flush=True,
                 )
+            for method, dtype in gpu:
+                measured = run_child(method, args, n_docs, "cuda", dtype)
+                results.setdefault((size, f"{method} cuda/{dtype}"), []).append(measured)
+                print(f"round {round_number + 1} {size:>3} {method} cuda/{dtype} {measured['tokens_per_s']:8.1f} tok/s",
+                      file=sys.stderr, flush=True)  # fmt: skip
     print_table(results, sizes, methods)
+    print_gpu_table(results, sizes, gpu)
+
+
+def _cuda_available() -> bool:
+    """Whether a CUDA device is present (asked in a child: the parent stays free of torch and CUDA)."""
+    probe = [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"]
+    result = subprocess.run(probe, capture_output=True, text=True, check=False)
+    return result.stdout.strip().endswith("True")
 
 
 HEADER = (
@@ -226,6 +272,22 @@ def print_table(results: dict, sizes: dict, methods: list[str]) -> None:
         print(f"\nextract peak RSS {large} / {small}: {peak[large] / peak[small]:.3f}")
         share = statistics.median(r["write_share"] for r in results[(large, "extract")])
         print(f"share of extraction wall time spent in HDF5 writes ({large}): {100 * share:.1f}%")
+
+
+def print_gpu_table(results: dict, sizes: dict, gpu: list[tuple[str, str]]) -> None:
+    """The CUDA rows: throughput against the same method on the CPU in float32, paired within rounds."""
+    if not gpu:
+        print("\nGPU rows skipped: no CUDA device found (torch.cuda.is_available() is False).")
+        return
+    print("\n| size | method | device / dtype | tok/s (median) | x CPU float32 (same method) | peak GPU MB |")
+    print("|---|---|---|---|---|---|")
+    for size in sizes:
+        for method, dtype in gpu:
+            runs = results[(size, f"{method} cuda/{dtype}")]
+            median = statistics.median(r["tokens_per_s"] for r in runs)
+            ratio = _paired_ratio(runs, results.get((size, method)))
+            peak = statistics.median(r["peak_gpu_mb"] for r in runs)
+            print(f"| {size} | {method} | cuda / {dtype} | {median:.1f} | {ratio} | {peak:.0f} |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@
 2. Tuned-lens training: translators trained from the activation store (states read once, no forward
    passes) against the published recipe's way of running the model for every step, on the very same
    documents per step; wall time and the resulting held-out KL of each.
+3. With a CUDA device: the logit lens's decoding (final norm, W_U, log-softmax, KL to the stored final
+   state's distribution, top-10) on it in float32 and bfloat16, against the same decoding on the CPU in
+   float32 in this run, with how far each moves the KL. The pipeline's lenses stay in float32 on the CPU
+   (``latent_atlas.lenses.pipeline``); this row measures what a GPU would buy and what bfloat16 would cost.
+   Without a CUDA device, it says so.
 
 Usage (after `make run` has built the model and store):
     .venv/bin/python benchmarks/lenses.py [--tokens 512] [--rounds 3] [--steps 20]
@@ -65,6 +70,57 @@ def decoding(loaded: LoadedModel, store: ActivationStore, args: argparse.Namespa
         speed = statistics.median(values)
         per_lens = speed * len(lenses) / base if name.startswith("all") else 1.0
         print(f"| {name} | {speed:.0f} | {speed / base:.3f} | {per_lens:.2f} |")
+
+
+def _logit_lens_kl(
+    unembed: Unembed, states: dict[int, torch.Tensor], final: torch.Tensor, device: str, chunk: int
+) -> torch.Tensor:
+    """Mean KL(final || logit lens) per layer, ``(n_layers,)`` float64, decoding ``chunk`` positions at a time."""
+    dtype = unembed.weight.dtype
+    totals = torch.zeros(len(states), dtype=torch.float64)
+    for start in range(0, len(final), chunk):
+        target = torch.log_softmax(unembed.lm_head(final[start : start + chunk].to(device, dtype)).float(), -1)
+        for index, layer_states in enumerate(states.values()):
+            logits = unembed(layer_states[start : start + chunk].to(device, dtype))
+            lens = torch.log_softmax(logits.float(), -1)
+            logits.topk(10, dim=-1)
+            totals[index] += float((target.exp() * (target - lens)).sum(-1).sum(dtype=torch.float64))
+    return totals / len(final)
+
+
+def gpu_decoding(loaded: LoadedModel, store: ActivationStore, args: argparse.Namespace) -> None:
+    """Print the logit lens's decoding on CUDA (float32, bfloat16) against the CPU float32 of this run."""
+    if not torch.cuda.is_available():
+        print("\nGPU rows skipped: no CUDA device found (torch.cuda.is_available() is False).")
+        return
+    layers = select_layers({"every": 3}, loaded.n_layers)
+    tokens = evaluation_tokens(store, "heldout", args.tokens, skip_first_position=True)
+    states = {layer: torch.from_numpy(store.read(layer, tokens.rows)) for layer in layers}
+    final = torch.from_numpy(store.read("ln_final", tokens.rows))
+    work = len(tokens.rows) * len(layers)
+    variants = {"cpu / float32": ("cpu", torch.float32), "cuda / float32": ("cuda", torch.float32),
+                "cuda / bfloat16": ("cuda", torch.bfloat16)}  # fmt: skip
+    speeds: dict[str, list[float]] = {name: [] for name in variants}
+    kls: dict[str, torch.Tensor] = {}
+    unembeds = {name: Unembed.from_parts(loaded.parts).to(*variant) for name, variant in variants.items()}
+    with torch.no_grad():
+        for name, (device, _) in variants.items():  # warm-up (CUDA kernels, allocator)
+            _logit_lens_kl(unembeds[name], {0: states[layers[0]][:8]}, final[:8], device, 256)
+        for _ in range(args.rounds):
+            for name, (device, _) in variants.items():
+                torch.cuda.synchronize()
+                begin = time.perf_counter()
+                kls[name] = _logit_lens_kl(unembeds[name], states, final, device, 256)
+                torch.cuda.synchronize()
+                speeds[name].append(work / (time.perf_counter() - begin))
+    base = statistics.median(speeds["cpu / float32"])
+    print(f"\n## Logit-lens decoding on {torch.cuda.get_device_name()}: {len(tokens.rows)} positions x ", end="")
+    print(f"{len(layers)} layers, against the CPU (float32) of this run\n")
+    print("| device / dtype | positions x layers / s (median) | x CPU float32 | max abs. change of mean KL per layer |")
+    print("|---|---|---|---|")
+    for name, values in speeds.items():
+        change = float((kls[name] - kls["cpu / float32"]).abs().max())
+        print(f"| {name} | {statistics.median(values):.0f} | {statistics.median(values) / base:.2f} | {change:.2e} |")
 
 
 def step_documents(store: ActivationStore, steps: int, tokens_per_step: int, seed: int) -> list[list[int]]:
@@ -168,6 +224,7 @@ def main() -> None:
     with ActivationStore(args.store) as store:
         decoding(loaded, store, args)
         training(loaded, store, args)
+        gpu_decoding(loaded, store, args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ Both continue the same prompts under the same ActAdd settings (every strength of
 sampled with the same per-row seeds; the table gives generated tokens per second, the ratio to the loop, and
 whether the two produced identical tokens (they must).
 
+With a CUDA device, a second table times the batched sweep on it in float32 and in bfloat16 (what
+``steering.model_dtype: auto`` picks there) against the CPU float32 batched sweep of the same run, and checks
+that strength 0 gives the unsteered model's tokens in that dtype bit for bit (a batch of every strength against
+a one-row unsteered run, as the sweep's baselines are; on a GPU, kernels chosen by batch size could break that
+in any dtype, which this column would show). Without a CUDA device, it says so.
+
 Usage (after `make run` has built the model):
     .venv/bin/python benchmarks/steering.py [--strengths 0 1 2 4 8] [--tokens 20] [--rounds 3]
 """
@@ -38,6 +44,43 @@ def one_by_one(loaded, prompts, intervention, strengths, tokens, decoding) -> li
     return results
 
 
+def _timed(rounds: int, run, *args: object) -> tuple[float, list[torch.Tensor]]:  # noqa: ANN001
+    """Median seconds of ``run(*args)`` over rounds (CUDA work finished inside each timing), and its output."""
+    seconds, output = [], []
+    for _ in range(rounds):
+        begin = time.perf_counter()
+        output = run(*args)
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - begin)
+    return statistics.median(seconds), output
+
+
+def gpu_rows(args: argparse.Namespace, data, prompts: list[str], cpu_seconds: dict[str, float], work: int) -> None:  # noqa: ANN001
+    """The batched sweep on CUDA in float32 and bfloat16, against the CPU float32 batched sweep of this run."""
+    if not torch.cuda.is_available():
+        print("\nGPU rows skipped: no CUDA device found (torch.cuda.is_available() is False).")
+        return
+    print(f"\n## Batched sweep on {torch.cuda.get_device_name()} against the CPU (float32) of this run\n")
+    print("| decoding | device / dtype | tokens / s | x CPU float32 | strength 0 = unsteered (same dtype) |")
+    print("|---|---|---|---|---|")
+    zero = args.strengths.index(0.0) if 0.0 in args.strengths else None
+    for dtype in ("float32", "bfloat16"):
+        loaded = load_model(args.model, device="cuda", dtype=dtype)
+        vector = actadd_vector(loaded, data.actadd_positive, data.actadd_negative, args.layer)
+        intervention = ResidualAddition(args.layer, vector, args.strengths, positions="front")
+        batched(loaded, prompts[:1], intervention, args.strengths, 2, Decoding("greedy"))  # warm-up (kernels)
+        for decoding in (Decoding("greedy"), Decoding("sampled")):
+            sweep_args = (loaded, prompts, intervention, args.strengths, args.tokens, decoding)
+            seconds, outputs = _timed(args.rounds, batched, *sweep_args)
+            exact = "-"
+            if zero is not None:
+                unsteered = [generate(loaded, p, None, 1, args.tokens, decoding, [i])[0] for i, p in enumerate(prompts)]
+                exact = str(all(torch.equal(out[zero], u) for out, u in zip(outputs, unsteered, strict=True)))
+            ratio = cpu_seconds[decoding.name] / seconds
+            print(f"| {decoding.name} | cuda / {dtype} | {work / seconds:.0f} | {ratio:.2f} | {exact} |")
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("results/models/smollm2-135m"))
@@ -49,7 +92,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, device="auto")
+    loaded = load_model(args.model, device="cpu")  # the baseline: CPU, float32 (GPU rows follow, if any)
     data = load_steering_data(args.data)
     vector = actadd_vector(loaded, data.actadd_positive, data.actadd_negative, args.layer)
     intervention = ResidualAddition(args.layer, vector, args.strengths, positions="front")
@@ -62,6 +105,7 @@ def main() -> None:
     print(f"ActAdd at resid.{args.layer}, {args.threads} threads, {loaded.device}, median of {args.rounds} rounds\n")
     print("| decoding | method | tokens / s | x one-by-one | identical tokens |")
     print("|---|---|---|---|---|")
+    cpu_seconds = {}
     for decoding in (Decoding("greedy"), Decoding("sampled")):
         timings: dict[str, list[float]] = {"one setting at a time": [], "batched sweep": []}
         outputs = {}
@@ -77,6 +121,8 @@ def main() -> None:
         for name, values in timings.items():
             seconds = statistics.median(values)
             print(f"| {decoding.name} | {name} | {work / seconds:.0f} | {base / seconds:.2f} | {same} |")
+        cpu_seconds[decoding.name] = statistics.median(timings["batched sweep"])
+    gpu_rows(args, data, prompts, cpu_seconds, work)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ if SHARDS == 1:
         threads: model_threads(8)  # torch threads; capped by --cores locally, set per cluster in its profile
         resources:
             gpu=1,
+            mem_mb=memory_per_attempt(4000),  # grows on each retry (workflow/profiles)
         params:
             settings=extraction_settings,
             model=get_model_spec,
@@ -42,6 +43,7 @@ else:
         threads: model_threads(8)  # as extract_activations: one model per job
         resources:
             gpu=1,
+            mem_mb=memory_per_attempt(4000),
         params:
             settings=extraction_settings,
             model=get_model_spec,

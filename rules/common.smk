@@ -32,12 +32,16 @@ STEERING_METHODS = [*GENERATION_METHODS, "iti", "optimised"]
 
 
 def steering_settings(method):
-    """What a steering job depends on: the shared steering keys and its own method's section only."""
+    """What a steering job depends on: the shared steering keys and its own method's section only.
+
+    Optimised vectors always run in float32 (gradients), so `model_dtype` is no part of their settings.
+    """
     steering = config["steering"]
+    unused = ["model_dtype"] if method == "optimised" else []
     shared = {
         key: value
         for key, value in steering.items()
-        if key not in ["methods", *STEERING_METHODS]
+        if key not in ["methods", *STEERING_METHODS, *unused]
     }
     return shared | {method: steering[method]}
 
@@ -260,6 +264,20 @@ def with_member_layers(section):
         return config[section]
 
     return settings
+
+
+def memory_per_attempt(mb, member_mb=1000):
+    """`mem_mb` of an out-of-memory-prone per-model job: `mb` (`member_mb` for a tiny family member) x attempt.
+
+    Locally, workflow/profiles/default caps the pool (`resources: mem_mb=...`) and retries once, so a retried
+    job claims twice its share and fewer jobs run beside it (one asking more than the pool is given all of it).
+    Sizes fit config/config.yaml; the SLURM profile's set-resources replace them with the full study's.
+    """
+
+    def mem_mb(wildcards, attempt):
+        return (member_mb if wildcards.get("model") in MEMBERS else mb) * attempt
+
+    return mem_mb
 
 
 # ---- the training family (rules/training.smk) ----------------------------------------------------

@@ -12,6 +12,7 @@ rule evaluate_performance:
     threads: 8
     resources:
         gpu=1,
+        mem_mb=memory_per_attempt(4000),  # grows on each retry (workflow/profiles)
     params:
         settings=config["evaluation"],
     script:

@@ -12,6 +12,8 @@ rule measure_geometry:
     conda:
         ENV
     threads: model_threads(4)
+    resources:
+        mem_mb=memory_per_attempt(4000),  # grows on each retry (workflow/profiles)
     params:
         settings=with_member_layers("geometry"),
     script:

@@ -10,6 +10,8 @@ rule train_tuned_lens:
     conda:
         ENV
     threads: model_threads(8)
+    resources:
+        mem_mb=memory_per_attempt(4000),  # grows on each retry (workflow/profiles)
     params:
         settings=with_member_layers("lenses"),
     script:
@@ -29,6 +31,8 @@ rule evaluate_lenses:
     conda:
         ENV
     threads: model_threads(8)
+    resources:
+        mem_mb=memory_per_attempt(6000),  # V-sized float32 rows per lens and position (262k for Gemma 3)
     params:
         settings=with_member_layers("lenses"),
     script:

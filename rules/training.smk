@@ -60,6 +60,7 @@ if FAMILY:
         threads: config["training"]["threads"]
         resources:
             gpu=1,
+            mem_mb=memory_per_attempt(1000),  # grows on each retry; resumes from its last checkpoint
         params:
             spec=get_model_spec,
             training=config["training"],
@@ -82,6 +83,7 @@ if FAMILY:
         threads: model_threads(8)
         resources:
             gpu=1,
+            mem_mb=memory_per_attempt(4000),  # grows on each retry (workflow/profiles)
         params:
             settings=config["training"]["evaluation"],
             registers=config["training"]["registers"],

@@ -13,8 +13,8 @@ with job_log(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
     settings = ExtractionSettings.for_model(snakemake.params.settings, snakemake.params.model)
     model_dir = Path(snakemake.input.manifest).parent
-    loaded = load_model(model_dir, settings.device, settings.model_dtype, device_key="extraction.device")
+    loaded = load_model(model_dir, settings.device, settings.model_dtype, "extraction.device", "extraction.model_dtype")
     corpus, corpus_meta = load_corpus_table(snakemake.input.corpus)
     attrs = {**snakemake.params.provenance, "corpus_sha256": corpus_meta["corpus_sha256"]}
     path = extract_activations(loaded, corpus, snakemake.output.store, settings, attrs)
-    log.info("wrote %s on %s", path, loaded.device)
+    log.info("wrote %s on %s in %s", path, loaded.device, loaded.dtype)

@@ -14,7 +14,8 @@ from latent_atlas.store import ActivationStore
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
-    loaded = load_model(Path(snakemake.input.manifest).parent, device="auto")
+    # float32 whatever steering.model_dtype says: the vectors are optimised by gradient (see run_optimised)
+    loaded = load_model(Path(snakemake.input.manifest).parent, device="auto", dtype="float32")
     settings = snakemake.params.settings
     data = load_steering_data(snakemake.input.data)
     with ActivationStore(snakemake.input.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:

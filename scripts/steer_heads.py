@@ -14,8 +14,9 @@ from latent_atlas.store import ActivationStore
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
-    loaded = load_model(Path(snakemake.input.manifest).parent, device="auto")
     settings = snakemake.params.settings
+    model_dir = Path(snakemake.input.manifest).parent
+    loaded = load_model(model_dir, "auto", settings["model_dtype"], dtype_key="steering.model_dtype")
     data = load_steering_data(snakemake.input.data)
     iti = settings.get("iti", {})
     statements = city_statements(snakemake.input.facts, iti.get("train_fraction", 0.5), settings.get("seed", 0))

@@ -14,8 +14,9 @@ from latent_atlas.store import ActivationStore
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
-    loaded = load_model(Path(snakemake.input.manifest).parent, device="auto")
     settings, method = snakemake.params.settings, snakemake.wildcards.method
+    model_dir = Path(snakemake.input.manifest).parent
+    loaded = load_model(model_dir, "auto", settings["model_dtype"], dtype_key="steering.model_dtype")
     data = load_steering_data(snakemake.input.data)
     with ActivationStore(snakemake.input.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
         table = sweep(loaded, method, data, settings, store)

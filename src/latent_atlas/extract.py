@@ -27,7 +27,15 @@ from latent_atlas.store import STORE_DTYPES, StoreWriter
 
 @dataclass(frozen=True)
 class ExtractionSettings:
-    """What to extract and how (the ``extraction`` section of the config)."""
+    """What to extract and how (the ``extraction`` section of the config).
+
+    ``model_dtype`` is what the forward passes compute in: ``float32`` (the default), or ``auto`` for bfloat16
+    on a CUDA device (float32 on the CPU; :func:`latent_atlas.models.resolve_model_dtype`). The store records
+    the resolved dtype in ``attrs["model_dtype"]``. bfloat16 is opt-in, not the default: its ~3 significant
+    digits per state compound over the blocks, so a store would depend on the hardware that made it, and the
+    analyses that read the small end of spectra (effective rank, IsoScore) or compare the last layer's lens
+    with the stored final state would see that noise.
+    """
 
     layers: LayerSpec = "all"
     dtype: str = "float16"
@@ -211,7 +219,7 @@ def store_attributes(loaded: LoadedModel, settings: ExtractionSettings, attrs: M
         "code_version": code_version(),
         "created": utc_now(),
         **execution_context(),
-        "model_dtype": settings.model_dtype,
+        "model_dtype": loaded.dtype,  # what the forward passes ran in (extraction.model_dtype `auto` resolved)
         "device": str(loaded.device),
         "extraction": {**asdict(settings), "splits": list(settings.splits)},
     }

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from latent_atlas.errors import ModelAcquisitionError
+from latent_atlas.errors import ConfigError, ModelAcquisitionError
 from latent_atlas.provenance import atomic_output, provenance_record, sha256_file, write_json
 
 MANIFEST = "manifest.json"
@@ -117,6 +117,38 @@ def resolve_device(device: str, key: str = "this step's `device` setting") -> to
     return resolved
 
 
+def resolve_model_dtype(name: str, device: torch.device, key: str = "this step's `model_dtype` setting") -> str:
+    """Resolve a compute dtype from config: ``auto`` is bfloat16 on a CUDA device, float32 elsewhere.
+
+    Half precision is used only where the step's checks hold within one dtype (see README, "GPU"): the
+    steering sweeps and opt-in extraction. bfloat16 rather than float16 because it keeps float32's range
+    (Gemma 3's residual stream reaches ~1e5, beyond float16's 65504); a CUDA device known to lack native
+    bfloat16 (compute capability below 8.0, e.g. V100, T4) resolves ``auto`` to float32. On the CPU ``auto``
+    is float32, so a CPU run is the same whatever the setting says.
+
+    Args:
+        name: ``auto``, ``float32``, ``bfloat16`` or ``float16``; explicit names pass through.
+        device: the device the model runs on (a ``torch.device("cuda")`` needs no GPU to be built).
+        key: the config key the name came from, named in the error.
+
+    Returns:
+        The dtype's name, a key of :data:`DTYPES`.
+
+    Raises:
+        ConfigError: if the name is none of those.
+    """
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" and not _lacks_bfloat16(device) else "float32"
+    if name not in DTYPES:
+        raise ConfigError(f"{key} is {name!r}; use auto or one of {', '.join(DTYPES)}")
+    return name
+
+
+def _lacks_bfloat16(device: torch.device) -> bool:
+    """Whether a present CUDA device is older than Ampere (no native bfloat16); False when none can be asked."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 8
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading
 
@@ -141,6 +173,11 @@ class LoadedModel:
         """Residual width d."""
         return int(self.manifest["d_model"])
 
+    @property
+    def dtype(self) -> str:
+        """The dtype the model computes in (its parameters'), by name: ``float32``, ``bfloat16``, ``float16``."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
 
 def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``manifest.json`` of a model directory, failing clearly if it is missing."""
@@ -154,17 +191,23 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_model(
-    model_dir: str | os.PathLike[str], device: str = "auto", dtype: str = "float32", device_key: str | None = None
+    model_dir: str | os.PathLike[str],
+    device: str = "auto",
+    dtype: str = "float32",
+    device_key: str | None = None,
+    dtype_key: str | None = None,
 ) -> LoadedModel:
-    """Load a model directory written by :func:`acquire_model`, in eval mode on ``device``.
+    """Load a model directory written by :func:`acquire_model`, in eval mode on ``device``, computing in ``dtype``.
 
-    ``device_key`` names the config key ``device`` came from, for the error when CUDA is missing.
+    ``dtype`` may be ``auto`` (see :func:`resolve_model_dtype`). ``device_key`` and ``dtype_key`` name the
+    config keys ``device`` and ``dtype`` came from, for the errors when CUDA is missing or the dtype is unknown.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = read_manifest(model_dir)
     target = resolve_device(device, device_key) if device_key else resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(dtype))
+    resolved = resolve_model_dtype(dtype, target, dtype_key) if dtype_key else resolve_model_dtype(dtype, target)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[resolved])
     model.to(target).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return LoadedModel(model, tokenizer, manifest, locate_parts(model), target)

@@ -340,3 +340,18 @@ def test_a_models_store_dtype_overrides_the_sections_dtype():
     section = {"dtype": "float16", "layers": "all", "unknown_key": 1}
     assert ExtractionSettings.for_model(section, {"store_dtype": "float32"}).dtype == "float32"
     assert ExtractionSettings.for_model(section, {}).dtype == "float16"
+
+
+def test_the_store_records_the_dtype_the_forward_passes_ran_in(tiny_model_dirs, tiny_corpus, tmp_path):
+    from latent_atlas.models import load_model
+
+    auto = load_model(tiny_model_dirs["llama"], "cpu", "auto")  # auto is float32 on the CPU
+    with ActivationStore(_extract(auto, tiny_corpus, tmp_path / "auto.h5", model_dtype="auto")) as store:
+        assert store.attrs["model_dtype"] == "float32"
+        full = {layer: store.read(layer) for layer in store.layers}
+    half = load_model(tiny_model_dirs["llama"], "cpu", "bfloat16")
+    with ActivationStore(_extract(half, tiny_corpus, tmp_path / "half.h5", model_dtype="bfloat16")) as store:
+        assert store.attrs["model_dtype"] == "bfloat16" and store.stored_dtype(1) == np.float32
+        for layer, states in full.items():  # the same states to bfloat16's ~3 significant digits
+            scale = np.abs(states).max()
+            np.testing.assert_allclose(store.read(layer), states, rtol=0, atol=0.05 * scale)

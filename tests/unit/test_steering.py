@@ -14,6 +14,7 @@ from latent_atlas.steering.vectors import (
     optimise_vector,
     sentence_bleu,
 )
+from latent_atlas.testing import TINY_ARCHITECTURES
 
 TEXT = "the dog saw a cat and the cat saw the dog"
 
@@ -297,3 +298,51 @@ def test_typical_norms_fall_back_to_the_nearest_stored_layer(tmp_path):
     with ActivationStore(tmp_path / "s.h5") as store:
         norms = typical_norms(store, [1, 3, 7])
         assert norms == {layer: typical_norm(store, 1) for layer in (1, 3, 7)}
+
+
+@pytest.fixture(params=TINY_ARCHITECTURES)
+def tiny_bfloat16(request, tiny_model_dirs):
+    """A tiny model computing in bfloat16 on the CPU (what ``steering.model_dtype: auto`` gives on a GPU)."""
+    from latent_atlas.models import load_model
+
+    return load_model(tiny_model_dirs[request.param], device="cpu", dtype="bfloat16")
+
+
+def test_in_bfloat16_zero_strength_is_the_unsteered_bfloat16_model_bit_for_bit(tiny_bfloat16):
+    unsteered = _logits(tiny_bfloat16)
+    assert tiny_bfloat16.dtype == "bfloat16" and unsteered.dtype == torch.bfloat16
+    for name, intervention in _interventions(tiny_bfloat16, [0.0]).items():
+        assert torch.equal(_logits(tiny_bfloat16, intervention), unsteered), name
+    for name, intervention in _interventions(tiny_bfloat16, [2.0]).items():
+        assert not torch.equal(_logits(tiny_bfloat16, intervention), unsteered), f"{name} changes nothing"
+    for name, intervention in _interventions(tiny_bfloat16, [0.0, 4.0]).items():  # a sweep's batch
+        batched = _logits(tiny_bfloat16, intervention, rows=2)
+        assert torch.equal(batched[0], _logits(tiny_bfloat16, rows=2)[0]), name
+        assert not torch.equal(batched[1], batched[0]), name
+    zero = _interventions(tiny_bfloat16, [0.0])["actadd"]
+    for decoding in (Decoding("greedy"), Decoding("sampled")):
+        unsteered_tokens = generate(tiny_bfloat16, "the dog saw", None, 1, 6, decoding, [7])
+        assert torch.equal(generate(tiny_bfloat16, "the dog saw", zero, 1, 6, decoding, [7]), unsteered_tokens)
+
+
+def test_a_bfloat16_sweep_keeps_an_exact_baseline_and_records_its_dtype(steering_setup, tiny_model_dirs):
+    import polars as pl
+
+    from latent_atlas.models import load_model
+    from latent_atlas.steering.pipeline import steering_provenance, sweep
+    from latent_atlas.store import ActivationStore
+
+    _, root, data = steering_setup  # the store was extracted in float32: only the typical norms come from it
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu", dtype="bfloat16")
+    section = {"layers": [1], "max_new_tokens": 4, "actadd": {"coefficients": [0, 4]}}
+    with ActivationStore(root / "s.h5") as store:
+        table = sweep(loaded, "actadd", data, section, store)
+    baseline = table.filter(pl.col("coefficient") == 0)
+    assert (baseline["relative_norm"] == 0).all() and (baseline["off_target_kl"] < 1e-6).all()
+    steered = table.filter(pl.col("coefficient") == 4)
+    assert (steered["off_target_kl"] > 0).all() and (steered["relative_norm"] > 0).all()
+    unsteered = generate(loaded, "the house was", None, 1, 4)[0].tolist()
+    first = baseline.filter(pl.col("prompt_id") == 0, pl.col("decoding") == "greedy")
+    assert first["continuation"][0] == loaded.tokenizer.decode(unsteered, skip_special_tokens=True)
+    meta = steering_provenance(loaded, "tiny", section, "actadd", str(root / "data.yaml"), "s.h5")
+    assert (meta["model_dtype"], meta["device"]) == ("bfloat16", "cpu")

@@ -1,4 +1,14 @@
-"""What the workflow's lens rules call: build every lens for a model, train the tuned lens, evaluate."""
+"""What the workflow's lens rules call: build every lens for a model, train the tuned lens, evaluate.
+
+Precision: lenses stay in float32 on every device (the rules load the model with the default dtype), by
+decision. Training and evaluation run no forward passes at all (they read stored states and apply the frozen
+final norm and unembedding), so half precision would buy nothing there but error: KL and cross-entropy over a
+49k-262k vocabulary are sums of many small terms, the tuned lens is trained by SGD on the translators, and the
+checks of METHODS §10 are exact ones (the logit lens at the last layer reproduces the model's logits, the
+untrained tuned lens equals the logit lens). ``read_probe``'s patchscopes do run the model, and a
+bfloat16 forward beside float32 lens math would make the probe's lens readings and its patchscope
+continuations disagree in precision for one point's worth of work, so they stay in float32 too.
+"""
 
 import functools
 import os

@@ -5,6 +5,16 @@ each prompt continued under all strengths of a layer in one batch, greedy and sa
 table is one continuation with its sentiment (VADER compound, from -1 to 1), its perplexity under the
 unsteered model, and its setting's off-target damage (KL from the unsteered next-token distribution on
 neutral text) and intervention norm relative to the typical norm of the layers it edits.
+
+Precision: the sweeps and ITI may run in bfloat16 (``steering.model_dtype: auto`` on a CUDA device). That is
+safe because every comparison a table makes is within one run, hence one dtype: strength 0 is the unsteered
+model of that dtype bit for bit (an intervention returns its rows untouched), perplexity and KL are taken
+against the unsteered model of the same dtype, sampling seeds are shared by every strength, and log-softmax,
+probes and vectors are computed in float32 or float64 from the model's outputs. Relative norms divide by
+typical norms read from the store, which may have been extracted in another dtype: a bias of the order of
+bfloat16's rounding (~0.4%). Optimised vectors (:func:`run_optimised`) stay in float32: Adam on a vector
+through the whole model, stopped when the teacher-forced argmax equals the target, needs float32 gradients
+and logits.
 """
 
 import zlib
@@ -67,11 +77,16 @@ class SweepSettings:
 def steering_provenance(
     loaded: LoadedModel, model: str, settings: Mapping[str, Any], method: str, data: str, store: str, **extra: Any
 ) -> dict[str, Any]:
-    """The provenance of a steering table: its settings and method, the model's hash, the data's hash, the store."""
+    """The provenance of a steering table: its settings and method, the model's hash, the data's hash, the store.
+
+    ``model_dtype`` and ``device`` are what the run computed in and on (``steering.model_dtype: auto`` resolved).
+    """
     return provenance_record(
         {"steering": settings, "method": method},
         model=model,
         model_sha256=loaded.manifest["weights_sha256"],
+        model_dtype=loaded.dtype,
+        device=str(loaded.device),
         data_sha256=sha256_file(data),
         store=store,
         **extra,
@@ -286,7 +301,10 @@ def truth_accuracy(
 def run_optimised(
     loaded: LoadedModel, data: SteeringData, section: Mapping[str, Any], store: ActivationStore
 ) -> pl.DataFrame:
-    """Optimise one vector per target sentence and record recovery (exact match, BLEU) and norm."""
+    """Optimise one vector per target sentence and record recovery (exact match, BLEU) and norm.
+
+    Meant for a float32 model (the rule loads one whatever ``steering.model_dtype`` says; see the module's notes).
+    """
     options = section.get("optimised", {})
     layer = int(options.get("layer", loaded.n_layers // 2))
     norm = typical_norms(store, [layer])[layer]
