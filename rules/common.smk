@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from latent_atlas.config import analysis_models, load_yaml, validate_config
+from latent_atlas.config import analysis_models, elm_judge, load_yaml, validate_config
 from latent_atlas.provenance import config_hash
 from latent_atlas.training.family import family_name, member_spec, members
 
@@ -29,6 +29,7 @@ GENERATION_METHODS = ["actadd", "mean_difference", "icv"]
 GEOMETRY_MODEL_FIGURES = ["processing", "rogue", "registers"]
 GEOMETRY_CORPUS_FIGURES = ["models", "performance"]
 STEERING_METHODS = [*GENERATION_METHODS, "iti", "optimised"]
+READER_TASKS = list(config["readers"]["tasks"])
 
 
 def steering_settings(method):
@@ -58,6 +59,7 @@ wildcard_constraints:
     point=_alternatives(config["neighbourhood"]["points"]) or "(?!)",
     path=_alternatives(config["neighbourhood"]["paths"]) or "(?!)",
     method=_alternatives(GENERATION_METHODS),
+    task=_alternatives(READER_TASKS) or "(?!)",
 
 
 def get_final_output():
@@ -103,6 +105,7 @@ def get_final_output():
         + get_steering_output(analysis_models(config, "steering"))
         + get_geometry_output(models, corpora)
         + get_training_output()
+        + get_reader_output(analysis_models(config, "readers"))
     )
 
 
@@ -255,17 +258,6 @@ def model_threads(threads):
     return lambda wildcards: 1 if wildcards.model in MEMBERS else threads
 
 
-def with_member_layers(section):
-    """A section's settings, with every layer for family members (they have only a few): extraction, lenses, geometry."""
-
-    def settings(wildcards):
-        if wildcards.model in MEMBERS:
-            return config[section] | {"layers": "all"}
-        return config[section]
-
-    return settings
-
-
 def memory_per_attempt(mb, member_mb=1000):
     """`mem_mb` of an out-of-memory-prone per-model job: `mb` (`member_mb` for a tiny family member) x attempt.
 
@@ -278,6 +270,17 @@ def memory_per_attempt(mb, member_mb=1000):
         return (member_mb if wildcards.get("model") in MEMBERS else mb) * attempt
 
     return mem_mb
+
+
+def with_member_layers(section):
+    """A section's settings, with every layer for family members (they have only a few): extraction, lenses, geometry."""
+
+    def settings(wildcards):
+        if wildcards.model in MEMBERS:
+            return config[section] | {"layers": "all"}
+        return config[section]
+
+    return settings
 
 
 # ---- the training family (rules/training.smk) ----------------------------------------------------
@@ -408,6 +411,103 @@ def get_grid_inputs(wildcards):
         "manifest": f"results/models/{wildcards.model}/manifest.json",
         "tuned": f"results/lenses/{wildcards.model}/{wildcards.corpus}.tuned-lens.pt",
     }
+
+
+# ---- learned readers (rules/readers.smk) ------------------------------------------------------------------
+
+
+def clustering_tasks():
+    """The tasks semantic clustering is compared on: readers.clustering.tasks, else every task."""
+    chosen = config["readers"]["clustering"]["tasks"]
+    return READER_TASKS if chosen is None else chosen
+
+
+def elm_enabled():
+    """Whether the ELM adapter is trained (it needs its task)."""
+    return bool(config["readers"]["elm"]["enabled"] and READER_TASKS)
+
+
+def reader_figures():
+    """The readers' figures the configuration allows."""
+    figures = ["clustering"] if clustering_tasks() else []
+    return figures + (["elm", "descriptions", "paths"] if elm_enabled() else [])
+
+
+def get_reader_output(models):
+    """The readers' tables and figures (nothing when no task is configured)."""
+    if not reader_figures():
+        return []
+    return expand(
+        "results/figures/readers/{model}.{figure}.{ext}",
+        model=models,
+        figure=reader_figures(),
+        ext=["pdf", "png"],
+    )
+
+
+def reader_figure_outputs():
+    """The named outputs of plot_readers, with report captions."""
+    return figure_outputs(
+        "results/figures/readers/{model}",
+        reader_figures(),
+        "readers",
+        "Learned readers",
+        {"model": "{model}"},
+    )
+
+
+def _task_inputs(model, task):
+    """A task's model, store and prepared corpus."""
+    corpus = config["readers"]["tasks"][task]["corpus"]
+    return {
+        "manifest": f"results/models/{model}/manifest.json",
+        "store": f"results/activations/{model}/{corpus}.h5",
+        "corpus": f"results/corpora/{corpus}.parquet",
+    }
+
+
+def get_reader_task_inputs(wildcards):
+    """A clustering comparison reads the model, the task corpus's store and its texts."""
+    return _task_inputs(wildcards.model, wildcards.task)
+
+
+def get_elm_inputs(wildcards):
+    """The ELM reads the model, and the store and texts of its task's corpus."""
+    return _task_inputs(wildcards.model, config["readers"]["elm"]["task"])
+
+
+def get_elm_judge(wildcards):
+    """The judge model of semantic consistency, if one is configured."""
+    judge = elm_judge(config["readers"]["elm"], wildcards.model)
+    return {"judge": f"results/models/{judge}/manifest.json"} if judge else {}
+
+
+def elm_settings(wildcards):
+    """What the ELM jobs depend on: the elm section, its task, and the shared token limit."""
+    readers = config["readers"]
+    elm = readers["elm"]
+    return {
+        "elm": elm,
+        "task": readers["tasks"][elm["task"]],
+        "max_tokens": readers["max_tokens"],
+    }
+
+
+def get_reader_tables(wildcards):
+    """Every table the readers' figures draw on."""
+    model = wildcards.model
+    tables = {
+        "clustering": [
+            f"results/readers/{model}/clustering/{task}.parquet"
+            for task in clustering_tasks()
+        ]
+    }
+    if elm_enabled():
+        tables |= {
+            name: f"results/readers/{model}/elm/{name}.parquet"
+            for name in ("losses", "evaluation", "paths")
+        }
+    return tables
 
 
 # ---- sharded extraction (rules/activations.smk) ---------------------------------------------------------

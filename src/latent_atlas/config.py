@@ -101,9 +101,10 @@ def check_references(config: Mapping[str, Any], source: str = "the config") -> N
         probe_layer(probes, name)
     check_neighbourhood(config.get("neighbourhood", {}), probes)
     check_training(config)
+    check_readers(config)
 
 
-ANALYSES_WITH_MODELS = ("lenses", "projections", "neighbourhood", "steering")
+ANALYSES_WITH_MODELS = ("lenses", "projections", "neighbourhood", "steering", "readers")
 
 
 def analysis_models(config: Mapping[str, Any], section: str) -> list[str]:
@@ -151,6 +152,55 @@ def check_training(config: Mapping[str, Any]) -> None:
     if model is None and "vocab_size" not in training.get("tokenizer", {}):
         raise ConfigError("config key 'training.tokenizer' needs vocab_size (train a BPE) or model (reuse one)")
     members(config)
+
+
+def check_readers(config: Mapping[str, Any]) -> None:
+    """The readers' references: task corpora, the compared tasks, the ELM's task, judge and path labels."""
+    readers = config.get("readers")
+    if not readers:
+        return
+    tasks, corpora = readers.get("tasks", {}), config.get("corpora", {})
+    for name, task in tasks.items():
+        if task["corpus"] not in corpora:
+            raise ConfigError(
+                f"config key 'readers.tasks.{name}.corpus' names '{task['corpus']}', which is not under 'corpora' "
+                f"({', '.join(corpora)})"
+            )
+    for name in readers.get("clustering", {}).get("tasks") or []:
+        if name not in tasks:
+            raise ConfigError(f"config key 'readers.clustering.tasks' names '{name}', which is not under readers.tasks")
+    elm = readers.get("elm", {})
+    if not elm.get("enabled", True) or not tasks:
+        return
+    if elm.get("task") not in tasks:
+        raise ConfigError(
+            f"config key 'readers.elm.task' names '{elm.get('task')}', which is not under readers.tasks "
+            f"({', '.join(tasks) or 'none'}); name one or set readers.elm.enabled: false"
+        )
+    for judge in elm_judges(elm):
+        if judge not in config.get("models", {}):
+            raise ConfigError(
+                f"config key 'readers.elm.judge' names '{judge}', which is not under 'models'; name one or null"
+            )
+    words = tasks[elm["task"]]["label_words"]
+    for key in ("from", "to"):
+        label = elm.get("path", {}).get(key)
+        if label is not None and label not in words:
+            raise ConfigError(
+                f"config key 'readers.elm.path.{key}' is '{label}', not a label of task {elm['task']!r} "
+                f"({', '.join(words)})"
+            )
+
+
+def elm_judges(elm: Mapping[str, Any]) -> list[str]:
+    """The ELM's candidate judge models, in order (``readers.elm.judge``: a name, a list or null)."""
+    judge = elm.get("judge")
+    return [] if judge is None else [judge] if isinstance(judge, str) else list(judge)
+
+
+def elm_judge(elm: Mapping[str, Any], model: str) -> str | None:
+    """The judge of ``model``'s ELM: the first candidate that is not ``model`` itself (None: no judge)."""
+    return next((judge for judge in elm_judges(elm) if judge != model), None)
 
 
 def check_neighbourhood(section: Mapping[str, Any], probes: Mapping[str, Any]) -> None:

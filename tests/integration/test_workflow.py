@@ -46,7 +46,8 @@ def test_dry_run_plans_the_whole_dag_without_importing_torch(tmp_path):
     rules = ("acquire_model", "prepare_corpus", "extract_activations", "plot_store_norms", "explore_neighbourhood",
              "explore_path", "plot_neighbourhood", "plot_path", "steer_with_vectors", "steer_heads",
              "optimise_steering_vectors", "plot_steering", "measure_geometry", "check_readout_rescaling",
-             "evaluate_performance", "relate_geometry", "plot_geometry", "plot_geometry_models")  # fmt: skip
+             "evaluate_performance", "relate_geometry", "plot_geometry", "plot_geometry_models", "compare_readers",
+             "train_elm", "evaluate_elm", "plot_readers")  # fmt: skip
     for rule in rules:
         assert f"rule {rule}:" in result.stdout
 
@@ -190,6 +191,7 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
 
     _check_geometry_and_performance(root, manifest)
     _check_training_family(root, manifest)
+    _check_readers(root, manifest)
 
     report = snakemake(*args, "--report", str(root / "report.html"))
     assert report.returncode == 0, report.stderr[-3000:]
@@ -198,6 +200,7 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
     assert "smollm2-135m.registers.norms.png" in html
     assert "Mickus et al.'s confound" in html and "registers.performance.png" in html  # geometry captions
     assert "debian.performance.png" in html and "differ only in" in html  # the training family's figures
+    assert "smollm2-135m.clustering.png" in html and "so the model does not grade itself" in html  # readers
 
     _check_reruns(args, root)
 
@@ -233,8 +236,37 @@ def _check_reruns(args: list[str], root: Path) -> None:
     model = root / "changed-model.yaml"
     model.write_text(yaml.safe_dump({"models": {"smollm2-135m": {"description": "the same model, described anew"}}}))
     jobs = _planned_jobs(snakemake(*args, str(model), "--dry-run"))
-    assert jobs.get("acquire_model") == 1 and jobs.get("extract_activations") == 1, jobs
+    assert jobs.get("acquire_model") == 1 and jobs.get("extract_activations") == 2, jobs  # registers, sentiment
+    assert jobs.get("compare_readers") == 2 and jobs.get("train_elm") == 1, jobs
     assert jobs.get("evaluate_performance") == 1 and "train_member" not in jobs, jobs
+
+
+def _check_readers(root: Path, smollm2: dict) -> None:
+    """Both readers ran on SmolLM2: every method on one split per task, the ELM against its controls."""
+    import polars as pl
+
+    readers = root / "results/readers/smollm2-135m"
+    seeded = {"in_context", "clustering_all_bases", "clustering_gt_only"}
+    for task, n_test in (("registers", 16), ("sentiment", 16)):
+        table = pl.read_parquet(readers / f"clustering/{task}.parquet")
+        assert table["split_hash"].n_unique() == 1 and set(table["n_test"]) == {n_test}, table
+        assert seeded | {"semantic_bases", "zero_shot", "knn_prompting", "linear_probe"} == set(table["method"])
+        assert table.filter(pl.col("method").is_in(seeded))["seed"].value_counts()["count"].to_list() == [3, 3]
+        assert table["balanced_accuracy"].is_between(0, 1).all()
+    losses = pl.read_parquet(readers / "elm/losses.parquet")
+    assert losses["step"].to_list() == [0, 1, 2, 3, 4] and losses["heldout_loss"].is_not_null().sum() == 3
+    scores = pl.read_parquet(readers / "elm/evaluation.parquet")
+    assert scores["condition"].value_counts(sort=True)["count"].to_list() == [16, 16, 16]
+    shuffled = scores.filter(pl.col("condition") == "shuffled")
+    assert (shuffled["embedding_of"] != shuffled["doc_id"]).all()
+    assert scores["consistency"].is_not_null().all()  # judged by Gemma 3, not by SmolLM2 itself
+    meta = json.loads(pl.read_parquet_metadata(readers / "elm/evaluation.parquet")["latent_atlas"])
+    assert meta["judge"] == "gemma3-270m" and meta["model_sha256"] == smollm2["weights_sha256"]
+    paths = pl.read_parquet(readers / "elm/paths.parquet")
+    assert paths["kind"].value_counts(sort=True)["count"].to_list() == [5, 5]
+    for figure in ("clustering", "elm", "descriptions", "paths"):
+        for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
+            assert (root / f"results/figures/readers/smollm2-135m.{figure}.{ext}").read_bytes()[:4] == magic
 
 
 def _check_geometry_and_performance(root: Path, smollm2: dict) -> None:

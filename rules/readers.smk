@@ -1,0 +1,86 @@
+# Learned readers (config key `readers`): semantic clustering against its baselines per task, and the ELM
+# adapter (train, then evaluate against its controls), on the stored states of each task's corpus.
+
+
+localrules:
+    plot_readers,
+
+
+rule compare_readers:
+    """Semantic clustering (both variants) and its baselines on one task's split, for every seed."""
+    input:
+        unpack(get_reader_task_inputs),
+    output:
+        table="results/readers/{model}/clustering/{task}.parquet",
+    log:
+        "logs/readers/{model}/clustering/{task}.log",
+    conda:
+        ENV
+    threads: 8  # in-context learning runs the model; capped by --cores locally
+    resources:
+        gpu=1,
+    params:
+        task=lambda wildcards: config["readers"]["tasks"][wildcards.task],
+        settings=config["readers"]["clustering"],
+        max_tokens=config["readers"]["max_tokens"],
+    script:
+        "../scripts/compare_readers.py"
+
+
+rule train_elm:
+    """Train the ELM adapter (stage 1: the model frozen) on the task corpus's training passages."""
+    input:
+        unpack(get_elm_inputs),
+    output:
+        adapter="results/readers/{model}/elm/adapter.pt",
+        losses="results/readers/{model}/elm/losses.parquet",
+    log:
+        "logs/readers/{model}/elm/train.log",
+    conda:
+        ENV
+    threads: 8
+    resources:
+        gpu=1,
+    params:
+        settings=elm_settings,
+    script:
+        "../scripts/train_elm.py"
+
+
+rule evaluate_elm:
+    """Held-out reconstruction loss, generated registers and semantic consistency against the shuffled and
+    no-embedding controls; descriptions along an interpolation and a direction."""
+    input:
+        unpack(get_elm_inputs),
+        unpack(get_elm_judge),
+        adapter="results/readers/{model}/elm/adapter.pt",
+    output:
+        scores="results/readers/{model}/elm/evaluation.parquet",
+        paths="results/readers/{model}/elm/paths.parquet",
+    log:
+        "logs/readers/{model}/elm/evaluate.log",
+    conda:
+        ENV
+    threads: 8
+    resources:
+        gpu=1,
+    params:
+        settings=elm_settings,
+    script:
+        "../scripts/evaluate_elm.py"
+
+
+rule plot_readers:
+    """The readers' figures: method comparison, ELM curves and controls, descriptions, paths."""
+    input:
+        unpack(get_reader_tables),
+    output:
+        **reader_figure_outputs(),
+    log:
+        "logs/figures/{model}.readers.log",
+    conda:
+        ENV
+    params:
+        examples=config["readers"]["elm"]["examples"],
+    script:
+        "../scripts/plot_readers.py"

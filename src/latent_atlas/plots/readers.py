@@ -1,0 +1,227 @@
+"""The learned readers' figures: the method comparison, ELM curves and controls, descriptions, paths."""
+
+import os
+import textwrap
+
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
+import seaborn as sns
+
+from latent_atlas.plots import apply_style, save_figure
+
+METHOD_LABELS = {
+    "clustering_all_bases": "semantic clustering\n(all bases)",
+    "clustering_gt_only": "semantic clustering\n(gt only)",
+    "semantic_bases": "semantic bases\n(untrained)",
+    "zero_shot": "zero-shot\n(label words)",
+    "in_context": "in-context\nlearning",
+    "knn_prompting": "kNN\nprompting",
+    "linear_probe": "linear\nprobe",
+}
+CONDITIONS = ("true", "shuffled", "none")
+CONDITION_LABELS = {"true": "its own embedding", "shuffled": "another passage's", "none": "no embedding"}
+
+
+def _require(table: pl.DataFrame, name: str) -> None:
+    if table.is_empty():
+        raise ValueError(f"the {name} table is empty: nothing to plot")
+
+
+def method_summary(table: pl.DataFrame) -> pl.DataFrame:
+    """Mean and standard deviation over seeds of each (task, method), methods in the figure's order."""
+    _require(table, "clustering")
+    order = {method: i for i, method in enumerate(METHOD_LABELS)}
+    return (
+        table.group_by("task", "method")
+        .agg(
+            pl.col("balanced_accuracy").mean().alias("mean"),
+            pl.col("balanced_accuracy").std(ddof=1).fill_null(0.0).alias("std"),
+            pl.col("macro_f1").mean().alias("macro_f1"),
+            pl.len().alias("runs"),
+            pl.col("n_classes").first(),
+            pl.col("n_test").first(),
+            pl.col("split_hash").n_unique().alias("splits"),
+        )
+        .with_columns(order=pl.col("method").replace_strict(order, default=len(order)))
+        .sort("task", "order")
+    )
+
+
+def plot_clustering(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str) -> None:
+    """Balanced accuracy per method and task, one panel per task.
+
+    Bars are means over seeds, error bars one standard deviation across seeds (methods without randomness
+    run once); dots: macro F1; dashed line: chance.
+    """
+    apply_style()
+    summary = method_summary(table)
+    tasks = list(dict.fromkeys(summary["task"]))
+    figure, axes = plt.subplots(
+        1, len(tasks), figsize=(1.3 * summary["method"].n_unique() * len(tasks) + 1, 4.2), squeeze=False
+    )
+    colours = dict(zip(METHOD_LABELS, sns.color_palette("colorblind", len(METHOD_LABELS)), strict=True))
+    for axis, task in zip(axes[0], tasks, strict=True):
+        rows = summary.filter(pl.col("task") == task)
+        x = np.arange(rows.height)
+        axis.bar(x, rows["mean"], yerr=rows["std"], capsize=3, color=[colours.get(m, "0.5") for m in rows["method"]])
+        axis.scatter(x, rows["macro_f1"], color="black", s=14, zorder=3, label="macro F1")
+        axis.axhline(1.0 / rows["n_classes"][0], color="0.4", linestyle="--", linewidth=0.9, label="chance")
+        axis.set_xticks(x, [METHOD_LABELS.get(m, m) for m in rows["method"]], fontsize=7)
+        runs = ", ".join(sorted({str(r) for r in rows["runs"]}))
+        axis.set(
+            ylim=(0, 1.02),
+            ylabel="balanced accuracy",
+            title=f"{task} · {rows['n_classes'][0]} classes · {rows['n_test'][0]} held-out texts · runs {runs}",
+        )
+        axis.title.set_fontsize(9)
+        axis.legend(fontsize=7, frameon=False, loc="upper right")
+    figure.suptitle(f"Reading the last state: semantic clustering against its baselines — {title}")
+    save_figure(figure, pdf, png, title)
+
+
+def condition_summary(evaluation: pl.DataFrame) -> pl.DataFrame:
+    """Per condition: mean held-out reconstruction loss, generated-register accuracy and semantic consistency."""
+    _require(evaluation, "ELM evaluation")
+    return (
+        evaluation.group_by("condition")
+        .agg(
+            pl.col("reconstruction_nll").mean(),
+            pl.col("reconstruction_nll").std().alias("reconstruction_nll_std"),
+            pl.col("register_correct").cast(pl.Float64).mean().alias("register_accuracy"),
+            pl.col("consistency").mean(),
+            pl.col("consistency").std().alias("consistency_std"),
+            pl.len().alias("n"),
+        )
+        .with_columns(order=pl.col("condition").replace_strict({c: i for i, c in enumerate(CONDITIONS)}, default=9))
+        .sort("order")
+    )
+
+
+def plot_elm(
+    losses: pl.DataFrame, evaluation: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str
+) -> None:
+    """The adapter's training and its held-out controls.
+
+    Left: training loss and held-out loss against examples seen. Right, per condition (its own embedding,
+    another passage's, none): reconstruction loss, accuracy of the generated register, and semantic
+    consistency judged by another model (when one is configured).
+    """
+    apply_style()
+    _require(losses, "ELM losses")
+    summary = condition_summary(evaluation)
+    judged = summary["consistency"].is_not_null().any()
+    panels = 4 if judged else 3
+    figure, axes = plt.subplots(
+        1, panels, figsize=(4.0 * panels, 3.8), gridspec_kw={"width_ratios": [1.6] + [1] * (panels - 1)}
+    )
+    axes[0].plot(losses["examples_seen"], losses["train_loss"], linewidth=0.8, alpha=0.6, label="training batches")
+    heldout = losses.filter(pl.col("heldout_loss").is_not_null())
+    axes[0].plot(heldout["examples_seen"], heldout["heldout_loss"], marker="o", label="held-out (own embedding)")
+    axes[0].set(xlabel="training examples seen", ylabel="target loss (nats/token)", title="training")
+    axes[0].legend(fontsize=7, frameon=False)
+    colours = sns.color_palette("colorblind", len(CONDITIONS))
+    labels = [CONDITION_LABELS[c] for c in summary["condition"]]
+    x = np.arange(summary.height)
+    metrics = [
+        ("reconstruction_nll", "reconstruction_nll_std", "held-out reconstruction loss\n(nats/token, lower is better)"),
+        ("register_accuracy", None, "generated register correct\n(fraction)"),
+    ]
+    if judged:
+        metrics.append(("consistency", "consistency_std", "semantic consistency\n(cosine in the judge's space)"))
+    for axis, (metric, spread, label) in zip(axes[1:], metrics, strict=True):
+        errors = summary[spread].fill_null(0.0) if spread else None
+        axis.bar(x, summary[metric].fill_null(0.0), yerr=errors, capsize=3, color=colours[: summary.height])
+        axis.set_xticks(x, labels, fontsize=7, rotation=15)
+        axis.set_title(label, fontsize=8)
+    figure.suptitle(
+        f"ELM adapter (stage 1, model frozen) and its controls on {summary['n'][0]} held-out passages — {title}",
+        y=1.05,
+    )
+    save_figure(figure, pdf, png, title)
+
+
+def _wrap(text: str | None, width: int) -> str:
+    return "\n".join(textwrap.wrap((text or "").replace("\n", " ").strip(), width)) or "(empty)"
+
+
+def _text_table(
+    rows: list[tuple[str, list[str]]],
+    headers: list[str],
+    widths: list[float],
+    suptitle: str,
+    stamp: str,
+    pdf: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+) -> None:
+    """Draw rows of wrapped text cells under column headers."""
+    apply_style()
+    lines = [max(cell.count("\n") + 1 for cell in cells) for _, cells in rows]
+    height = 1.0 + 0.19 * (sum(lines) + 1.2 * len(rows))
+    figure, axis = plt.subplots(figsize=(sum(widths) + 1.6, max(2.2, height)))
+    axis.set_axis_off()
+    total = sum(lines) + 1.2 * len(rows) + 1.5
+    edges = np.concatenate([[0.2], 0.2 + 0.8 * np.cumsum(widths) / sum(widths)])
+    for column, header in enumerate(headers):
+        axis.text(edges[column], 1.0, header, fontsize=8, fontweight="bold", va="top")
+    y = 1.0 - 1.5 / total
+    for (label, cells), n_lines in zip(rows, lines, strict=True):
+        axis.text(0.0, y, label, fontsize=7, fontweight="bold", va="top")
+        for column, cell in enumerate(cells):
+            axis.text(edges[column], y, cell, fontsize=7, va="top", family="monospace")
+        y -= (n_lines + 1.2) / total
+    figure.suptitle(suptitle)
+    save_figure(figure, pdf, png, stamp)
+
+
+def plot_descriptions(
+    evaluation: pl.DataFrame, examples: int, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str
+) -> None:
+    """Held-out passages: their opening words, and what the model says of them.
+
+    Columns: the generation from the passage's own embedding and from another passage's (shuffled), each
+    with the register the model names from the same embedding.
+    """
+    _require(evaluation, "ELM evaluation")
+    docs = list(dict.fromkeys(evaluation["doc_id"]))[:examples]
+    rows = []
+    for doc in docs:
+        by = {row["condition"]: row for row in evaluation.filter(pl.col("doc_id") == doc).iter_rows(named=True)}
+        true = by["true"]
+        cells = [_wrap(true["reference"], 34)] + [
+            _wrap(f"{by[c]['reconstruction_generated']}  [{by[c]['register_predicted'] or '?'}]", 34)
+            for c in ("true", "shuffled")
+            if c in by
+        ]
+        rows.append((f"{doc}\n" + _wrap(true["label"].replace("_", " "), 18), cells))
+    headers = ["passage opens", "from its embedding", "from another's (shuffled)"]
+    _text_table(
+        rows,
+        headers,
+        [3.2, 3.2, 3.2],
+        f"What the ELM says of held-out points (greedy; [register named]) — {title}",
+        title,
+        pdf,
+        png,
+    )
+
+
+def plot_paths(paths: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str) -> None:
+    """Descriptions along an interpolation between two held-out passages and along a register direction."""
+    _require(paths, "ELM paths")
+    rows = []
+    for kind, symbol in (("interpolation", "t"), ("direction", "scale")):
+        for row in paths.filter(pl.col("kind") == kind).sort("position").iter_rows(named=True):
+            label = f"{kind}\n{symbol} = {row['position']:g}"
+            rows.append(
+                (
+                    label,
+                    [
+                        _wrap(row["reconstruction_generated"], 60),
+                        _wrap(row["register_predicted"] or row["register_generated"], 18),
+                    ],
+                )
+            )
+    first = paths.row(0, named=True)
+    suptitle = f"ELM descriptions from {first['from_doc']} towards {first['to_doc']} — {title}"
+    _text_table(rows, ["the passage begins (generated)", "register named"], [6.0, 1.8], suptitle, title, pdf, png)

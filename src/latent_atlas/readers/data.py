@@ -1,0 +1,125 @@
+"""What the readers read: one vector per document from the activation store, and labelled splits of a task.
+
+Every method reads a text up to its first ``max_tokens`` tokens. The store holds every position of every
+document (causal models: the state at position t depends on tokens 0..t only), so the state at position
+``max_tokens - 1`` is exactly what the model computes for the truncated text, and the prompted baselines
+(in-context learning) see the same prefix.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import polars as pl
+import torch
+
+from latent_atlas.errors import ConfigError, StoreError
+from latent_atlas.readers.clustering import LabelledSplit
+from latent_atlas.store import ActivationStore
+
+Pooling = Literal["last", "mean"]
+TRAIN, HELDOUT = "train", "heldout"
+
+
+@dataclass(frozen=True)
+class DocumentVectors:
+    """One vector per stored document, with the document's id, label and split (store order)."""
+
+    doc_ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    splits: tuple[str, ...]
+    vectors: torch.Tensor
+
+    def select(self, split: str) -> "DocumentVectors":
+        """The documents of one split."""
+        keep = [i for i, s in enumerate(self.splits) if s == split]
+        return DocumentVectors(
+            tuple(self.doc_ids[i] for i in keep),
+            tuple(self.labels[i] for i in keep),
+            tuple(self.splits[i] for i in keep),
+            self.vectors[keep],
+        )
+
+
+def document_vectors(store: ActivationStore, address: str, max_tokens: int, pooling: Pooling) -> DocumentVectors:
+    """Each document's state at ``address``: the last of its first ``max_tokens`` tokens, or their mean.
+
+    Raises:
+        StoreError: the store keeps only a fraction of the tokens (positions would not be a prefix), or it has
+            no labels.
+    """
+    extraction = store.attrs.get("extraction", {})
+    settings = json.loads(extraction) if isinstance(extraction, str) else extraction
+    fraction = float(settings.get("token_fraction", 1.0))
+    if fraction < 1.0:
+        raise StoreError(
+            f"{store.path} keeps {fraction:.0%} of each document's tokens; the readers need every position: "
+            "set extraction.token_fraction: 1.0 for this corpus's store"
+        )
+    docs = store.docs()
+    if "label" not in docs.columns or "split" not in docs.columns:
+        raise StoreError(
+            f"{store.path} has no labels or splits: a reader task needs a corpus with label_field and splits"
+        )
+    starts = docs["token_start"].to_numpy()
+    counts = np.minimum(docs["token_count"].to_numpy(), max_tokens)
+    if pooling == "last":
+        vectors = torch.from_numpy(store.read(address, starts + counts - 1))
+    else:
+        vectors = _prefix_means(store, address, starts, counts)
+    return DocumentVectors(
+        tuple(docs["doc_id"].to_list()), tuple(docs["label"].to_list()), tuple(docs["split"].to_list()), vectors
+    )
+
+
+def _prefix_means(store: ActivationStore, address: str, starts: np.ndarray, counts: np.ndarray) -> torch.Tensor:
+    """The mean state over each document's first ``count`` rows (one contiguous read per document)."""
+    means = [
+        store.read(address, slice(int(start), int(start + count))).mean(axis=0)
+        for start, count in zip(starts, counts, strict=True)
+    ]
+    return torch.from_numpy(np.stack(means)) if means else torch.empty(0, store.d_model)
+
+
+def labelled_split(vectors: DocumentVectors, label_words: Mapping[str, str], task: str) -> LabelledSplit:
+    """The task's train and held-out splits, classes in the order of ``label_words``.
+
+    Raises:
+        ConfigError: a label of the corpus has no label word, or a split is empty.
+    """
+    classes = list(label_words)
+    unknown = sorted(set(vectors.labels) - set(classes))
+    if unknown:
+        raise ConfigError(
+            f"readers.tasks.{task}.label_words has no word for the label(s) {unknown} of its corpus: add one for each"
+        )
+    parts = {split: vectors.select(split) for split in (TRAIN, HELDOUT)}
+    for split, part in parts.items():
+        if not part.doc_ids:
+            raise ConfigError(
+                f"readers.tasks.{task}: its corpus has no {split!r} documents "
+                "(the split field must say train or heldout)"
+            )
+    train, test = parts[TRAIN], parts[HELDOUT]
+    return LabelledSplit(
+        labels=tuple(classes),
+        train_x=train.vectors.float(),
+        train_y=torch.tensor([classes.index(label) for label in train.labels]),
+        test_x=test.vectors.float(),
+        test_y=torch.tensor([classes.index(label) for label in test.labels]),
+        train_ids=train.doc_ids,
+        test_ids=test.doc_ids,
+    )
+
+
+def texts_by_id(corpus: pl.DataFrame, doc_ids: Sequence[str]) -> list[str]:
+    """The texts of some documents of a prepared corpus, in the given order."""
+    lookup = dict(zip(corpus["doc_id"].to_list(), corpus["text"].to_list(), strict=True))
+    missing = [doc for doc in doc_ids if doc not in lookup]
+    if missing:
+        raise StoreError(
+            f"documents {missing[:3]} of the store are not in the corpus: rebuild the store from this corpus"
+        )
+    return [lookup[doc] for doc in doc_ids]

@@ -1,0 +1,388 @@
+"""The readers' jobs: semantic clustering against its baselines on one task, and the ELM's training and evaluation.
+
+Semantic clustering (METHODS §4) and every baseline read one :class:`LabelledSplit` built once per task, so
+they are scored on exactly the same documents; each result row carries the split's hash to show it.
+"""
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import torch
+
+from latent_atlas.addresses import LN_FINAL, resid_address
+from latent_atlas.errors import ConfigError
+from latent_atlas.models import LoadedModel
+from latent_atlas.provenance import provenance_record
+from latent_atlas.readers import baselines, clustering, elm
+from latent_atlas.readers.clustering import LabelledSplit
+from latent_atlas.readers.data import HELDOUT, TRAIN, DocumentVectors, document_vectors, labelled_split, texts_by_id
+from latent_atlas.store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+CLUSTERING_VARIANTS = {"all_bases": "clustering_all_bases", "gt_only": "clustering_gt_only"}
+
+
+# ---- semantic clustering and its baselines ------------------------------------------------------------------
+
+
+def task_split(store: ActivationStore, task_name: str, task: Mapping[str, Any], max_tokens: int) -> LabelledSplit:
+    """The task's split of LM-head inputs (``ln_final``) at the last of each text's first ``max_tokens`` tokens."""
+    vectors = document_vectors(store, LN_FINAL, max_tokens, "last")
+    return labelled_split(vectors, task["label_words"], task_name)
+
+
+def compare_readers(
+    loaded: LoadedModel,
+    store: ActivationStore,
+    corpus: pl.DataFrame,
+    task_name: str,
+    task: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    max_tokens: int,
+) -> pl.DataFrame:
+    """Score semantic clustering (each variant, each seed) and every baseline on the task's one split.
+
+    Returns:
+        One row per (method, seed): ``task``, ``method``, ``seed`` (null for methods without randomness),
+        ``balanced_accuracy``, ``macro_f1``, ``accuracy``, ``n_train``, ``n_test``, ``n_classes``, ``split_hash``.
+    """
+    split = task_split(store, task_name, task, max_tokens)
+    token_ids = clustering.label_token_ids(loaded.tokenizer, task["label_words"], task_name)
+    head = loaded.parts.lm_head.weight.detach().float().cpu()
+    bases = clustering.semantic_bases(head)
+    label_bases = bases[token_ids]
+    log.info(
+        "%s: %d training and %d held-out texts, %d classes",
+        task_name,
+        len(split.train_ids),
+        len(split.test_ids),
+        len(split.labels),
+    )
+    rows: list[dict[str, Any]] = []
+
+    def record(method: str, seed: int | None, predictions: torch.Tensor) -> None:
+        scores = clustering.classification_scores(split.test_y, predictions, len(split.labels))
+        rows.append({"method": method, "seed": seed, **scores})
+        log.info(
+            "%-22s seed %-4s balanced accuracy %.3f  macro F1 %.3f",
+            method,
+            seed,
+            scores["balanced_accuracy"],
+            scores["macro_f1"],
+        )
+
+    record("semantic_bases", None, clustering.predict_with_bases(None, split.test_x, label_bases))
+    record("knn_prompting", None, baselines.knn_prompting(split, head, settings["knn_k"]))
+    record("linear_probe", None, baselines.linear_probe(split, settings["probe_weight_decay"]))
+    prompts = _prompted(loaded, corpus, split, task_name, task, settings, max_tokens)
+    record("zero_shot", None, prompts([]))
+    for seed in settings["seeds"]:
+        demonstrations = baselines.choose_demonstrations(split.train_y, settings["shots_per_class"], seed)
+        record("in_context", seed, prompts(demonstrations))
+        for variant in settings["variants"]:
+            module, _ = clustering.train_clustering(
+                split,
+                bases,
+                variant,
+                token_ids,
+                epochs=settings["epochs"],
+                lr=settings["lr"],
+                batch_size=settings["batch_size"],
+                temperature=settings["temperature"],
+                weight_decay=settings["weight_decay"],
+                reduction=settings["reduction"],
+                seed=seed,
+            )
+            record(CLUSTERING_VARIANTS[variant], seed, clustering.predict_with_bases(module, split.test_x, label_bases))
+    return pl.DataFrame(rows).with_columns(
+        task=pl.lit(task_name),
+        n_train=pl.lit(len(split.train_ids)),
+        n_test=pl.lit(len(split.test_ids)),
+        n_classes=pl.lit(len(split.labels)),
+        shots_per_class=pl.lit(settings["shots_per_class"]),
+        split_hash=pl.lit(split.split_hash),
+    )
+
+
+def _prompted(
+    loaded: LoadedModel,
+    corpus: pl.DataFrame,
+    split: LabelledSplit,
+    task_name: str,
+    task: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    max_tokens: int,
+) -> Callable[[Sequence[int]], torch.Tensor]:
+    """Predict the held-out texts by prompting, given indices of training texts as demonstrations."""
+    train_texts = texts_by_id(corpus, split.train_ids)
+    test_texts = texts_by_id(corpus, split.test_ids)
+    words = [task["label_words"][label] for label in split.labels]
+
+    def predict(demonstrations: Sequence[int]) -> torch.Tensor:
+        shown = [(train_texts[i], int(split.train_y[i])) for i in demonstrations]
+        predictions, _ = baselines.icl_predict(
+            loaded.model,
+            loaded.tokenizer,
+            shown,
+            test_texts,
+            words,
+            template=task["template"],
+            separator=settings["separator"],
+            max_tokens=max_tokens,
+            batch_size=settings["batch_size_icl"],
+            task=task_name,
+        )
+        return predictions
+
+    return predict
+
+
+# ---- the ELM ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ElmData:
+    """The ELM's points and examples: every passage's embedding (store order) and both tasks' examples."""
+
+    points: DocumentVectors
+    texts: tuple[str, ...]
+    references: tuple[str, ...]
+    train: list[elm.ElmExample]
+    heldout: list[elm.ElmExample]
+
+    def rows(self, split: str) -> list[int]:
+        """Embedding rows of one split's passages, in store order."""
+        return [i for i, s in enumerate(self.points.splits) if s == split]
+
+
+def elm_points(store: ActivationStore, settings: Mapping[str, Any]) -> DocumentVectors:
+    """The domain embeddings: each passage's pooled state at ``readers.elm.layer``."""
+    layer = settings["elm"]["layer"]
+    if layer not in store.layers:
+        raise ConfigError(
+            f"readers.elm.layer {layer} is not stored in {store.path} (stored: {store.layers}); "
+            "choose a stored layer or add it to extraction.layers"
+        )
+    return document_vectors(store, resid_address(layer), settings["max_tokens"], settings["elm"]["pooling"])
+
+
+def elm_data(tokenizer: Any, store: ActivationStore, corpus: pl.DataFrame, settings: Mapping[str, Any]) -> ElmData:
+    """Points, reconstruction references and the examples of both tasks (reconstruction, register)."""
+    section, words = settings["elm"], settings["task"]["label_words"]
+    points = elm_points(store, settings)
+    unknown = sorted(set(points.labels) - set(words))
+    if unknown:
+        raise ConfigError(f"readers.tasks.{section['task']}.label_words has no word for the label(s) {unknown}")
+    texts = tuple(texts_by_id(corpus, points.doc_ids))
+    references = tuple(elm.leading_tokens(tokenizer, texts, section["target_tokens"]))
+    prompts = section["prompts"]
+
+    def examples(split: str) -> list[elm.ElmExample]:
+        rows = [i for i, s in enumerate(points.splits) if s == split]
+        reconstruction = elm.make_examples(rows, [references[i] for i in rows], prompts["reconstruction"])
+        register = elm.make_examples(rows, [words[points.labels[i]] for i in rows], prompts["register"])
+        return reconstruction + register
+
+    data = ElmData(points, texts, references, examples(TRAIN), examples(HELDOUT))
+    if not data.train or len(data.rows(HELDOUT)) < 2:
+        raise ConfigError(
+            f"readers.elm.task {section['task']!r}: its corpus needs training passages and at least two held-out ones"
+        )
+    return data
+
+
+def train_elm(
+    loaded: LoadedModel, data: ElmData, settings: Mapping[str, Any]
+) -> tuple[elm.EmbeddingAdapter, pl.DataFrame]:
+    """Train the adapter on both tasks' training examples; held-out loss along the way."""
+    section = settings["elm"]
+    vectors = data.points.vectors
+    adapter = elm.EmbeddingAdapter.for_model(
+        loaded, vectors.shape[1], section["soft_tokens"], section["hidden_size"], section["seed"]
+    ).standardise_inputs(vectors[data.rows(TRAIN)])
+    norms = elm.embedding_norms(loaded.parts)
+    log.info(
+        "adapter: %d training and %d held-out examples; soft tokens of norm %.3f (token embeddings %.3f..%.3f)",
+        len(data.train), len(data.heldout), adapter.target_norm, norms.minimum, norms.maximum,
+    )  # fmt: skip
+    losses = elm.train_adapter(
+        loaded,
+        adapter,
+        vectors,
+        data.train,
+        data.heldout,
+        steps=section["steps"],
+        batch_size=section["batch_size"],
+        lr=section["lr"],
+        seed=section["seed"],
+        eval_every=section["eval_every"],
+        stage=section["stage"],
+        lm_lr=section["lm_lr"],
+    )
+    return adapter, losses
+
+
+def _task_examples(data: ElmData, prompt: str) -> list[elm.ElmExample]:
+    return [example for example in data.heldout if example.prompt == prompt]
+
+
+def named_label(text: str, label_words: Mapping[str, str]) -> str | None:
+    """The label whose word a generated text starts with (case-insensitive; the longest word wins)."""
+    said = text.strip().lower()
+    ranked = sorted(label_words.items(), key=lambda item: -len(item[1].strip()))
+    return next((label for label, word in ranked if said.startswith(word.strip().lower())), None)
+
+
+def evaluate_elm(
+    loaded: LoadedModel,
+    adapter: elm.EmbeddingAdapter,
+    data: ElmData,
+    settings: Mapping[str, Any],
+    judge: LoadedModel | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Held-out controls and descriptions along paths.
+
+    Returns:
+        ``scores``: one row per (held-out passage, condition ``true``/``shuffled``/``none``): the target loss of
+        reconstruction and of the register word, the generated opening and register, whether the register
+        named is the passage's, and semantic consistency in the judge's space (null without a judge).
+        ``paths``: descriptions along the interpolation and the direction of ``readers.elm.path``.
+    """
+    section, words = settings["elm"], settings["task"]["label_words"]
+    prompts, seed, new = section["prompts"], section["seed"], section["max_new_tokens"]
+    heldout = data.rows(HELDOUT)
+    vectors = data.points.vectors
+    shuffled = elm.shuffled_rows(heldout, seed)
+    columns: dict[str, list[Any]] = {}
+    for condition, rows in (("true", heldout), ("shuffled", shuffled), ("none", None)):
+        losses = {
+            task: elm.target_losses(loaded, adapter, vectors, _task_examples(data, prompts[task]), condition, seed)
+            for task in ("reconstruction", "register")
+        }
+        points = vectors[rows] if rows is not None else None
+        opening = _generate(loaded, adapter, points, prompts["reconstruction"], new, len(heldout))
+        register = _generate(loaded, adapter, points, prompts["register"], 4, len(heldout))
+        named = [named_label(text, words) for text in register]
+        block = {
+            "doc_id": [data.points.doc_ids[i] for i in heldout],
+            "label": [data.points.labels[i] for i in heldout],
+            "condition": [condition] * len(heldout),
+            "embedding_of": [data.points.doc_ids[i] for i in rows] if rows is not None else [None] * len(heldout),
+            "reconstruction_nll": losses["reconstruction"].tolist(),
+            "register_nll": losses["register"].tolist(),
+            "reference": [data.references[i].strip() for i in heldout],
+            "reconstruction_generated": opening,
+            "register_generated": register,
+            "register_predicted": named,
+            "register_correct": [n == data.points.labels[i] for n, i in zip(named, heldout, strict=True)],
+        }
+        for key, values in block.items():
+            columns.setdefault(key, []).extend(values)
+    scores = pl.DataFrame(columns)
+    scores = scores.with_columns(consistency=_consistency(judge, section, scores))
+    return scores, elm_paths(loaded, adapter, data, settings)
+
+
+def _generate(
+    loaded: LoadedModel, adapter: elm.EmbeddingAdapter, points: torch.Tensor | None, prompt: str, new: int, n: int
+) -> list[str]:
+    """Greedy generations for some points, or the one no-embedding generation repeated ``n`` times."""
+    if points is None:
+        return elm.generate(loaded, None, None, prompt.replace(elm.EMBEDDING_PLACEHOLDER, ""), new) * n
+    return elm.generate(loaded, adapter, points, prompt, new)
+
+
+def _consistency(judge: LoadedModel | None, section: Mapping[str, Any], scores: pl.DataFrame) -> pl.Series:
+    """Cosine in the judge's space between each generated opening and the true one (null without a judge).
+
+    Both are centred on the mean of the true openings' vectors first: mean-pooled states of a language model
+    are anisotropic (any two texts have a cosine near 1, METHODS §8.1), so raw cosines would not separate
+    the conditions.
+    """
+    if judge is None:
+        return pl.Series("consistency", [None] * scores.height, dtype=pl.Float64)
+    layer = section["judge_layer"] if section["judge_layer"] is not None else judge.n_layers // 2
+    generated = elm.mean_pooled_states(judge, scores["reconstruction_generated"].to_list(), layer)
+    references = elm.mean_pooled_states(judge, scores["reference"].to_list(), layer)
+    centre = references.nanmean(0)
+    cosines = elm.semantic_consistency(generated - centre, references - centre)
+    return pl.Series("consistency", cosines.tolist(), dtype=pl.Float64)
+
+
+def elm_paths(
+    loaded: LoadedModel, adapter: elm.EmbeddingAdapter, data: ElmData, settings: Mapping[str, Any]
+) -> pl.DataFrame:
+    """Descriptions along the straight line between two held-out passages and along a centroid direction."""
+    section, words = settings["elm"], settings["task"]["label_words"]
+    path = section["path"]
+    vectors, points = data.points.vectors, data.points
+    start, end = (_first_heldout(data, path[key], section["task"]) for key in ("from", "to"))
+    train = data.rows(TRAIN)
+    centroid = {key: vectors[[i for i in train if points.labels[i] == path[key]]].mean(0) for key in ("from", "to")}
+    direction = centroid["to"] - centroid["from"]
+    ts = torch.linspace(0.0, 1.0, path["steps"], dtype=torch.float64).tolist()
+    line = [(1 - t) * vectors[start] + t * vectors[end] for t in ts]
+    moved = [vectors[start] + scale * direction for scale in path["scales"]]
+    along = torch.stack([*line, *moved])
+    opening = elm.generate(loaded, adapter, along, section["prompts"]["reconstruction"], section["max_new_tokens"])
+    register = elm.generate(loaded, adapter, along, section["prompts"]["register"], 4)
+    kinds = ["interpolation"] * len(line) + ["direction"] * len(moved)
+    towards = [points.doc_ids[end]] * len(line) + [f"centroid {path['to']} − centroid {path['from']}"] * len(moved)
+    return pl.DataFrame(
+        {
+            "kind": kinds,
+            "position": [*ts, *map(float, path["scales"])],
+            "from_doc": [points.doc_ids[start]] * len(kinds),
+            "to_doc": towards,
+            "reconstruction_generated": opening,
+            "register_generated": register,
+            "register_predicted": [named_label(text, words) for text in register],
+        }
+    )
+
+
+def _first_heldout(data: ElmData, label: str, task: str) -> int:
+    """The row of the first held-out passage (by document id) with ``label``."""
+    rows = sorted((data.points.doc_ids[i], i) for i in data.rows(HELDOUT) if data.points.labels[i] == label)
+    if not rows:
+        raise ConfigError(f"readers.elm.path: task {task!r} has no held-out passage of label {label!r}")
+    return rows[0][1]
+
+
+def summarise_controls(scores: pl.DataFrame) -> pl.DataFrame:
+    """Per condition: mean reconstruction and register loss, register accuracy and consistency.
+
+    ``true_beats_shuffled``: the fraction of passages whose own embedding gives a lower reconstruction loss
+    than the shuffled one.
+    """
+    summary = scores.group_by("condition", maintain_order=True).agg(
+        pl.col("reconstruction_nll").mean(),
+        pl.col("register_nll").mean(),
+        pl.col("register_correct").mean().alias("register_accuracy"),
+        pl.col("consistency").mean(),
+    )
+    true = scores.filter(pl.col("condition") == "true")["reconstruction_nll"].to_numpy()
+    shuffled = scores.filter(pl.col("condition") == "shuffled")["reconstruction_nll"].to_numpy()
+    wins = float((true < shuffled).mean()) if len(true) else float("nan")
+    return summary.with_columns(true_beats_shuffled=pl.lit(wins))
+
+
+def reader_provenance(
+    loaded: LoadedModel, model: str, settings: Any, store: ActivationStore, **extra: Any
+) -> dict[str, Any]:
+    """The provenance of a reader's output: its settings, the model's hash, and the store it read."""
+    attrs = store.attrs
+    return provenance_record(
+        {"readers": settings},
+        model=model,
+        model_sha256=loaded.manifest["weights_sha256"],
+        device=str(loaded.device),
+        store=str(store.path),
+        store_config_hash=attrs.get("config_hash"),
+        corpus_sha256=attrs.get("corpus_sha256"),
+        **extra,
+    )
