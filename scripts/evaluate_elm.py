@@ -18,12 +18,12 @@ with job_log(snakemake.log[0]) as log:
     settings, inputs = snakemake.params.settings, snakemake.input
     loaded = load_model(Path(inputs.manifest).parent, device="auto")
     adapter, trained = load_adapter(inputs.adapter, loaded)
-    judge = load_model(Path(inputs.judge).parent, device="auto") if hasattr(inputs, "judge") else None
+    judge_dir = Path(inputs.judge).parent if hasattr(inputs, "judge") else None
+    judge = load_model(judge_dir, device="auto") if judge_dir else None
+    judged = {"judge": judge_dir.name, "judge_sha256": judge.manifest["weights_sha256"]} if judge else {}
     corpus, _ = load_corpus_table(inputs.corpus)
     with ActivationStore(inputs.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
         data = elm_data(loaded.tokenizer, store, corpus, settings)
-        judged = {"judge": Path(inputs.judge).parent.name, "judge_sha256": judge.manifest["weights_sha256"]}
-        judged = judged if judge else {}
         model = snakemake.wildcards.model
         meta = reader_provenance(loaded, model, settings, store, adapter_created=trained.get("created"), **judged)
     scores, paths = evaluate_elm(loaded, adapter, data, settings, judge)

@@ -19,6 +19,7 @@ from latent_atlas.readers.pipeline import (
     elm_data,
     evaluate_elm,
     named_label,
+    sign_test,
     summarise_controls,
     task_split,
     train_elm,
@@ -121,6 +122,13 @@ def test_every_method_is_scored_on_the_same_split(loaded, corpus, store_path):
     for method, rows in table.group_by("method"):
         assert sorted(rows["seed"].to_list(), key=str) == ([0, 1] if method[0] in seeded else [None])
     assert table["balanced_accuracy"].is_between(0, 1).all() and table["macro_f1"].is_between(0, 1).all()
+
+
+def test_sign_test_matches_the_binomial_tails():
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)  # all ten one way: 2 * 0.5**10
+    assert sign_test(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert sign_test(2, 8) == sign_test(8, 2)
 
 
 def test_named_label_takes_the_longest_word_that_opens_the_text():

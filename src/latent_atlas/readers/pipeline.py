@@ -5,6 +5,7 @@ they are scored on exactly the same documents; each result row carries the split
 """
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -357,7 +358,7 @@ def summarise_controls(scores: pl.DataFrame) -> pl.DataFrame:
     """Per condition: mean reconstruction and register loss, register accuracy and consistency.
 
     ``true_beats_shuffled``: the fraction of passages whose own embedding gives a lower reconstruction loss
-    than the shuffled one.
+    than the shuffled one, and ``sign_test_p`` its two-sided exact sign-test p-value (ties left out).
     """
     summary = scores.group_by("condition", maintain_order=True).agg(
         pl.col("reconstruction_nll").mean(),
@@ -368,7 +369,17 @@ def summarise_controls(scores: pl.DataFrame) -> pl.DataFrame:
     true = scores.filter(pl.col("condition") == "true")["reconstruction_nll"].to_numpy()
     shuffled = scores.filter(pl.col("condition") == "shuffled")["reconstruction_nll"].to_numpy()
     wins = float((true < shuffled).mean()) if len(true) else float("nan")
-    return summary.with_columns(true_beats_shuffled=pl.lit(wins))
+    p_value = sign_test(int((true < shuffled).sum()), int((true > shuffled).sum()))
+    return summary.with_columns(true_beats_shuffled=pl.lit(wins), sign_test_p=pl.lit(p_value))
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven between two equal outcomes."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def reader_provenance(
