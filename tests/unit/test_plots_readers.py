@@ -60,7 +60,12 @@ def test_condition_summary_orders_true_shuffled_none():
 
 def test_every_figure_writes_pdf_and_png(tmp_path):
     losses = pl.DataFrame(
-        {"step": [0, 1, 2], "examples_seen": [0, 4, 8], "train_loss": [None, 3.0, 2.0], "heldout_loss": [4, None, 2.5]}
+        {
+            "step": [0, 1, 2],
+            "examples_seen": [0, 4, 8],
+            "train_loss": [None, 3.0, 2.0],
+            "heldout_loss": [4.0, None, 2.5],
+        },
     )
     paths = pl.DataFrame(
         {

@@ -353,9 +353,8 @@ def head_logits(loaded: LoadedModel, states: torch.Tensor) -> torch.Tensor:
 
 def example_nll(loaded: LoadedModel, batch: ElmBatch) -> torch.Tensor:
     """Mean NLL (nats per token) of each row's target tokens ``(B,)``; the head reads only target positions."""
-    states = loaded.parts.body(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False)[
-        0
-    ]
+    output = loaded.parts.body(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False)
+    states = output[0]  # post-final-norm states (B, T, d)
     targets = batch.labels[:, 1:]
     scored = targets != IGNORE_INDEX
     rows, cols = scored.nonzero(as_tuple=True)

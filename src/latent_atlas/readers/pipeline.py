@@ -54,6 +54,8 @@ def compare_readers(
     split = task_split(store, task_name, task, max_tokens)
     token_ids = clustering.label_token_ids(loaded.tokenizer, task["label_words"], task_name)
     head = loaded.parts.lm_head.weight.detach().float().cpu()
+    bias = getattr(loaded.parts.lm_head, "bias", None)
+    head_bias = bias.detach().float().cpu() if bias is not None else None
     bases = clustering.semantic_bases(head)
     label_bases = bases[token_ids]
     log.info(
@@ -77,7 +79,7 @@ def compare_readers(
         )
 
     record("semantic_bases", None, clustering.predict_with_bases(None, split.test_x, label_bases))
-    record("knn_prompting", None, baselines.knn_prompting(split, head, settings["knn_k"]))
+    record("knn_prompting", None, baselines.knn_prompting(split, head, settings["knn_k"], bias=head_bias))
     record("linear_probe", None, baselines.linear_probe(split, settings["probe_weight_decay"]))
     prompts = _prompted(loaded, corpus, split, task_name, task, settings, max_tokens)
     record("zero_shot", None, prompts([]))
