@@ -482,15 +482,25 @@ def get_elm_judge(wildcards):
     return {"judge": f"results/models/{judge}/manifest.json"} if judge else {}
 
 
-def elm_settings(wildcards):
-    """What the ELM jobs depend on: the elm section, its task, and the shared token limit."""
-    readers = config["readers"]
-    elm = readers["elm"]
-    return {
-        "elm": elm,
-        "task": readers["tasks"][elm["task"]],
-        "max_tokens": readers["max_tokens"],
-    }
+# ELM keys that only evaluation reads (training ignores them), and the one only the figures read: changing
+# them re-runs evaluate_elm or plot_readers, not the training.
+ELM_EVALUATION_KEYS = ["judge", "judge_layer", "max_new_tokens", "path", "examples"]
+
+
+def elm_settings(stage):
+    """What an ELM job depends on: the elm section (without the keys it does not read), its task, the token limit."""
+    unused = ELM_EVALUATION_KEYS if stage == "train" else ["examples"]
+
+    def settings(wildcards):
+        readers = config["readers"]
+        elm = {k: v for k, v in readers["elm"].items() if k not in unused}
+        return {
+            "elm": elm,
+            "task": readers["tasks"][readers["elm"]["task"]],
+            "max_tokens": readers["max_tokens"],
+        }
+
+    return settings
 
 
 def get_reader_tables(wildcards):

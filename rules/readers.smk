@@ -42,7 +42,7 @@ rule train_elm:
     resources:
         gpu=1,
     params:
-        settings=elm_settings,
+        settings=elm_settings("train"),
     script:
         "../scripts/train_elm.py"
 
@@ -65,7 +65,7 @@ rule evaluate_elm:
     resources:
         gpu=1,
     params:
-        settings=elm_settings,
+        settings=elm_settings("evaluate"),
     script:
         "../scripts/evaluate_elm.py"
 
