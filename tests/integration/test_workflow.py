@@ -212,7 +212,7 @@ def _planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
 
 
 def _check_reruns(args: list[str], root: Path) -> None:
-    """An up-to-date DAG plans nothing; a changed probe, corpus or model re-plans exactly what depends on it."""
+    """An up-to-date DAG plans nothing; a changed probe, corpus, model or ELM judge re-plans exactly its descendants."""
     begin = time.perf_counter()
     again = snakemake(*args, "--dry-run")
     seconds = time.perf_counter() - begin
@@ -238,12 +238,12 @@ def _check_reruns(args: list[str], root: Path) -> None:
     jobs = _planned_jobs(snakemake(*args, str(model), "--dry-run"))
     assert jobs.get("acquire_model") == 1 and jobs.get("extract_activations") == 2, jobs  # registers, sentiment
     assert jobs.get("compare_readers") == 2 and jobs.get("train_elm") == 1, jobs
+    assert jobs.get("evaluate_performance") == 1 and "train_member" not in jobs, jobs
     # a setting only the ELM's evaluation reads re-runs the evaluation, not the training
     judge = root / "changed-judge.yaml"
     judge.write_text(yaml.safe_dump({"readers": {"elm": {"judge": None, "max_new_tokens": 4}}}))
     jobs = _planned_jobs(snakemake(*args, str(judge), "--dry-run"))
     assert set(jobs) == {"evaluate_elm", "plot_readers", "all"}, jobs
-    assert jobs.get("evaluate_performance") == 1 and "train_member" not in jobs, jobs
 
 
 def _check_readers(root: Path, smollm2: dict) -> None:
