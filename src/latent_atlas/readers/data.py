@@ -15,12 +15,13 @@ import numpy as np
 import polars as pl
 import torch
 
+from latent_atlas.corpus import SPLITS
 from latent_atlas.errors import ConfigError, StoreError
 from latent_atlas.readers.clustering import LabelledSplit
 from latent_atlas.store import ActivationStore
 
 Pooling = Literal["last", "mean"]
-TRAIN, HELDOUT = "train", "heldout"
+TRAIN, HELDOUT = SPLITS
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,13 @@ class DocumentVectors:
     splits: tuple[str, ...]
     vectors: torch.Tensor
 
+    def indices(self, split: str) -> list[int]:
+        """Positions (store order) of one split's documents."""
+        return [i for i, s in enumerate(self.splits) if s == split]
+
     def select(self, split: str) -> "DocumentVectors":
         """The documents of one split."""
-        keep = [i for i, s in enumerate(self.splits) if s == split]
+        keep = self.indices(split)
         return DocumentVectors(
             tuple(self.doc_ids[i] for i in keep),
             tuple(self.labels[i] for i in keep),
@@ -83,18 +88,23 @@ def _prefix_means(store: ActivationStore, address: str, starts: np.ndarray, coun
     return torch.from_numpy(np.stack(means)) if means else torch.empty(0, store.d_model)
 
 
+def check_label_words(labels: Sequence[str], label_words: Mapping[str, str], task: str) -> None:
+    """Every label of a task's corpus needs a label word; raise :class:`ConfigError` naming the key otherwise."""
+    unknown = sorted(set(labels) - set(label_words))
+    if unknown:
+        raise ConfigError(
+            f"readers.tasks.{task}.label_words has no word for the label(s) {unknown} of its corpus: add one for each"
+        )
+
+
 def labelled_split(vectors: DocumentVectors, label_words: Mapping[str, str], task: str) -> LabelledSplit:
     """The task's train and held-out splits, classes in the order of ``label_words``.
 
     Raises:
         ConfigError: a label of the corpus has no label word, or a split is empty.
     """
+    check_label_words(vectors.labels, label_words, task)
     classes = list(label_words)
-    unknown = sorted(set(vectors.labels) - set(classes))
-    if unknown:
-        raise ConfigError(
-            f"readers.tasks.{task}.label_words has no word for the label(s) {unknown} of its corpus: add one for each"
-        )
     parts = {split: vectors.select(split) for split in (TRAIN, HELDOUT)}
     for split, part in parts.items():
         if not part.doc_ids:

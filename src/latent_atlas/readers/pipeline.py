@@ -19,7 +19,15 @@ from latent_atlas.models import LoadedModel
 from latent_atlas.provenance import provenance_record
 from latent_atlas.readers import baselines, clustering, elm
 from latent_atlas.readers.clustering import LabelledSplit
-from latent_atlas.readers.data import HELDOUT, TRAIN, DocumentVectors, document_vectors, labelled_split, texts_by_id
+from latent_atlas.readers.data import (
+    HELDOUT,
+    TRAIN,
+    DocumentVectors,
+    check_label_words,
+    document_vectors,
+    labelled_split,
+    texts_by_id,
+)
 from latent_atlas.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -147,19 +155,33 @@ def _prompted(
 # ---- the ELM ------------------------------------------------------------------------------------------------
 
 
+ELM_TASKS = ("reconstruction", "register")
+
+
 @dataclass(frozen=True)
 class ElmData:
-    """The ELM's points and examples: every passage's embedding (store order) and both tasks' examples."""
+    """The ELM's points and examples: every passage's embedding (store order) and each task's examples.
+
+    ``examples[split][task]``: the examples of one split's passages for one of :data:`ELM_TASKS`.
+    """
 
     points: DocumentVectors
-    texts: tuple[str, ...]
     references: tuple[str, ...]
-    train: list[elm.ElmExample]
-    heldout: list[elm.ElmExample]
+    examples: dict[str, dict[str, list[elm.ElmExample]]]
 
     def rows(self, split: str) -> list[int]:
         """Embedding rows of one split's passages, in store order."""
-        return [i for i, s in enumerate(self.points.splits) if s == split]
+        return self.points.indices(split)
+
+    @property
+    def train(self) -> list[elm.ElmExample]:
+        """Both tasks' training examples."""
+        return [example for task in ELM_TASKS for example in self.examples[TRAIN][task]]
+
+    @property
+    def heldout(self) -> list[elm.ElmExample]:
+        """Both tasks' held-out examples."""
+        return [example for task in ELM_TASKS for example in self.examples[HELDOUT][task]]
 
 
 def elm_points(store: ActivationStore, settings: Mapping[str, Any]) -> DocumentVectors:
@@ -177,20 +199,17 @@ def elm_data(tokenizer: Any, store: ActivationStore, corpus: pl.DataFrame, setti
     """Points, reconstruction references and the examples of both tasks (reconstruction, register)."""
     section, words = settings["elm"], settings["task"]["label_words"]
     points = elm_points(store, settings)
-    unknown = sorted(set(points.labels) - set(words))
-    if unknown:
-        raise ConfigError(f"readers.tasks.{section['task']}.label_words has no word for the label(s) {unknown}")
-    texts = tuple(texts_by_id(corpus, points.doc_ids))
+    check_label_words(points.labels, words, section["task"])
+    texts = texts_by_id(corpus, points.doc_ids)
     references = tuple(elm.leading_tokens(tokenizer, texts, section["target_tokens"]))
     prompts = section["prompts"]
+    targets = {"reconstruction": references, "register": [words[label] for label in points.labels]}
 
-    def examples(split: str) -> list[elm.ElmExample]:
-        rows = [i for i, s in enumerate(points.splits) if s == split]
-        reconstruction = elm.make_examples(rows, [references[i] for i in rows], prompts["reconstruction"])
-        register = elm.make_examples(rows, [words[points.labels[i]] for i in rows], prompts["register"])
-        return reconstruction + register
+    def examples(split: str) -> dict[str, list[elm.ElmExample]]:
+        rows = points.indices(split)
+        return {task: elm.make_examples(rows, [targets[task][i] for i in rows], prompts[task]) for task in ELM_TASKS}
 
-    data = ElmData(points, texts, references, examples(TRAIN), examples(HELDOUT))
+    data = ElmData(points, references, {split: examples(split) for split in (TRAIN, HELDOUT)})
     if not data.train or len(data.rows(HELDOUT)) < 2:
         raise ConfigError(
             f"readers.elm.task {section['task']!r}: its corpus needs training passages and at least two held-out ones"
@@ -229,10 +248,6 @@ def train_elm(
     return adapter, losses
 
 
-def _task_examples(data: ElmData, prompt: str) -> list[elm.ElmExample]:
-    return [example for example in data.heldout if example.prompt == prompt]
-
-
 def named_label(text: str, label_words: Mapping[str, str]) -> str | None:
     """The label whose word a generated text starts with (case-insensitive; the longest word wins)."""
     said = text.strip().lower()
@@ -263,8 +278,8 @@ def evaluate_elm(
     columns: dict[str, list[Any]] = {}
     for condition, rows in (("true", heldout), ("shuffled", shuffled), ("none", None)):
         losses = {
-            task: elm.target_losses(loaded, adapter, vectors, _task_examples(data, prompts[task]), condition, seed)
-            for task in ("reconstruction", "register")
+            task: elm.target_losses(loaded, adapter, vectors, data.examples[HELDOUT][task], condition, seed)
+            for task in ELM_TASKS
         }
         points = vectors[rows] if rows is not None else None
         opening = _generate(loaded, adapter, points, prompts["reconstruction"], new, len(heldout))
