@@ -193,6 +193,9 @@ def test_elm_evaluation_pairs_each_passage_with_its_controls(loaded, trained):
     assert true["embedding_of"].to_list() == true["doc_id"].to_list() == heldout
     assert (shuffled["embedding_of"] != shuffled["doc_id"]).all()
     assert none["embedding_of"].null_count() == none.height and none["reconstruction_generated"].n_unique() == 1
+    # the no-embedding generation reads the prompt as the `none` losses do: its pieces, the placeholder dropped
+    unplaced = elm.generate(loaded, None, None, ELM["prompts"]["reconstruction"], ELM["max_new_tokens"])
+    assert none["reconstruction_generated"][0] == unplaced[0]
     assert scores["consistency"].null_count() == scores.height  # no judge configured
     # the losses are the adapter's own: recomputed directly for the true condition
     examples = [e for e in data.heldout if e.prompt == ELM["prompts"]["reconstruction"]]

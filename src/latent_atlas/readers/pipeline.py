@@ -308,9 +308,13 @@ def evaluate_elm(
 def _generate(
     loaded: LoadedModel, adapter: elm.EmbeddingAdapter, points: torch.Tensor | None, prompt: str, new: int, n: int
 ) -> list[str]:
-    """Greedy generations for some points, or the one no-embedding generation repeated ``n`` times."""
+    """Greedy generations for some points, or the one no-embedding generation repeated ``n`` times.
+
+    With no points, :func:`elm.generate` drops the placeholder from the prompt's pieces, so the prompt's tokens
+    are those the ``none`` condition's losses score.
+    """
     if points is None:
-        return elm.generate(loaded, None, None, prompt.replace(elm.EMBEDDING_PLACEHOLDER, ""), new) * n
+        return elm.generate(loaded, None, None, prompt, new) * n
     return elm.generate(loaded, adapter, points, prompt, new)
 
 
