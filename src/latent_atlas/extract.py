@@ -18,9 +18,10 @@ import torch
 from tqdm import tqdm
 
 from latent_atlas.config import LayerSpec, select_layers
+from latent_atlas.corpus import load_corpus_table
 from latent_atlas.errors import ConfigError, StoreError
 from latent_atlas.hooks import capture_residuals
-from latent_atlas.models import LoadedModel
+from latent_atlas.models import LoadedModel, load_model
 from latent_atlas.provenance import code_version, execution_context, utc_now
 from latent_atlas.store import STORE_DTYPES, StoreWriter
 
@@ -208,6 +209,30 @@ def plan_documents(corpus: pl.DataFrame, plan: ExtractionPlan) -> pl.DataFrame:
         token_start=pl.Series(plan.row_start, dtype=pl.Int64),
         token_count=pl.Series([len(k) for k in plan.keep], dtype=pl.Int64),
     )
+
+
+@dataclass(frozen=True)
+class ExtractionJob:
+    """What an extraction job (a whole store or one shard) starts from."""
+
+    settings: ExtractionSettings
+    loaded: LoadedModel
+    corpus: pl.DataFrame
+    attrs: dict[str, Any]
+
+
+def start_extraction_job(
+    section: Mapping[str, Any],
+    model: Mapping[str, Any],
+    model_dir: str | Path,
+    corpus_path: str | Path,
+    provenance: Mapping[str, Any],
+) -> ExtractionJob:
+    """Settings for this model, the model loaded as they say, the corpus, and the store's provenance attributes."""
+    settings = ExtractionSettings.for_model(section, model)
+    loaded = load_model(model_dir, settings.device, settings.model_dtype, "extraction.device", "extraction.model_dtype")
+    corpus, corpus_meta = load_corpus_table(corpus_path)
+    return ExtractionJob(settings, loaded, corpus, {**provenance, "corpus_sha256": corpus_meta["corpus_sha256"]})
 
 
 def store_attributes(loaded: LoadedModel, settings: ExtractionSettings, attrs: Mapping[str, Any]) -> dict[str, Any]:
