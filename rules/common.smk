@@ -422,6 +422,16 @@ def clustering_tasks():
     return READER_TASKS if chosen is None else chosen
 
 
+def clustering_settings():
+    """What a comparison job depends on: the clustering section without its list of tasks (adding a task must
+    not re-run the others)."""
+    return {
+        key: value
+        for key, value in config["readers"]["clustering"].items()
+        if key != "tasks"
+    }
+
+
 def elm_enabled():
     """Whether the ELM adapter is trained (it needs its task)."""
     return bool(config["readers"]["elm"]["enabled"] and READER_TASKS)

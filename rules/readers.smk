@@ -21,7 +21,7 @@ rule compare_readers:
         gpu=1,
     params:
         task=lambda wildcards: config["readers"]["tasks"][wildcards.task],
-        settings=config["readers"]["clustering"],
+        settings=clustering_settings(),
         max_tokens=config["readers"]["max_tokens"],
     script:
         "../scripts/compare_readers.py"

@@ -244,6 +244,11 @@ def _check_reruns(args: list[str], root: Path) -> None:
     judge.write_text(yaml.safe_dump({"readers": {"elm": {"judge": None, "max_new_tokens": 4}}}))
     jobs = _planned_jobs(snakemake(*args, str(judge), "--dry-run"))
     assert set(jobs) == {"evaluate_elm", "plot_readers", "all"}, jobs
+    # comparing one task fewer re-draws the figure and re-runs no comparison
+    tasks = root / "changed-tasks.yaml"
+    tasks.write_text(yaml.safe_dump({"readers": {"clustering": {"tasks": ["registers"]}}}))
+    jobs = _planned_jobs(snakemake(*args, str(tasks), "--dry-run"))
+    assert set(jobs) == {"plot_readers", "all"}, jobs
 
 
 def _check_readers(root: Path, smollm2: dict) -> None:
