@@ -93,7 +93,11 @@ def get_final_output():
     projections = expand(
         "results/projections/{model}/{table}.parquet",
         model=analysis_models(config, "projections"),
-        table=["mlp", "heads", "alignment"],
+        table=["mlp", "heads", "alignment", "recall"],
+    ) + expand(
+        "results/figures/projections/{model}.recall.{ext}",
+        model=analysis_models(config, "projections"),
+        ext=["pdf", "png"],
     )
     return (
         stores

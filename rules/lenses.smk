@@ -60,13 +60,20 @@ rule read_probe:
 
 
 rule project_parameters:
-    """Read MLP key/value vectors and head OV/QK circuits in the vocabulary (no forward passes)."""
+    """Read MLP key/value vectors and head OV/QK circuits in the vocabulary; check them on held-out text.
+
+    The tables mlp, heads and alignment need no forward pass; recall (Dar et al.'s aligned-vs-shuffled
+    recall of a state's projection by its activated neurons) runs the model over projections.recall_positions
+    positions of the corpus's projections.recall_split.
+    """
     input:
         manifest="results/models/{model}/manifest.json",
+        corpus=f"results/corpora/{config['projections'].get('recall_corpus') or config['run']['corpora'][0]}.parquet",
     output:
         mlp="results/projections/{model}/mlp.parquet",
         heads="results/projections/{model}/heads.parquet",
         alignment="results/projections/{model}/alignment.parquet",
+        recall="results/projections/{model}/recall.parquet",
     log:
         "logs/projections/{model}.log",
     conda:
@@ -76,3 +83,23 @@ rule project_parameters:
         settings=config["projections"],
     script:
         "../scripts/project_parameters.py"
+
+
+rule plot_projection_recall:
+    """Aligned vs shuffled recall of the states' projections by their activated neurons, per block."""
+    input:
+        recall="results/projections/{model}/recall.parquet",
+    output:
+        **figure_outputs(
+            "results/figures/projections/{model}",
+            ["recall"],
+            "projections",
+            "Projections",
+            {"model": "{model}"},
+        ),
+    log:
+        "logs/figures/{model}.projections.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_projections.py"

@@ -146,6 +146,9 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
     assert "logit" in probe["lenses"] and "tuned" not in probe["lenses"]  # ci.yaml trains resid.00/10/20/30 only
     assert "Paris" in probe["patchscopes"]["identity"]["generated"]
     assert set(pl.read_parquet(root / "results/projections/smollm2-135m/alignment.parquet")["layer"]) == {30}
+    recall = pl.read_parquet(root / "results/projections/smollm2-135m/recall.parquet")
+    assert set(recall["layer"]) == {30} and set(recall["target"]) == {"layer", "final"}
+    assert recall["positions"][0] == 200 and recall["aligned"].is_between(0, 1).all()
 
     neighbourhood = root / "results/neighbourhood/smollm2-135m/registers"
     point = pl.read_parquet(neighbourhood / "eiffel-paris.parquet")
@@ -184,7 +187,7 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
                "neighbourhood/smollm2-135m.registers.eiffel-paris.map",
                "neighbourhood/smollm2-135m.registers.cat-to-dog.path",
                "steering/smollm2-135m.effect", "steering/smollm2-135m.frontier", "steering/smollm2-135m.iti",
-               "steering/smollm2-135m.examples"]  # fmt: skip
+               "steering/smollm2-135m.examples", "projections/smollm2-135m.recall"]  # fmt: skip
     for name in figures:
         for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
             assert (root / f"results/figures/{name}.{ext}").read_bytes()[:4] == magic

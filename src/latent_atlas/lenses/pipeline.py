@@ -12,7 +12,7 @@ continuations disagree in precision for one point's worth of work, so they stay 
 
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -148,14 +148,33 @@ def read_probe(
     return {"probe": name, "spec": dict(probes[name]), **reading}
 
 
-def project_parameters(loaded: LoadedModel, settings: Mapping[str, Any]) -> dict[str, pl.DataFrame]:
-    """MLP key/value and head OV/QK projections to the vocabulary, with decoded tokens (METHODS §3)."""
-    from latent_atlas.lenses.projections import project_heads, project_mlp
+def project_parameters(
+    loaded: LoadedModel, settings: Mapping[str, Any], texts: Sequence[str] | None = None
+) -> dict[str, pl.DataFrame]:
+    """MLP key/value and head OV/QK projections to the vocabulary, with decoded tokens (METHODS §3).
 
-    mlp_layers = select_layers(settings.get("mlp_layers", [1]), loaded.n_layers)
-    mlp_tokens, alignment = project_mlp(
-        loaded, [layer for layer in mlp_layers if layer > 0], settings.get("top_k", 10), settings.get("overlap_k", 100)
+    With ``texts`` (held-out documents, in the order to read them) the tables include ``recall``: Dar et al.'s
+    aligned-vs-shuffled recall of each state's projection by its activated neurons' keys and values.
+    """
+    from latent_atlas.lenses.projections import (
+        activation_recall,
+        collect_recall_states,
+        mlp_token_ids,
+        project_heads,
+        project_mlp,
     )
+
+    mlp_layers = [layer for layer in select_layers(settings.get("mlp_layers", [1]), loaded.n_layers) if layer > 0]
+    top_k, overlap_k, recall_k = settings.get("top_k", 10), settings.get("overlap_k", 100), settings.get("recall_k", 50)
+    token_ids = mlp_token_ids(loaded, mlp_layers, max(top_k, overlap_k, recall_k if texts is not None else 0))
+    seed = settings.get("seed", 0)
+    mlp_tokens, alignment = project_mlp(loaded, mlp_layers, top_k, overlap_k, seed, token_ids)
+    recall = None
+    if texts is not None:
+        states = collect_recall_states(
+            loaded, texts, mlp_layers, settings.get("recall_positions", 1000), settings.get("recall_max_length", 256)
+        )
+        recall = activation_recall(loaded, states, token_ids, settings.get("recall_neurons", 5), recall_k, seed)
     size = settings.get("head_vocabulary_size")
     vocabulary = torch.arange(min(size, loaded.manifest["vocab_size"])) if size else None
     head_layers = [layer for layer in select_layers(settings.get("head_layers", [1]), loaded.n_layers) if layer > 0]
@@ -168,7 +187,7 @@ def project_parameters(loaded: LoadedModel, settings: Mapping[str, Any]) -> dict
             target=pl.col("target_id").map_elements(decode, return_dtype=pl.String),
         ),
         "alignment": alignment,
-    }
+    } | ({} if recall is None else {"recall": recall})
 
 
 def _decoder(loaded: LoadedModel) -> Callable[[int], str]:

@@ -6,6 +6,12 @@ is 9.7 GB): they are the products of rank-d_h factors (E^T W_V)(W_O E), scanned 
 running top-k is kept. Weights are read as stored: block-norm gains are not folded in, and RoPE is ignored
 (the QK form is exact at relative offset 0 only). Llama/Gemma SwiGLU keys are reported for both the gate
 (primary) and the up projection; GQA heads use their KV group's W_K / W_V.
+
+The paper's check that the projections mean something (its notebook ``interpretation-experiments.ipynb``):
+on held-out text, the top-b activated neurons of a block at each position, their keys and values read in the
+vocabulary (top-k tokens each, pooled), should recall the top-k tokens of the block's own output read through
+the final norm and unembedding (N_f(x^l) E) far better than the neurons of another position do
+(:func:`activation_recall`).
 """
 
 from collections.abc import Iterator, Sequence
@@ -16,16 +22,21 @@ import polars as pl
 import torch
 from torch import nn
 
-from latent_atlas.errors import ModelAcquisitionError
+from latent_atlas.errors import ConfigError, ModelAcquisitionError
 from latent_atlas.models import LoadedModel
 
 
 @dataclass(frozen=True)
 class MlpVectors:
-    """Key and value vectors of one MLP layer, each ``(d_ff, d)``; ``keys`` maps a kind to its matrix."""
+    """Key and value vectors of one MLP layer, each ``(d_ff, d)``; ``keys`` maps a kind to its matrix.
+
+    ``writer`` is the module whose input holds the neuron activations ``(..., d_ff)``: the coefficients the
+    value vectors are summed with (SwiGLU: silu(x W_gate) * x W_up; GPT-2: GELU(x W_fc + b)).
+    """
 
     keys: dict[str, torch.Tensor]
     values: torch.Tensor
+    writer: nn.Module
 
 
 def mlp_vectors(block: nn.Module) -> MlpVectors:
@@ -35,9 +46,10 @@ def mlp_vectors(block: nn.Module) -> MlpVectors:
         return MlpVectors(
             {"key_gate": mlp.gate_proj.weight.detach(), "key_up": mlp.up_proj.weight.detach()},
             mlp.down_proj.weight.detach().T,
+            mlp.down_proj,
         )
     if hasattr(mlp, "c_fc"):  # GPT-2: Conv1D weights are stored (in, out)
-        return MlpVectors({"key": mlp.c_fc.weight.detach().T}, mlp.c_proj.weight.detach())
+        return MlpVectors({"key": mlp.c_fc.weight.detach().T}, mlp.c_proj.weight.detach(), mlp.c_proj)
     raise ModelAcquisitionError(f"unknown MLP layout {type(mlp).__name__}: add it to latent_atlas.lenses.projections")
 
 
@@ -127,30 +139,62 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return np.array([len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(a.tolist(), b.tolist(), strict=True)])
 
 
+NeuronTokens = dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+"""Per block and kind (``key_gate``, ``key_up``, ``value``; GPT-2 ``key``, ``value``): the ``(d_ff, k)`` ids of
+every neuron's top-k and bottom-k vocabulary scores."""
+
+
+@torch.no_grad()
+def mlp_token_ids(loaded: LoadedModel, layers: Sequence[int], k: int) -> NeuronTokens:
+    """Top-k and bottom-k token ids of every MLP key and value vector of the given blocks (``v E``, no norm)."""
+    w_u = loaded.parts.lm_head.weight.detach()
+    k = min(k, w_u.shape[0])
+    found: NeuronTokens = {}
+    for layer, block in _iter_layers(loaded, layers):
+        vectors = mlp_vectors(block)
+        found[layer] = {
+            kind: top_tokens(matrix, w_u, k) for kind, matrix in [*vectors.keys.items(), ("value", vectors.values)]
+        }
+    return found
+
+
 @torch.no_grad()
 def project_mlp(
-    loaded: LoadedModel, layers: Sequence[int], k: int = 10, overlap_k: int = 100, seed: int = 0
+    loaded: LoadedModel,
+    layers: Sequence[int],
+    k: int = 10,
+    overlap_k: int = 100,
+    seed: int = 0,
+    token_ids: NeuronTokens | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Top/bottom tokens of every MLP key and value vector, and the aligned-vs-shuffled overlap check.
+
+    Args:
+        loaded: the model.
+        layers: blocks to read (1..L).
+        k: top and bottom tokens kept per vector in the tokens table.
+        overlap_k: tokens compared in the key/value overlap check.
+        seed: seed of the neuron permutation (the shuffled pairs).
+        token_ids: :func:`mlp_token_ids` of these blocks with at least ``max(k, overlap_k)`` tokens, when
+            already computed (the recall check reuses them); computed here otherwise.
 
     Returns:
         ``(tokens, alignment)``: tokens has one row per (layer, neuron, kind, direction, rank); alignment
         the mean Jaccard overlap of the top-``overlap_k`` tokens of each neuron's key and value (aligned)
         against keys paired with the values of randomly permuted neurons (shuffled).
     """
-    w_u = loaded.parts.lm_head.weight.detach()
+    if token_ids is None:
+        token_ids = mlp_token_ids(loaded, layers, max(k, overlap_k))
     rows, checks = [], []
     generator = torch.Generator().manual_seed(seed)
-    for layer, block in _iter_layers(loaded, layers):
-        vectors = mlp_vectors(block)
-        tops: dict[str, torch.Tensor] = {}
-        for kind, matrix in [*vectors.keys.items(), ("value", vectors.values)]:
-            top, bottom = top_tokens(matrix, w_u, max(k, overlap_k))
-            tops[kind] = top[:, :overlap_k]
+    for layer, _block in _iter_layers(loaded, layers):
+        kinds = token_ids[layer]
+        tops = {kind: top[:, :overlap_k] for kind, (top, _bottom) in kinds.items()}
+        for kind, (top, bottom) in kinds.items():
             for direction, ids in (("top", top[:, :k]), ("bottom", bottom[:, :k])):
                 rows.append(_token_rows(layer, kind, direction, ids))
-        permutation = torch.randperm(vectors.values.shape[0], generator=generator)
-        for kind in vectors.keys:
+        permutation = torch.randperm(tops["value"].shape[0], generator=generator)
+        for kind in (kind for kind in kinds if kind != "value"):
             aligned = _jaccard(tops[kind], tops["value"])
             shuffled = _jaccard(tops[kind], tops["value"][permutation])
             checks.append(
@@ -218,3 +262,196 @@ def project_heads(
                     )
                 )
     return pl.concat(frames)
+
+
+@dataclass(frozen=True)
+class RecallStates:
+    """What one forward pass over held-out text leaves for the recall check, ``N`` positions in all.
+
+    Attributes:
+        activations: block -> ``(N, d_ff)`` neuron activations (the input of the MLP's writer).
+        outputs: block -> ``(N, d)`` block outputs x^l (raw, before any norm).
+        final: ``(N, d)`` the final norm's output N_f(x^L), which the LM head reads.
+        documents: ``(N,)`` index of the document each position comes from (positions grouped by document).
+    """
+
+    activations: dict[int, torch.Tensor]
+    outputs: dict[int, torch.Tensor]
+    final: torch.Tensor
+    documents: torch.Tensor
+
+
+@torch.no_grad()
+def collect_recall_states(
+    loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int], positions: int, max_length: int
+) -> RecallStates:
+    """Neuron activations and block outputs at the first ``positions`` positions of ``texts``.
+
+    Texts run one at a time, each cut at ``max_length`` tokens, until ``positions`` positions are collected;
+    every position counts, the first included (the paper's notebook keeps them all).
+    """
+    found: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        found.setdefault(name, []).append(tensor.detach()[0].float().cpu())
+
+    handles = []
+    for layer, block in _iter_layers(loaded, layers):
+        writer = mlp_vectors(block).writer
+        handles.append(writer.register_forward_pre_hook(lambda _m, args, name=f"a{layer}": keep(name, args[0])))
+        handles.append(block.register_forward_hook(lambda _m, _a, out, name=f"x{layer}": keep(name, _first(out))))
+    handles.append(loaded.parts.final_norm.register_forward_hook(lambda _m, _a, out: keep("final", out)))
+    documents, total = [], 0
+    try:
+        for index, text in enumerate(texts):
+            if total >= positions:
+                break
+            encoded = loaded.tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
+            ids = encoded["input_ids"].to(loaded.device)
+            loaded.parts.body(input_ids=ids, use_cache=False)
+            documents.append(torch.full((ids.shape[1],), index))
+            total += ids.shape[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(documents) < 2:
+        raise ConfigError(
+            "the recall check needs positions from at least two documents (shuffled neurons come from another "
+            "document): lower projections.recall_max_length or raise projections.recall_positions, or use a "
+            "corpus whose split holds more documents"
+        )
+
+    def joined(name: str) -> torch.Tensor:
+        return torch.cat(found[name])[:positions]
+
+    return RecallStates(
+        activations={layer: joined(f"a{layer}") for layer in layers},
+        outputs={layer: joined(f"x{layer}") for layer in layers},
+        final=joined("final"),
+        documents=torch.cat(documents)[:positions],
+    )
+
+
+def _first(output: object) -> torch.Tensor:
+    """The hidden-state tensor of a block's output (a tensor, or a tuple whose first item it is)."""
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[index,return-value]
+
+
+@torch.no_grad()
+def state_top_ids(
+    loaded: LoadedModel, states: torch.Tensor, k: int, normed: bool, block_rows: int = 256
+) -> torch.Tensor:
+    """Top-k token ids ``(N, k)`` of states ``(N, d)`` read in the vocabulary.
+
+    The read-out is ``lm_head(N_f(h))``, or ``lm_head(h)`` when ``normed`` (``h`` is the final norm's output).
+    """
+    parts = loaded.parts
+    device = parts.lm_head.weight.device
+    dtype = parts.lm_head.weight.dtype
+    tops = []
+    for start in range(0, len(states), block_rows):
+        rows = states[start : start + block_rows].to(device=device, dtype=dtype)
+        logits = parts.lm_head(rows if normed else parts.final_norm(rows))
+        tops.append(logits.float().topk(k, dim=-1).indices.cpu())
+    return torch.cat(tops)
+
+
+def other_document_positions(documents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each position, a position drawn uniformly from the other documents (``documents`` grouped, ``(N,)``)."""
+    _, counts = torch.unique_consecutive(documents, return_counts=True)
+    if len(counts) < 2:
+        raise ValueError("positions from at least two documents are needed")
+    starts = torch.cumsum(counts, 0) - counts
+    own_start = torch.repeat_interleave(starts, counts)
+    own_count = torch.repeat_interleave(counts, counts)
+    draw = (torch.rand(len(documents), generator=generator) * (len(documents) - own_count)).long()
+    draw = torch.minimum(draw, len(documents) - own_count - 1)
+    return torch.where(draw < own_start, draw, draw + own_count)
+
+
+def pooled_recall(neuron_ids: torch.Tensor, active: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Recall |A ∩ B| / |B| per position: B the target ids, A the union of the active neurons' ids.
+
+    Args:
+        neuron_ids: ``(d_ff, k)`` top token ids of every neuron.
+        active: ``(N, b)`` the neurons taken at each position.
+        target: ``(N, k2)`` distinct target ids of each position.
+
+    Returns:
+        ``(N,)`` recall in [0, 1].
+    """
+    pooled = neuron_ids[active].reshape(len(active), -1)
+    return (target[:, :, None] == pooled[:, None, :]).any(-1).float().mean(-1)
+
+
+def activation_recall(
+    loaded: LoadedModel,
+    states: RecallStates,
+    token_ids: NeuronTokens,
+    neurons: int = 5,
+    k: int = 50,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Dar et al.'s aligned-vs-shuffled recall of a state's vocabulary projection by its activated neurons.
+
+    At each position and block: the ``neurons`` most activated neurons (largest activation); the union of the
+    top-``k`` tokens of their keys (and, separately, values) in the vocabulary; the recall of the top-``k``
+    tokens of the target state's projection among them. Targets: ``layer`` (N_f(x^l) E, the block's own
+    output) and ``final`` (the model's prediction, N_f(x^L) E). Shuffled: the same with the neurons activated
+    at a position of another document.
+
+    Returns:
+        One row per (layer, target, kind): mean ``aligned`` and ``shuffled`` recall, their standard errors
+        over positions, ``positions`` and ``documents`` (n), ``neurons`` and ``k``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    donors = other_document_positions(states.documents, generator)
+    targets = {"final": state_top_ids(loaded, states.final, k, normed=True)}
+    rows = []
+    for layer, activations in states.activations.items():
+        if token_ids[layer]["value"][0].shape[1] < k:
+            raise ValueError(f"token_ids hold fewer than k={k} tokens per neuron")
+        active = activations.topk(neurons, dim=-1).indices
+        last = layer == loaded.n_layers  # N_f(x^L) is the final target already
+        targets["layer"] = targets["final"] if last else state_top_ids(loaded, states.outputs[layer], k, normed=False)
+        for target in ("layer", "final"):
+            for kind, (top, _bottom) in token_ids[layer].items():
+                aligned = pooled_recall(top[:, :k], active, targets[target])
+                shuffled = pooled_recall(top[:, :k], active[donors], targets[target])
+                rows.append(
+                    {
+                        "layer": layer,
+                        "target": target,
+                        "kind": kind,
+                        "aligned": float(aligned.mean()),
+                        "shuffled": float(shuffled.mean()),
+                        "aligned_sem": _sem(aligned),
+                        "shuffled_sem": _sem(shuffled),
+                        "positions": len(aligned),
+                        "documents": int(states.documents.unique().numel()),
+                        "neurons": neurons,
+                        "k": k,
+                    }
+                )
+    return pl.DataFrame(rows)
+
+
+def _sem(values: torch.Tensor) -> float:
+    """Standard error of the mean over positions (positions of one document are not independent)."""
+    return float(values.std() / len(values) ** 0.5) if len(values) > 1 else float("nan")
+
+
+def recall_texts(corpus: pl.DataFrame, split: str, seed: int = 0) -> list[str]:
+    """The documents of a corpus split in a seeded random order (so the first positions span many documents).
+
+    Raises:
+        ConfigError: when the split holds fewer than two documents.
+    """
+    texts = corpus.filter(pl.col("split") == split)["text"].to_list()
+    if len(texts) < 2:
+        raise ConfigError(
+            f"projections.recall_split = {split!r} holds {len(texts)} document(s) of the corpus; the recall check "
+            "needs at least two (use 'train' or 'heldout', whichever holds more)"
+        )
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
+    return [texts[i] for i in order.tolist()]
