@@ -42,15 +42,51 @@ def test_local_acquisition_writes_a_standard_directory(arch, tmp_path):
     assert manifest["n_layers"] == 3 and manifest["d_model"] == 64 and manifest["licence"] == "MIT"
     assert manifest["weights_sha256"] == weights_sha256(tmp_path / "m")
     assert manifest["sha256"] == weights_sha256(source)
-    assert manifest["tied_embeddings"] is (arch != "gpt2" or True)
     assert {"config_hash", "code_version", "created"} <= set(manifest["provenance"])
     original = AutoModelForCausalLM.from_pretrained(source)
+    assert manifest["tied_embeddings"] is _shares_storage(original)
     loaded = load_model(tmp_path / "m", device="cpu")
     assert loaded.n_layers == 3 and loaded.manifest == on_disk
     assert torch.equal(
         _logits(loaded.model, loaded.tokenizer), _logits(original, AutoTokenizer.from_pretrained(source))
     )
     assert not list(tmp_path.glob(".m.tmp-*"))
+
+
+def _shares_storage(model) -> bool:
+    """Whether the LM head reads the very tensor the input embedding reads (tied weights)."""
+    return model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_an_untied_model_keeps_its_own_lm_head(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from latent_atlas.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(config)
+    original.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    manifest = acquire_model("u", {"source": "local", "path": str(tmp_path / "src")}, tmp_path / "m", tmp_path / "dl")
+    loaded = load_model(tmp_path / "m", device="cpu")
+    assert manifest["tied_embeddings"] is _shares_storage(original) is False
+    assert not _shares_storage(loaded.model)
+    assert torch.equal(loaded.parts.lm_head.weight, original.lm_head.weight)
+    assert torch.equal(loaded.parts.embed.weight, original.model.embed_tokens.weight)
+    assert torch.equal(
+        _logits(loaded.model, loaded.tokenizer), _logits(original, AutoTokenizer.from_pretrained(tmp_path / "src"))
+    )
 
 
 def test_hf_source_through_the_hub_cache(tmp_path, monkeypatch):

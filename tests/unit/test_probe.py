@@ -8,7 +8,6 @@ import torch
 
 from latent_atlas.cli import main
 from latent_atlas.errors import ConfigError
-from latent_atlas.lenses.patchscope import residual_state
 from latent_atlas.lenses.pipeline import read_probe
 from latent_atlas.lenses.probe import is_readable, probe_vector
 from latent_atlas.models import load_model
@@ -26,15 +25,30 @@ def test_probe_vectors(llama, tmp_path):
         "a": {"text": "the dog saw", "layer": 1},
         "b": {"text": "the cat", "layer": 1, "position": 0},
         "mid": {"midpoint": ["a", "b"]},
+        "last": {"text": "the dog saw", "layer": 3},
         "saved": {"vector": str(saved), "layer": 2},
     }
+    dog, cat = _hidden_states(llama, "the dog saw"), _hidden_states(llama, "the cat")  # transformers' own states
     a, layer = probe_vector(llama, "a", probes)
-    assert layer == 1 and torch.equal(a, residual_state(llama, "the dog saw", 1, -1))
+    assert layer == 1
+    torch.testing.assert_close(a, dog[1][0, -1], atol=1e-6, rtol=1e-6)
     b, _ = probe_vector(llama, "b", probes)
+    torch.testing.assert_close(b, cat[1][0, 0], atol=1e-6, rtol=1e-6)
     mid, layer = probe_vector(llama, "mid", probes)
-    assert layer == 1 and torch.allclose(mid, (a + b) / 2)
+    assert layer == 1
+    torch.testing.assert_close(mid, (dog[1][0, -1] + cat[1][0, 0]) / 2, atol=1e-6, rtol=1e-6)
+    last, layer = probe_vector(llama, "last", probes)  # resid.L is the raw last-block output: hidden_states[L]
+    with torch.no_grad():  # is already normed (METHODS §0.2), so the final norm of the probe must give it back
+        torch.testing.assert_close(llama.model.model.norm(last), dog[3][0, -1], atol=1e-5, rtol=1e-5)
+    assert layer == 3 and not torch.allclose(last, dog[3][0, -1], atol=1e-3)
     vector, layer = probe_vector(llama, "saved", probes)
     assert layer == 2 and torch.equal(vector, torch.arange(llama.d_model, dtype=torch.float32))
+
+
+def _hidden_states(loaded, text: str) -> tuple[torch.Tensor, ...]:
+    """transformers' ``output_hidden_states`` for a text (``[l]`` is resid.l for l < L, post-norm at L)."""
+    with torch.no_grad():
+        return loaded.model(**loaded.tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states
 
 
 @pytest.mark.parametrize(
@@ -94,3 +108,14 @@ def test_cli_probe(tiny_model_dirs, capsys, tmp_path):
     vector_args = ["probe", "--model", str(tiny_model_dirs["llama"]), "--vector", str(tmp_path / "v.npy")]
     assert main([*vector_args, "--layer", "1", "--device", "cpu"]) == 2
     assert "holds 3 values" in capsys.readouterr().err
+
+
+def test_logit_lens_reading_at_the_last_layer_is_the_models_next_token_distribution(llama):
+    probes = {"p": {"text": "the dog saw the cat", "layer": 3}}
+    reading = read_probe(llama, "p", probes, None, {"top_k": 4, "patchscope": {"max_new_tokens": 1}})
+    with torch.no_grad():
+        logits = llama.model(**llama.tokenizer("the dog saw the cat", return_tensors="pt")).logits[0, -1]
+    probs, ids = torch.softmax(logits, -1).topk(4)
+    got = reading["lenses"]["logit"]["top"]
+    assert [token for token, _ in got] == [llama.tokenizer.decode([int(i)]) for i in ids]
+    np.testing.assert_allclose([p for _, p in got], probs.numpy(), rtol=1e-5, atol=1e-6)
