@@ -50,5 +50,7 @@ def plot_projection_recall(
         f"top-{table['neurons'][0]} neurons per position, n = {table['positions'][0]} positions "
         f"from {table['documents'][0]} documents",
         fontsize=10,
+        x=0.01,
+        ha="left",  # the provenance stamp takes the top right corner
     )
     save_figure(figure, pdf, png, f"{title} · n = {table['positions'][0]}")
