@@ -21,7 +21,7 @@ rule steer_heads:
     """Inference-time intervention: per-head probes on true/false statements, the top heads shifted."""
     input:
         unpack(get_steering_inputs),
-        facts=config["steering"]["facts"],
+        facts=config["steering"]["iti"]["facts"],
     output:
         table="results/steering/{model}/iti.parquet",
         probes="results/steering/{model}/iti.probes.parquet",

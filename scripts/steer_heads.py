@@ -8,7 +8,7 @@ import torch
 from latent_atlas.joblog import job_log
 from latent_atlas.models import load_model
 from latent_atlas.provenance import sha256_file, write_parquet_with_provenance
-from latent_atlas.steering.data import city_statements, load_steering_data
+from latent_atlas.steering.data import SPLITS, load_statements, load_steering_data
 from latent_atlas.steering.pipeline import run_iti, steering_provenance
 from latent_atlas.store import ActivationStore
 
@@ -19,7 +19,8 @@ with job_log(snakemake.log[0]):
     loaded = load_model(model_dir, "auto", settings["model_dtype"], dtype_key="steering.model_dtype")
     data = load_steering_data(snakemake.input.data)
     iti = settings.get("iti", {})
-    statements = city_statements(snakemake.input.facts, iti.get("train_fraction", 0.5), settings.get("seed", 0))
+    fractions = iti.get("train_fraction", 0.4), iti.get("validation_fraction", 0.2)
+    statements = load_statements(snakemake.input.facts, *fractions, seed=settings.get("seed", 0))
     with ActivationStore(snakemake.input.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
         table, probes = run_iti(loaded, statements, data, settings, store)
     meta = steering_provenance(
@@ -30,6 +31,7 @@ with job_log(snakemake.log[0]):
         snakemake.input.data,
         snakemake.input.store,
         facts_sha256=sha256_file(snakemake.input.facts),
+        split_items={name: int((statements.split == name).sum()) for name in SPLITS},
     )
     model = snakemake.wildcards.model
     write_parquet_with_provenance(table.with_columns(model=pl.lit(model)), snakemake.output.table, meta)

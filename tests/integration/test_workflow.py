@@ -174,10 +174,11 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
     assert (unsteered["relative_norm"] == 0).all() and (unsteered["off_target_kl"] < 1e-6).all()
     assert actadd["sentiment"].is_between(-1, 1).all() and (actadd["perplexity"] > 1).all()
     iti = pl.read_parquet(steering / "iti.parquet")
-    assert iti["truth_accuracy"].is_between(0, 1).all() and iti["held_out_items"][0] == 23
+    assert iti["test_truth_accuracy"].is_between(0, 1).all() and iti["test_items"][0] == 40
     probes = pl.read_parquet(steering / "iti.probes.parquet")
     assert probes.height == 30 * 9 and probes["selected"].sum() == 4
-    assert abs(probes["shuffled_accuracy"].mean() - 0.5) < 0.1  # the shuffled-label control sits at chance
+    assert set(probes["validation_statements"]) == {80} and set(probes["test_statements"]) == {80}
+    assert abs(probes["shuffled_test_accuracy"].mean() - 0.5) < 0.1  # the shuffled-label control sits at chance
     optimised = pl.read_parquet(steering / "optimised.parquet")
     assert optimised.height == 2 and (optimised["steps"] <= 3).all()
 

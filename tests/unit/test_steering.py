@@ -13,6 +13,7 @@ from latent_atlas.steering.vectors import (
     mean_difference_vector,
     optimise_vector,
     sentence_bleu,
+    top_heads,
 )
 from latent_atlas.testing import TINY_ARCHITECTURES
 
@@ -142,11 +143,12 @@ def test_shuffled_label_probes_sit_at_chance():
     activations = torch.randn(n, layers, heads, head_dim, generator=generator)
     activations[:, 1, 2, 0] += 3 * (labels * 2 - 1)  # one head encodes the label
     train = torch.randperm(n, generator=generator) % 4 != 0
-    probes = fit_head_probes(activations, labels, train)
-    assert probes.accuracy[1, 2] > 0.9
-    assert probes.accuracy.flatten().sort().values[:-1].max() < 0.7
-    assert abs(float(probes.shuffled_accuracy.mean()) - 0.5) < 0.08
-    best = iti_heads(activations, labels, train, probes.accuracy, k=1)[0]
+    probes = fit_head_probes(activations[train], labels[train])
+    accuracy = probes.accuracy(activations[~train], labels[~train])
+    assert accuracy[1, 2] > 0.9
+    assert accuracy.flatten().sort().values[:-1].max() < 0.7
+    assert abs(float(probes.accuracy(activations[~train], labels[~train], shuffled=True).mean()) - 0.5) < 0.08
+    best = iti_heads(activations[train], labels[train], top_heads(accuracy, k=1))[0]
     assert (best.layer, best.head) == (2, 2) and best.direction[0] > 0.9 and best.std > 0
 
 
@@ -241,14 +243,14 @@ def test_iti_run_and_truth_scoring_at_zero_strength(steering_setup):
     from latent_atlas.store import ActivationStore
 
     loaded, root, data = steering_setup
-    statements = city_statements(root / "facts.csv", train_fraction=0.5, seed=0)
-    assert statements.train_items.sum() == 8 and len(statements.texts()) == 32
+    statements = city_statements(root / "facts.csv", train_fraction=0.4, validation_fraction=0.2, seed=0)
+    assert (statements.split == "test").sum() == 6 and len(statements.texts()) == 32  # 3 of 8 cities, twice each
     assert all(true != false for true, false in zip(statements.true_objects, statements.false_objects, strict=True))
     section = {"iti": {"strengths": [0, 10], "heads": 3}}
     with ActivationStore(root / "s.h5") as store:
         table, probes = run_iti(loaded, statements, data, section, store)
     assert probes.height == loaded.n_layers * 4 and probes["selected"].sum() == 3
-    held_out = np.flatnonzero(~statements.train_items)
+    held_out = np.flatnonzero(statements.split == "test")
     margins = []
     for item in held_out:  # strength 0 must score exactly like the unsteered model
         prompt = loaded.tokenizer(statements.prompts[item])["input_ids"]
@@ -257,8 +259,9 @@ def test_iti_run_and_truth_scoring_at_zero_strength(steering_setup):
         true, false = continuation_log_probs(loaded, prompt, ids)
         margins.append(float(true.sum() - false.sum()))
     baseline = table.filter(table["coefficient"] == 0)
-    assert baseline["truth_accuracy"][0] == pytest.approx(np.mean(np.array(margins) > 0))
-    assert baseline["mean_log_prob_margin"][0] == pytest.approx(np.mean(margins), abs=1e-4)
+    assert baseline["test_truth_accuracy"][0] == pytest.approx(np.mean(np.array(margins) > 0))
+    assert baseline["test_mean_log_prob_margin"][0] == pytest.approx(np.mean(margins), abs=1e-4)
+    assert baseline["test_items"][0] == len(held_out)
 
 
 def test_steering_figures_are_drawn(steering_setup, tmp_path):
@@ -272,10 +275,11 @@ def test_steering_figures_are_drawn(steering_setup, tmp_path):
     section = {"layers": [1], "max_new_tokens": 3, "decodings": ["greedy"], "mean_difference": {"coefficients": [0, 2]}}
     with ActivationStore(root / "s.h5") as store:
         table = sweep(loaded, "mean_difference", data, section, store)
-    probes = pl.DataFrame({"layer": [1, 1, 2, 2], "head": [0, 1, 0, 1], "accuracy": [0.5, 0.9, 0.6, 0.7],
-                           "shuffled_accuracy": [0.5] * 4, "selected": [False, True, False, False]})  # fmt: skip
-    iti = pl.DataFrame({"coefficient": [0.0, 5.0], "truth_accuracy": [0.6, 0.7], "off_target_kl": [0.0, 0.1],
-                        "heads": [1, 1], "held_out_items": [8, 8]})  # fmt: skip
+    probes = pl.DataFrame({"layer": [1, 1, 2, 2], "head": [0, 1, 0, 1], "test_accuracy": [0.5, 0.9, 0.6, 0.7],
+                           "shuffled_test_accuracy": [0.5] * 4, "selected": [False, True, False, False],
+                           "validation_statements": [4] * 4, "test_statements": [16] * 4})  # fmt: skip
+    iti = pl.DataFrame({"coefficient": [0.0, 5.0], "test_truth_accuracy": [0.6, 0.7], "off_target_kl": [0.0, 0.1],
+                        "heads": [1, 1], "test_items": [8, 8]})  # fmt: skip
     optimised = pl.DataFrame({"layer": [1], "target": ["the dog"], "recovered": ["the dog"], "exact_match": [True],
                               "bleu": [100.0]})  # fmt: skip
     for name, draw in {

@@ -86,30 +86,36 @@ def plot_frontier(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | o
 def plot_iti(
     sweep: pl.DataFrame, probes: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str
 ) -> None:
-    """Left: held-out probe accuracy of every head (layer x head), the selected heads boxed.
+    """Left: test-split probe accuracy of every head (layer x head), the heads chosen on validation boxed.
 
-    Right: truth accuracy on held-out items and off-target KL against the shift strength α.
+    Right: truth accuracy on the test items and off-target KL against the shift strength α. Every number drawn
+    is from the test split; the heads were fitted on train and ranked on validation.
     """
     apply_style()
     figure, (heat, curves) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
     n_heads = int(probes["head"].max()) + 1
-    grid = probes.sort("layer", "head")["accuracy"].to_numpy().reshape(-1, n_heads)
+    grid = probes.sort("layer", "head")["test_accuracy"].to_numpy().reshape(-1, n_heads)
+    n_test = int(probes["test_statements"][0])
     sns.heatmap(grid, cmap="viridis", vmin=0.5, vmax=max(0.75, float(grid.max())), ax=heat,
-                cbar_kws={"label": "held-out probe accuracy"})  # fmt: skip
+                cbar_kws={"label": f"probe accuracy on the test split (n = {n_test} statements)"})  # fmt: skip
     for row in probes.filter(pl.col("selected")).iter_rows(named=True):
         heat.add_patch(plt.Rectangle((row["head"], row["layer"] - 1), 1, 1, fill=False, edgecolor="red", lw=1.5))
     layers = sorted(set(probes["layer"]))
     heat.set_yticks(np.arange(len(layers)) + 0.5, [str(layer) for layer in layers], fontsize=6, rotation=0)
-    chance = float(probes["shuffled_accuracy"].mean())
-    heat.set(xlabel="head", ylabel="block", title=f"probes (shuffled-label control: {chance:.2f} on average)")
-    curves.plot(sweep["coefficient"], sweep["truth_accuracy"], marker="o", label="truth accuracy (held out)")
-    curves.set(xlabel="α (shift in units of the activation std)", ylabel="truth accuracy", ylim=(0, 1.02))
+    chance = float(probes["shuffled_test_accuracy"].mean())
+    n_validation = int(probes["validation_statements"][0])
+    boxed = f"boxed: top by validation accuracy (n = {n_validation}); shuffled labels: {chance:.2f}"
+    heat.set(xlabel="head", ylabel="block")
+    heat.set_title(boxed, fontsize=9)
+    n_items = int(sweep["test_items"][0])
+    curves.plot(sweep["coefficient"], sweep["test_truth_accuracy"], marker="o", label="truth accuracy (test items)")
+    curves.set(xlabel="α (shift in units of the activation std)", ylabel="truth accuracy (test)", ylim=(0, 1.02))
     twin = curves.twinx()
     twin.plot(sweep["coefficient"], sweep["off_target_kl"], marker="s", color="C3", label="off-target KL")
     twin.set_ylabel("off-target KL [nats]", color="C3")
     twin.grid(False)
     curves.legend(loc="lower left", fontsize=8, frameon=False)
-    curves.set_title(f"top {sweep['heads'][0]} heads, {sweep['held_out_items'][0]} held-out items")
+    curves.set_title(f"top {sweep['heads'][0]} heads, {n_items} test items")
     figure.suptitle(f"Inference-time intervention on true/false statements — {title}")
     save_figure(figure, pdf, png, title)
 

@@ -1,6 +1,7 @@
-"""Steering data: the sentiment/style YAML and the city-country table behind the true/false statements."""
+"""Steering data: the sentiment/style YAML, and the fact tables behind ITI's true/false statements."""
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,17 +49,22 @@ def load_steering_data(path: str | os.PathLike[str]) -> SteeringData:
     )
 
 
+SPLITS = ("train", "validation", "test")
+
+
 @dataclass(frozen=True)
 class Statements:
     """True and false statements built from a fact table, split by item (both versions on one side).
 
-    Row ``2i`` is item ``i`` with its true object, row ``2i + 1`` with a false one.
+    Row ``2i`` is item ``i`` with its true object, row ``2i + 1`` with a false one. ``split`` names each item's
+    split (one of :data:`SPLITS`). An item is its prompt (one city of the city table), so both statements of an
+    item, and every row sharing its prompt, fall in one split.
     """
 
-    prompts: list[str]  # "{subject} is a city in"
+    prompts: list[str]  # e.g. "{subject} is a city in"
     true_objects: list[str]
     false_objects: list[str]
-    train_items: np.ndarray  # bool per item
+    split: np.ndarray  # str per item: train, validation or test
 
     def texts(self) -> list[str]:
         """Every statement, true then false for each item."""
@@ -72,20 +78,75 @@ class Statements:
         """1 for true statements, 0 for false ones (the order of :meth:`texts`)."""
         return np.tile([1.0, 0.0], len(self.prompts))
 
-    def train_rows(self) -> np.ndarray:
-        """The training mask over statements (both versions of a training item)."""
-        return np.repeat(self.train_items, 2)
+    def select(self, split: str) -> "Statements":
+        """The items of one split, in their order."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        items = np.flatnonzero(self.split == split)
+        return Statements(
+            [self.prompts[i] for i in items],
+            [self.true_objects[i] for i in items],
+            [self.false_objects[i] for i in items],
+            self.split[items],
+        )
 
 
-def city_statements(path: str | os.PathLike[str], train_fraction: float = 0.5, seed: int = 0) -> Statements:
-    """Statements "{city} is a city in {country}." with, for each city, a false country drawn from the others.
+def split_items(keys: Sequence[str], train_fraction: float, validation_fraction: float, seed: int) -> np.ndarray:
+    """Each item's split (train / validation / test), drawn over distinct keys, so equal keys share a split.
 
-    The false country and the split are fixed by ``seed``.
+    The distinct keys, sorted, are permuted by ``seed``; the first ``round(train_fraction·n)`` train the probes,
+    the next ``round(validation_fraction·n)`` rank the heads, the rest are the test items.
+    """
+    keys_ = "steering.iti.train_fraction and steering.iti.validation_fraction"
+    if train_fraction <= 0 or validation_fraction <= 0 or train_fraction + validation_fraction >= 1:
+        raise ConfigError(f"{keys_} must be positive with a sum below 1 (the test split is the rest)")
+    unique = sorted(set(keys))
+    n_train, n_validation = round(train_fraction * len(unique)), round(validation_fraction * len(unique))
+    if min(n_train, n_validation, len(unique) - n_train - n_validation) < 1:
+        raise ConfigError(f"{len(unique)} items leave a split empty; change {keys_} or add facts")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    names = np.empty(len(unique), dtype="<U10")
+    names[order[:n_train]] = "train"
+    names[order[n_train : n_train + n_validation]] = "validation"
+    names[order[n_train + n_validation :]] = "test"
+    lookup = dict(zip(unique, names.tolist(), strict=True))
+    return np.array([lookup[key] for key in keys], dtype="<U10")
+
+
+def load_statements(
+    path: str | os.PathLike[str], train_fraction: float = 0.4, validation_fraction: float = 0.2, seed: int = 0
+) -> Statements:
+    """Statements from a fact table: ``prompt,true,false`` columns, or ``city,country`` (:func:`city_statements`).
+
+    Lines starting with ``#`` are comments (a licence line, say); other columns (``category``) are ignored.
     """
     if not Path(path).is_file():
-        raise ConfigError(f"fact table {path} does not exist; set steering.facts to a CSV with city,country")
-    table = pl.read_csv(path)
-    if set(table.columns) < {"city", "country"}:
+        raise ConfigError(f"fact table {path} does not exist; set steering.iti.facts to a CSV")
+    table = pl.read_csv(path, comment_prefix="#")
+    if {"prompt", "true", "false"} <= set(table.columns):
+        prompts = table["prompt"].cast(pl.String).to_list()
+        split = split_items(prompts, train_fraction, validation_fraction, seed)
+        return Statements(
+            prompts, table["true"].cast(pl.String).to_list(), table["false"].cast(pl.String).to_list(), split
+        )
+    if {"city", "country"} <= set(table.columns):
+        return city_statements(path, train_fraction, validation_fraction, seed)
+    raise ConfigError(
+        f"fact table {path} needs the columns prompt,true,false (or city,country); it has {table.columns}"
+    )
+
+
+def city_statements(
+    path: str | os.PathLike[str], train_fraction: float = 0.4, validation_fraction: float = 0.2, seed: int = 0
+) -> Statements:
+    """Statements "{city} is a city in {country}." with, for each city, a false country drawn from the others.
+
+    The false country and the split (by city) are fixed by ``seed``.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"fact table {path} does not exist; set steering.iti.facts to a CSV with city,country")
+    table = pl.read_csv(path, comment_prefix="#")
+    if not {"city", "country"} <= set(table.columns):
         raise ConfigError(f"fact table {path} needs the columns city,country; it has {table.columns}")
     rng = np.random.default_rng(seed)
     countries = sorted(set(table["country"]))
@@ -93,7 +154,6 @@ def city_statements(path: str | os.PathLike[str], train_fraction: float = 0.5, s
     for country in table["country"]:
         others = [c for c in countries if c != country]
         false.append(others[int(rng.integers(len(others)))])
-    train = np.zeros(table.height, dtype=bool)
-    train[rng.permutation(table.height)[: round(train_fraction * table.height)]] = True
     prompts = [f"{city} is a city in" for city in table["city"]]
-    return Statements(prompts, table["country"].to_list(), false, train)
+    split = split_items(prompts, train_fraction, validation_fraction, seed)
+    return Statements(prompts, table["country"].to_list(), false, split)

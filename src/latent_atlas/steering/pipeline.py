@@ -38,8 +38,9 @@ from latent_atlas.steering.generate import (
     off_target_kl,
     perplexity,
 )
-from latent_atlas.steering.interventions import HeadShift, Intervention, MlpShift, ResidualAddition
+from latent_atlas.steering.interventions import HeadDirection, HeadShift, Intervention, MlpShift, ResidualAddition
 from latent_atlas.steering.vectors import (
+    HeadProbes,
     actadd_vector,
     fit_head_probes,
     head_activations,
@@ -48,6 +49,7 @@ from latent_atlas.steering.vectors import (
     mean_difference_vector,
     optimise_vector,
     sentence_bleu,
+    top_heads,
 )
 from latent_atlas.store import ActivationStore
 
@@ -215,6 +217,69 @@ def sweep(
     return pl.concat(tables).with_columns(method=pl.lit(method), site=pl.lit(label))
 
 
+@dataclass(frozen=True)
+class HeadSelection:
+    """ITI's choice, made without the test items: probes fitted on train, heads ranked on validation.
+
+    ``validation_accuracy`` and ``shuffled_validation_accuracy`` are ``(L, H)``; ``heads`` carry the mass-mean
+    directions and stds of the train and validation statements; ``statements`` counts each split's statements.
+    """
+
+    probes: HeadProbes
+    validation_accuracy: torch.Tensor
+    shuffled_validation_accuracy: torch.Tensor
+    heads: list[HeadDirection]
+    statements: dict[str, int]
+
+
+def _head_dim(loaded: LoadedModel) -> int:
+    config = loaded.model.config
+    return getattr(config, "head_dim", None) or loaded.d_model // config.num_attention_heads
+
+
+def select_iti_heads(loaded: LoadedModel, statements: Statements, k: int, seed: int = 0) -> HeadSelection:
+    """Fit one probe per head on the train split, rank heads by validation accuracy, keep the top ``k``.
+
+    Only the train and validation statements reach the model here (Li et al.'s ``get_top_heads`` and
+    ``get_com_directions``): directions and stds are computed over both, never over a test item.
+    """
+    train, validation = statements.select("train"), statements.select("validation")
+    head_dim = _head_dim(loaded)
+    train_x, validation_x = (head_activations(loaded, part.texts(), head_dim) for part in (train, validation))
+    train_y, validation_y = (torch.from_numpy(part.labels()) for part in (train, validation))
+    probes = fit_head_probes(train_x, train_y, seed=seed)
+    accuracy = probes.accuracy(validation_x, validation_y)
+    heads = iti_heads(torch.cat([train_x, validation_x]), torch.cat([train_y, validation_y]), top_heads(accuracy, k))
+    counts = {"train": len(train_y), "validation": len(validation_y)}
+    return HeadSelection(probes, accuracy, probes.accuracy(validation_x, validation_y, shuffled=True), heads, counts)
+
+
+def _probe_table(selection: HeadSelection, test_x: torch.Tensor, test_y: torch.Tensor) -> pl.DataFrame:
+    """One row per head: validation accuracy (what ranks it), test accuracy (what is reported), their n."""
+    n_layers, n_heads = selection.validation_accuracy.shape
+    rank = torch.empty(n_layers * n_heads, dtype=torch.long)
+    rank[[layer * n_heads + head for layer, head in top_heads(selection.validation_accuracy, n_layers * n_heads)]] = (
+        torch.arange(1, n_layers * n_heads + 1)
+    )
+    selected = {(head.layer, head.head) for head in selection.heads}
+    layers, heads = np.repeat(np.arange(1, n_layers + 1), n_heads), np.tile(np.arange(n_heads), n_layers)
+    return pl.DataFrame(
+        {
+            "layer": layers,
+            "head": heads,
+            "validation_accuracy": selection.validation_accuracy.flatten().numpy(),
+            "shuffled_validation_accuracy": selection.shuffled_validation_accuracy.flatten().numpy(),
+            "validation_rank": rank.numpy(),
+            "selected": [(int(layer), int(head)) in selected for layer, head in zip(layers, heads, strict=True)],
+            "test_accuracy": selection.probes.accuracy(test_x, test_y).flatten().numpy(),
+            "shuffled_test_accuracy": selection.probes.accuracy(test_x, test_y, shuffled=True).flatten().numpy(),
+            "train_statements": selection.statements["train"],
+            "validation_statements": selection.statements["validation"],
+            "test_statements": len(test_y),
+        }
+    )
+
+
 def run_iti(
     loaded: LoadedModel,
     statements: Statements,
@@ -222,40 +287,25 @@ def run_iti(
     section: Mapping[str, Any],
     store: ActivationStore,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """ITI: probes on every head, the top heads' shift swept over strengths, truth accuracy on held-out items.
+    """ITI: heads chosen on train/validation (:func:`select_iti_heads`), then measured on the test items only.
 
-    Returns the per-strength table and the per-head probe table (for the heat-map).
+    Returns the per-strength table (truth accuracy on test items, off-target KL, relative norm) and the
+    per-head probe table (validation accuracy, which ranked the heads; test accuracy, for the heat-map).
     """
     options = section.get("iti", {})
     strengths = [float(s) for s in options["strengths"]]
-    head_dim = loaded.d_model // loaded.model.config.num_attention_heads
-    head_dim = getattr(loaded.model.config, "head_dim", None) or head_dim
-    labels = torch.from_numpy(statements.labels())
-    train = torch.from_numpy(statements.train_rows())
-    activations = head_activations(loaded, statements.texts(), head_dim)
-    probes = fit_head_probes(activations, labels, train, seed=section.get("seed", 0))
-    heads = iti_heads(activations, labels, train, probes.accuracy, options.get("heads", 12))
-    intervention = HeadShift(heads, head_dim, strengths)
+    selection = select_iti_heads(loaded, statements, options.get("heads", 12), seed=section.get("seed", 0))
+    test = statements.select("test")
+    test_x = head_activations(loaded, test.texts(), _head_dim(loaded))
+    probe_table = _probe_table(selection, test_x, torch.from_numpy(test.labels()))
+    intervention = HeadShift(selection.heads, _head_dim(loaded), strengths)
     intervention.from_position = 0  # off-target text: every position, as if it were being generated
-    norms = typical_norms(store, [head.layer for head in heads])
+    norms = typical_norms(store, [head.layer for head in selection.heads])
     setting = _setting_columns(loaded, intervention, data.off_target_texts, norms, len(strengths))
-    truth = truth_accuracy(loaded, statements, intervention, strengths)
+    names = {"truth_accuracy": "test_truth_accuracy", "mean_log_prob_margin": "test_mean_log_prob_margin"}
+    truth = truth_accuracy(loaded, test, intervention, strengths).rename(names | {"items": "test_items"})
     table = pl.DataFrame({"coefficient": strengths, **setting}).join(truth, on="coefficient")
-    selected = {(head.layer, head.head) for head in heads}
-    n_layers, n_heads = probes.accuracy.shape
-    probe_table = pl.DataFrame(
-        {
-            "layer": np.repeat(np.arange(1, n_layers + 1), n_heads),
-            "head": np.tile(np.arange(n_heads), n_layers),
-            "accuracy": probes.accuracy.flatten().numpy(),
-            "shuffled_accuracy": probes.shuffled_accuracy.flatten().numpy(),
-        }
-    ).with_columns(
-        selected=pl.struct("layer", "head").map_elements(
-            lambda row: (row["layer"], row["head"]) in selected, return_dtype=pl.Boolean
-        )
-    )
-    return table.with_columns(method=pl.lit("iti"), heads=pl.lit(len(heads))), probe_table
+    return table.with_columns(method=pl.lit("iti"), heads=pl.lit(len(selection.heads))), probe_table
 
 
 @torch.no_grad()
@@ -266,15 +316,16 @@ def truth_accuracy(
     strengths: Sequence[float],
     batch_items: int = 16,
 ) -> pl.DataFrame:
-    """Per strength: how often the true object is more probable than the false one on held-out items.
+    """Per strength: how often the true object is more probable than the false one, over every item given.
 
     Each completion is scored by teacher forcing with the shift applied from the prompt's last token on,
     which is what generation would have done; ``batch_items`` items (x strengths x 2 completions) per pass.
+    The caller passes the items to score (:func:`run_iti`: the test split only).
     """
-    held_out = np.flatnonzero(~statements.train_items)
-    margins = np.zeros((len(held_out), len(strengths)))
-    for start in range(0, len(held_out), batch_items):
-        items = held_out[start : start + batch_items]
+    n_items = len(statements.prompts)
+    margins = np.zeros((n_items, len(strengths)))
+    for start in range(0, n_items, batch_items):
+        items = range(start, min(start + batch_items, n_items))
         prompts, continuations, coefficients = [], [], []
         for item in items:
             prompt = loaded.tokenizer(statements.prompts[item])["input_ids"]
@@ -293,7 +344,7 @@ def truth_accuracy(
             "coefficient": list(strengths),
             "truth_accuracy": (margins > 0).mean(0),
             "mean_log_prob_margin": margins.mean(0),
-            "held_out_items": len(held_out),
+            "items": n_items,
         }
     )
 

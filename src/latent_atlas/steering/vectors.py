@@ -5,8 +5,9 @@
 - :func:`mean_difference_vector`: the mean over contrast pairs of the last-token difference;
 - :func:`icv_vectors`: in-context vectors (Liu et al., the published code's form): the first principal
   direction of the demonstration differences plus their mean, one direction per block;
-- :func:`head_activations`, :func:`fit_head_probes`, :func:`iti_heads`: inference-time intervention (Li et
-  al.): per-head activations, logistic probes with held-out accuracy, mass-mean directions of the top heads;
+- :func:`head_activations`, :func:`fit_head_probes`, :func:`top_heads`, :func:`iti_heads`: inference-time
+  intervention (Li et al.): per-head activations, logistic probes fitted on one split and scored on another,
+  the heads of highest accuracy, their mass-mean directions;
 - :func:`optimise_vector`: a vector that makes the model decode a target sentence (Subramani et al.).
 """
 
@@ -127,10 +128,26 @@ def head_activations(loaded: LoadedModel, texts: Sequence[str], head_dim: int, b
 
 @dataclass(frozen=True)
 class HeadProbes:
-    """Per-head logistic probes: held-out accuracy ``(L, H)`` and the training labels' shuffled control."""
+    """Per-head logistic probes fitted on one set of statements, and their shuffled-label twins (chance control).
 
-    accuracy: torch.Tensor
-    shuffled_accuracy: torch.Tensor
+    A head's probe reads its activations standardised by the fitting rows' ``mean`` and ``std`` ``(L, H, d_h)``;
+    ``weights`` ``(L, H, d_h)`` and ``bias`` ``(L, H)`` are fitted to the labels, ``shuffled_weights`` and
+    ``shuffled_bias`` to the same labels permuted.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weights: torch.Tensor
+    bias: torch.Tensor
+    shuffled_weights: torch.Tensor
+    shuffled_bias: torch.Tensor
+
+    def accuracy(self, activations: torch.Tensor, labels: torch.Tensor, shuffled: bool = False) -> torch.Tensor:
+        """Accuracy ``(L, H)`` of every head's probe on ``activations`` ``(n, L, H, d_h)`` with ``labels`` ``(n,)``."""
+        weights, bias = (self.shuffled_weights, self.shuffled_bias) if shuffled else (self.weights, self.bias)
+        standard = (activations.double() - self.mean) / self.std
+        predictions = torch.einsum("nlhf,lhf->nlh", standard, weights) + bias > 0
+        return (predictions == labels.bool()[:, None, None]).double().mean(0).float()
 
 
 def _fit_logistic(
@@ -159,54 +176,46 @@ def _fit_logistic(
     return weights.detach(), bias.detach()
 
 
-def _standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = train.mean(1, keepdim=True), train.std(1, keepdim=True).clamp_min(1e-6)
-    return (train - mean) / std, (test - mean) / std
-
-
 def fit_head_probes(
-    activations: torch.Tensor,
-    labels: torch.Tensor,
-    train: torch.Tensor,
-    seed: int = 0,
-    weight_decay: float = 1e-2,
-    steps: int = 100,
+    activations: torch.Tensor, labels: torch.Tensor, seed: int = 0, weight_decay: float = 1e-2, steps: int = 100
 ) -> HeadProbes:
-    """One logistic probe per head on the ``train`` rows, accuracy on the others; and with shuffled labels.
+    """One logistic probe per head fitted on every row given, and one on the labels shuffled by ``seed``.
 
-    ``activations`` is ``(n, L, H, d_h)``, ``labels`` ``(n,)``, ``train`` a boolean mask ``(n,)`` (split by item
-    by the caller, so that both statements of an item fall on one side).
+    ``activations`` is ``(n, L, H, d_h)``, ``labels`` ``(n,)``: the training split only (the caller splits by
+    item, so both statements of an item fall on one side). Features are standardised by these rows.
     """
     n, n_layers, n_heads, head_dim = activations.shape
-    features = activations.double().permute(1, 2, 0, 3).reshape(n_layers * n_heads, n, head_dim)
-    train_x, test_x = _standardise(features[:, train], features[:, ~train])
-    results = []
-    shuffled = labels[train][torch.randperm(int(train.sum()), generator=torch.Generator().manual_seed(seed))]
-    for train_labels in (labels[train], shuffled):
-        weights, bias = _fit_logistic(train_x, train_labels, weight_decay, steps)
-        predictions = (torch.einsum("pnf,pf->pn", test_x, weights) + bias[:, None]) > 0
-        results.append((predictions == labels[~train].bool()).double().mean(1).reshape(n_layers, n_heads))
-    return HeadProbes(results[0].float(), results[1].float())
+    values = activations.double()
+    mean, std = values.mean(0), values.std(0).clamp_min(1e-6)
+    features = ((values - mean) / std).permute(1, 2, 0, 3).reshape(n_layers * n_heads, n, head_dim)
+    shuffled = labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    fitted = [_fit_logistic(features, target, weight_decay, steps) for target in (labels, shuffled)]
+    (weights, bias), (shuffled_weights, shuffled_bias) = (
+        (w.reshape(n_layers, n_heads, head_dim), b.reshape(n_layers, n_heads)) for w, b in fitted
+    )
+    return HeadProbes(mean, std, weights, bias, shuffled_weights, shuffled_bias)
 
 
-def iti_heads(
-    activations: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, accuracy: torch.Tensor, k: int
-) -> list[HeadDirection]:
-    """The ``k`` heads of highest held-out probe accuracy, each with its mass-mean direction and std.
-
-    θ = mean(a | true) − mean(a | false) over the training rows, normalised; σ = std of a·θ over them.
-    """
+def top_heads(accuracy: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The ``k`` (layer index from 0, head) of highest ``accuracy`` ``(L, H)``; ties go to the earlier head."""
     order = torch.argsort(accuracy.flatten(), descending=True, stable=True)[:k]
-    n_heads = accuracy.shape[1]
-    heads = []
-    for flat in order.tolist():
-        layer, head = divmod(flat, n_heads)
-        values = activations[train, layer, head].double()
-        positive, negative = values[labels[train] == 1], values[labels[train] == 0]
+    return [divmod(int(flat), accuracy.shape[1]) for flat in order]
+
+
+def iti_heads(activations: torch.Tensor, labels: torch.Tensor, heads: Sequence[tuple[int, int]]) -> list[HeadDirection]:
+    """Each chosen head with its mass-mean direction and std, from the rows given (train and validation).
+
+    θ = mean(a | true) − mean(a | false), normalised; σ = std of a·θ over the same rows. ``heads`` are
+    (layer index from 0, head) pairs, as :func:`top_heads` returns them.
+    """
+    directions = []
+    for layer, head in heads:
+        values = activations[:, layer, head].double()
+        positive, negative = values[labels == 1], values[labels == 0]
         direction = functional.normalize(positive.mean(0) - negative.mean(0), dim=0)
         std = float((values @ direction).std())
-        heads.append(HeadDirection(layer + 1, head, direction.float(), std))
-    return heads
+        directions.append(HeadDirection(layer + 1, head, direction.float(), std))
+    return directions
 
 
 @dataclass(frozen=True)
