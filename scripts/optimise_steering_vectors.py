@@ -10,6 +10,7 @@ from latent_atlas.models import load_model
 from latent_atlas.provenance import write_parquet_with_provenance
 from latent_atlas.steering.data import load_steering_data
 from latent_atlas.steering.pipeline import run_optimised, steering_provenance
+from latent_atlas.steering.vectors import prefix_tokens, start_token
 from latent_atlas.store import ActivationStore
 
 with job_log(snakemake.log[0]):
@@ -20,8 +21,17 @@ with job_log(snakemake.log[0]):
     data = load_steering_data(snakemake.input.data)
     with ActivationStore(snakemake.input.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
         table = run_optimised(loaded, data, settings, store)
+    prefix = prefix_tokens(loaded.tokenizer, settings["optimised"].get("prefix", "auto"), "steering.optimised.prefix")
     meta = steering_provenance(
-        loaded, snakemake.wildcards.model, settings, "optimised", snakemake.input.data, snakemake.input.store
+        loaded,
+        snakemake.wildcards.model,
+        settings,
+        "optimised",
+        snakemake.input.data,
+        snakemake.input.store,
+        optimised_prefix=loaded.tokenizer.decode(prefix),
+        optimised_prefix_ids=prefix,
+        optimised_start=loaded.tokenizer.decode([start_token(loaded.tokenizer, prefix)]),
     )
     write_parquet_with_provenance(
         table.with_columns(model=pl.lit(snakemake.wildcards.model)), snakemake.output.table, meta

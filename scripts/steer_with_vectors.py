@@ -10,6 +10,7 @@ from latent_atlas.models import load_model
 from latent_atlas.provenance import write_parquet_with_provenance
 from latent_atlas.steering.data import load_steering_data
 from latent_atlas.steering.pipeline import steering_provenance, sweep
+from latent_atlas.steering.vectors import prefix_tokens
 from latent_atlas.store import ActivationStore
 
 with job_log(snakemake.log[0]):
@@ -20,8 +21,12 @@ with job_log(snakemake.log[0]):
     data = load_steering_data(snakemake.input.data)
     with ActivationStore(snakemake.input.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
         table = sweep(loaded, method, data, settings, store)
+    extra = {}
+    if method == "actadd":  # the start token actually put before every prompt (steering.actadd.prefix resolved)
+        prefix = prefix_tokens(loaded.tokenizer, settings["actadd"].get("prefix", "auto"))
+        extra = {"actadd_prefix": loaded.tokenizer.decode(prefix), "actadd_prefix_ids": prefix}
     meta = steering_provenance(
-        loaded, snakemake.wildcards.model, settings, method, snakemake.input.data, snakemake.input.store
+        loaded, snakemake.wildcards.model, settings, method, snakemake.input.data, snakemake.input.store, **extra
     )
     write_parquet_with_provenance(
         table.with_columns(model=pl.lit(snakemake.wildcards.model)), snakemake.output.table, meta

@@ -227,10 +227,12 @@ def test_a_sweep_table_has_every_setting_and_an_exact_baseline(steering_setup):
     baseline = table.filter(pl.col("coefficient") == 0)
     assert (baseline["relative_norm"] == 0).all() and (baseline["off_target_kl"] < 1e-6).all()
     assert (table.filter(pl.col("coefficient") == 4)["relative_norm"] > 0).all()
-    unsteered = generate(loaded, "the house was", None, 1, 4)[0].tolist()
+    start = loaded.tokenizer.convert_tokens_to_ids("<bos>")  # ActAdd prompts follow the model's start token
+    unsteered = generate(loaded, [start, *loaded.tokenizer("the house was")["input_ids"]], None, 1, 4)[0].tolist()
     first = baseline.filter(pl.col("prompt_id") == 0, pl.col("decoding") == "greedy", pl.col("layer") == 1)
     assert first["continuation"][0] == loaded.tokenizer.decode(unsteered, skip_special_tokens=True)
     assert table["sentiment"].is_between(-1, 1).all() and (table["perplexity"] > 0).all()
+    assert set(table["prefix"]) == {"<bos>"}  # the resolved steering.actadd.prefix, recorded per row
     with ActivationStore(root / "s.h5") as store:
         assert sweep(loaded, "actadd", data, section, store).equals(table)  # same config and seed, same table
 
@@ -345,7 +347,8 @@ def test_a_bfloat16_sweep_keeps_an_exact_baseline_and_records_its_dtype(steering
     assert (baseline["relative_norm"] == 0).all() and (baseline["off_target_kl"] < 1e-6).all()
     steered = table.filter(pl.col("coefficient") == 4)
     assert (steered["off_target_kl"] > 0).all() and (steered["relative_norm"] > 0).all()
-    unsteered = generate(loaded, "the house was", None, 1, 4)[0].tolist()
+    start = loaded.tokenizer.convert_tokens_to_ids("<bos>")  # ActAdd prompts follow the model's start token
+    unsteered = generate(loaded, [start, *loaded.tokenizer("the house was")["input_ids"]], None, 1, 4)[0].tolist()
     first = baseline.filter(pl.col("prompt_id") == 0, pl.col("decoding") == "greedy")
     assert first["continuation"][0] == loaded.tokenizer.decode(unsteered, skip_special_tokens=True)
     meta = steering_provenance(loaded, "tiny", section, "actadd", str(root / "data.yaml"), "s.h5")

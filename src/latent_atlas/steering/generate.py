@@ -125,11 +125,17 @@ def perplexity(log_probs: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def off_target_kl(loaded: LoadedModel, texts: Sequence[str], intervention: Intervention, n_rows: int) -> torch.Tensor:
-    """Mean over positions and texts of KL(p_unsteered ‖ p_steered) of the next token, per row ``(n_rows,)``."""
+def off_target_kl(
+    loaded: LoadedModel, texts: Sequence[str] | Sequence[Sequence[int]], intervention: Intervention, n_rows: int
+) -> torch.Tensor:
+    """Mean over positions and texts of KL(p_unsteered ‖ p_steered) of the next token, per row ``(n_rows,)``.
+
+    ``texts`` are strings (tokenised with the tokenizer's defaults) or token ids (e.g. after a prefix).
+    """
     totals, count = torch.zeros(n_rows, dtype=torch.float64), 0
     for text in texts:
-        ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"].to(loaded.device)
+        encoded = loaded.tokenizer(text)["input_ids"] if isinstance(text, str) else list(text)
+        ids = torch.tensor([encoded], device=loaded.device)
         reference = functional.log_softmax(loaded.model(input_ids=ids).logits[0].float(), -1)
         intervention.prompt_pass = True
         with intervention.attach(loaded.parts):

@@ -60,7 +60,12 @@ class Intervention(ABC):
 
 
 class ResidualAddition(Intervention):
-    """``resid.{layer} += c · v``; ``v`` is ``(d,)``, or ``(T_s, d)`` added front-aligned in the prompt pass."""
+    """``resid.{layer} += c · v``; ``v`` is ``(d,)``, or ``(T_s, d)`` added front-aligned in the prompt pass.
+
+    ``start`` is the first edited position of the prompt pass (the length of an unedited prefix such as a BOS
+    token): ``front`` edits positions ``start .. start + T_s − 1`` of the prompt pass only; ``all`` edits every
+    position from ``start`` on in the prompt pass and every position of later (cached) passes.
+    """
 
     def __init__(
         self,
@@ -68,26 +73,33 @@ class ResidualAddition(Intervention):
         vector: torch.Tensor,
         coefficients: Sequence[float] | torch.Tensor,
         positions: Literal["front", "all"] = "all",
+        start: int = 0,
     ) -> None:
         super().__init__(coefficients)
         if positions not in ("front", "all"):
             raise ValueError(f"positions must be 'front' or 'all', got {positions!r}")
-        self.layer, self.vector, self.positions = layer, vector.float(), positions
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.layer, self.vector, self.positions, self.start = layer, vector.float(), positions, start
 
     def _edit(self, states: torch.Tensor) -> torch.Tensor:
         scale = _per_row(self.coefficients, states)
         if self.positions == "all":
-            return torch.where(scale == 0, states, states + scale * self.vector.to(states))
+            added = scale * self.vector.to(states)
+            if self.prompt_pass and self.start > 0:
+                added = added * (torch.arange(states.shape[1], device=states.device) >= self.start)[:, None]
+            return torch.where(scale == 0, states, states + added)
         if not self.prompt_pass:
             return states
         vector = self.vector.to(states).reshape(-1, states.shape[-1])
-        if vector.shape[0] > states.shape[1]:
+        end = self.start + vector.shape[0]
+        if end > states.shape[1]:
             raise ValueError(
-                f"the steering vector spans {vector.shape[0]} positions but the prompt has {states.shape[1]}; "
+                f"the steering vector spans positions {self.start}..{end - 1} but the prompt has {states.shape[1]}; "
                 "use a prompt at least as long as the contrast prompts"
             )
         edited = states.clone()
-        edited[:, : vector.shape[0]] += scale * vector
+        edited[:, self.start : end] += scale * vector
         return torch.where(scale == 0, states, edited)
 
     @contextlib.contextmanager
@@ -97,7 +109,7 @@ class ResidualAddition(Intervention):
             yield
 
     def change_norms(self, parts: ModelParts) -> dict[int, torch.Tensor]:
-        """The norm of the added vector per row (mean over positions for a multi-position vector)."""
+        """The norm of the added vector per row (for a multi-position vector, the mean over the edited positions)."""
         return {
             self.layer: self.coefficients.abs() * self.vector.reshape(-1, self.vector.shape[-1]).norm(dim=-1).mean()
         }

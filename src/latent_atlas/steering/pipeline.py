@@ -42,13 +42,16 @@ from latent_atlas.steering.interventions import HeadDirection, HeadShift, Interv
 from latent_atlas.steering.vectors import (
     HeadProbes,
     actadd_vector,
+    encode_after,
     fit_head_probes,
     head_activations,
     icv_vectors,
     iti_heads,
     mean_difference_vector,
     optimise_vector,
+    prefix_tokens,
     sentence_bleu,
+    start_token,
     top_heads,
 )
 from latent_atlas.store import ActivationStore
@@ -136,17 +139,25 @@ def continuations_table(
     prompts: Sequence[str],
     settings: SweepSettings,
     sentiment: Callable[[str], float] | None = None,
+    prefix: Sequence[int] | None = None,
 ) -> pl.DataFrame:
-    """Continue every prompt under every strength (one batch per prompt, decoding and sample)."""
+    """Continue every prompt under every strength (one batch per prompt, decoding and sample).
+
+    ``prefix``: token ids put before every prompt in place of the tokenizer's own special tokens (ActAdd's
+    start token); ``None`` tokenises prompts with the tokenizer's defaults.
+    """
     sentiment = sentiment or _Sentiment()
     tables = []
     for prompt_index, prompt in enumerate(prompts):
-        prompt_ids = loaded.tokenizer(prompt)["input_ids"]
+        if prefix is None:
+            prompt_ids = loaded.tokenizer(prompt)["input_ids"]
+        else:
+            prompt_ids = encode_after(loaded.tokenizer, prompt, prefix)
         for decoding in settings.decodings:
             for sample in range(settings.samples if decoding.sampled else 1):
                 seeds = [_row_seed(settings.seed, prompt_index, sample)] * len(coefficients)
                 tokens = generate(
-                    loaded, prompt, intervention, len(coefficients), settings.max_new_tokens, decoding, seeds
+                    loaded, prompt_ids, intervention, len(coefficients), settings.max_new_tokens, decoding, seeds
                 )
                 rows = cut_at_eos(tokens, loaded.tokenizer.eos_token_id)
                 scores = continuation_log_probs(loaded, prompt_ids, rows)
@@ -170,10 +181,16 @@ def continuations_table(
 
 
 def _setting_columns(
-    loaded: LoadedModel, intervention: Intervention, texts: Sequence[str], norms: Mapping[int, float], n: int
+    loaded: LoadedModel,
+    intervention: Intervention,
+    texts: Sequence[str],
+    norms: Mapping[int, float],
+    n: int,
+    prefix: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Off-target KL and relative intervention norm per strength."""
-    kl = off_target_kl(loaded, texts, intervention, n).numpy()
+    """Off-target KL and relative intervention norm per strength (texts after ``prefix``, if one is given)."""
+    encoded = texts if prefix is None else [encode_after(loaded.tokenizer, text, prefix) for text in texts]
+    kl = off_target_kl(loaded, encoded, intervention, n).numpy()
     return {"off_target_kl": kl, "relative_norm": relative_norm(intervention.change_norms(loaded.parts), norms)}
 
 
@@ -188,9 +205,15 @@ def sweep(
     settings = SweepSettings.from_config(section)
     options = section.get(method, {})
     coefficients = [float(c) for c in options["coefficients"]]
+    # ActAdd: contrast and user prompts after one start token, edited from the position after it (METHODS §7.2)
+    prefix = prefix_tokens(loaded.tokenizer, options.get("prefix", "auto")) if method == "actadd" else None
     builders: dict[str, Callable[[int], Intervention]] = {
         "actadd": lambda layer: ResidualAddition(
-            layer, actadd_vector(loaded, data.actadd_positive, data.actadd_negative, layer), coefficients, "front"
+            layer,
+            actadd_vector(loaded, data.actadd_positive, data.actadd_negative, layer, prefix or []),
+            coefficients,
+            "front",
+            start=len(prefix or []),
         ),
         "mean_difference": lambda layer: ResidualAddition(
             layer, mean_difference_vector(loaded, data.contrast_pairs, layer), coefficients, "all"
@@ -208,13 +231,16 @@ def sweep(
     tables = []
     for layer in layers:
         intervention = builders[method](layer)
-        setting = _setting_columns(loaded, intervention, data.off_target_texts, norms, len(coefficients))
+        setting = _setting_columns(loaded, intervention, data.off_target_texts, norms, len(coefficients), prefix)
         prompts = data.neutral_prompts[: section.get("max_prompts") or None]
-        table = continuations_table(loaded, intervention, coefficients, prompts, settings)
+        table = continuations_table(loaded, intervention, coefficients, prompts, settings, prefix=prefix)
         per_setting = pl.DataFrame({"coefficient": coefficients, **setting})
         tables.append(table.join(per_setting, on="coefficient").with_columns(layer=pl.lit(layer)))
     label = "all blocks (MLP outputs)" if method == "icv" else "resid"
-    return pl.concat(tables).with_columns(method=pl.lit(method), site=pl.lit(label))
+    table = pl.concat(tables).with_columns(method=pl.lit(method), site=pl.lit(label))
+    if prefix is not None:  # the start token every ActAdd prompt had (empty: none)
+        table = table.with_columns(prefix=pl.lit(loaded.tokenizer.decode(prefix)), prefix_ids=pl.lit(str(prefix)))
+    return table
 
 
 @dataclass(frozen=True)
@@ -359,6 +385,7 @@ def run_optimised(
     options = section.get("optimised", {})
     layer = int(options.get("layer", loaded.n_layers // 2))
     norm = typical_norms(store, [layer])[layer]
+    prefix = prefix_tokens(loaded.tokenizer, options.get("prefix", "auto"), "steering.optimised.prefix")
     rows = []
     for index, sentence in enumerate(data.target_sentences):
         torch.manual_seed(section.get("seed", 0))
@@ -369,6 +396,7 @@ def run_optimised(
             steps=options.get("steps", 300),
             learning_rate=options.get("learning_rate", 0.05),
             check_every=options.get("check_every", 1),
+            prefix=prefix,
         )
         target = loaded.tokenizer(sentence, add_special_tokens=False)["input_ids"]
         rows.append(
@@ -382,6 +410,9 @@ def run_optimised(
                 "steps": result.steps,
                 "final_loss": result.losses[-1],
                 "relative_norm": float(result.vector.norm()) / norm,
+                "first_token_recovered": result.recovered[:1] == target[:1],
+                "prefix": loaded.tokenizer.decode(prefix),
+                "start": loaded.tokenizer.decode([start_token(loaded.tokenizer, prefix)]),
             }
         )
     return pl.DataFrame(rows).with_columns(method=pl.lit("optimised"))

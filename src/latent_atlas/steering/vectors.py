@@ -1,7 +1,7 @@
 """Steering vectors of METHODS §7, each deterministic given its inputs (and seed, where one is used).
 
-- :func:`actadd_vector`: ActAdd's contrast (Turner et al.), ``resid(p+) − resid(p−)`` at every position,
-  the shorter prompt padded with space tokens;
+- :func:`actadd_vector`: ActAdd's contrast (Turner et al.), ``resid(p+) − resid(p−)`` at every position
+  after a shared start token (:func:`prefix_tokens`), the shorter prompt padded with space tokens;
 - :func:`mean_difference_vector`: the mean over contrast pairs of the last-token difference;
 - :func:`icv_vectors`: in-context vectors (Liu et al., the published code's form): the first principal
   direction of the demonstration differences plus their mean, one direction per block;
@@ -13,11 +13,13 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional
 
+from latent_atlas.errors import ConfigError
 from latent_atlas.hooks import capture_residuals
 from latent_atlas.models import LoadedModel
 from latent_atlas.steering.interventions import HeadDirection, ResidualAddition, output_projection
@@ -40,13 +42,56 @@ def _space_id(loaded: LoadedModel) -> int:
     return int(loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id or 0)
 
 
-def actadd_vector(loaded: LoadedModel, positive: str, negative: str, layer: int) -> torch.Tensor:
-    """``resid.{layer}(p+) − resid.{layer}(p−)``, shape ``(T_s, d)``, the shorter prompt space-padded."""
-    encode = loaded.tokenizer
-    plus, minus = encode(positive)["input_ids"], encode(negative)["input_ids"]
+DOCUMENT_TOKEN = "<|endoftext|>"
+
+
+def prefix_tokens(tokenizer: Any, prefix: str | None = "auto", key: str = "steering.actadd.prefix") -> list[int]:
+    """The start tokens put before every prompt of ActAdd (and optimised vectors), left unedited.
+
+    ``auto``: the token the tokenizer itself puts first (its BOS), if it adds one; else the document separator
+    ``<|endoftext|>`` where the vocabulary has it as one token (GPT-2; SmolLM2, id 0, whose declared BOS is the
+    chat token ``<|im_start|>``); else the declared BOS, else EOS token. ``none`` (or null): no prefix. Any
+    other string: its tokens (special tokens are recognised). ``key`` names the setting in errors.
+    """
+    if prefix is None or prefix == "none":
+        return []
+    if prefix != "auto":
+        ids = list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ConfigError(f"{key} {prefix!r} encodes to no token; use auto, none or a non-empty string")
+        return ids
+    bare, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    if tokenizer.bos_token_id is not None and full[:1] == [tokenizer.bos_token_id] != bare[:1]:
+        return [int(tokenizer.bos_token_id)]
+    document = tokenizer.convert_tokens_to_ids(DOCUMENT_TOKEN) if DOCUMENT_TOKEN in tokenizer.get_vocab() else None
+    for token in (document, tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return [int(token)]
+    raise ConfigError(f"{key}: auto found no BOS, {DOCUMENT_TOKEN} or EOS token; set a string or none")
+
+
+def encode_after(tokenizer: Any, text: str, prefix: Sequence[int]) -> list[int]:
+    """``prefix`` followed by the tokens of ``text`` (no special tokens of the tokenizer's own)."""
+    return [*prefix, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def actadd_vector(
+    loaded: LoadedModel, positive: str, negative: str, layer: int, prefix: Sequence[int] = ()
+) -> torch.Tensor:
+    """``resid.{layer}(prefix + p+) − resid.{layer}(prefix + p−)`` after the prefix, ``(T_s, d)``.
+
+    The shorter prompt is space-padded (Turner et al.'s code). The prefix rows, identical in both prompts and
+    hence 0, are dropped: the vector is added from the position after the prefix (:class:`ResidualAddition`'s
+    ``start = len(prefix)``). ``resid.{layer}`` is the state after block ``layer`` = the input of the next
+    block, TransformerLens's ``blocks.{layer}.hook_resid_pre`` = HF ``hidden_states[layer]``.
+    """
+    plus, minus = (encode_after(loaded.tokenizer, text, prefix) for text in (positive, negative))
     width = max(len(plus), len(minus))
+    if width == len(prefix):
+        raise ValueError("the ActAdd prompts are empty; set actadd.positive and actadd.negative in the data")
     plus, minus = (ids + [_space_id(loaded)] * (width - len(ids)) for ids in (plus, minus))
-    return _states(loaded, plus, [layer])[layer] - _states(loaded, minus, [layer])[layer]
+    difference = _states(loaded, plus, [layer])[layer] - _states(loaded, minus, [layer])[layer]
+    return difference[len(prefix) :]
 
 
 def last_token_states(loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int]) -> torch.Tensor:
@@ -70,12 +115,14 @@ def icv_vectors(
 ) -> torch.Tensor:
     """In-context vectors, one per block, ``(L, d)``.
 
-    H(s) concatenates the block outputs (``resid.1 .. resid.L``) at the last token; ΔH_i = H(y_i) − H(x_i).
-    ``pca+mean`` (the published code): the first principal direction of the centred ΔH (unit norm over
-    L·d, sign fixed so that its largest-magnitude score is positive) plus the mean ΔH; ``pca``: the
-    direction alone (the paper's description). Computed in float64 by a full SVD (deterministic).
+    As the published code (``tasks/base.py::obtain_icv``, ``task_style_vector.py``): H(s) concatenates the
+    embedding output and the block outputs (``resid.0 .. resid.L``) at the last token; ΔH_i = H(y_i) − H(x_i).
+    ``pca+mean``: the first principal direction of the centred ΔH (unit norm over (L+1)·d, sign fixed so that
+    its largest-magnitude score is positive, the code's ``svd_flip``) plus the mean ΔH; ``pca``: the direction
+    alone (the paper's description). The embedding entry is dropped after the PCA (``icv[1:]``). Computed in
+    float64 by a full SVD (deterministic).
     """
-    layers = list(range(1, loaded.n_layers + 1))
+    layers = list(range(0, loaded.n_layers + 1))
     sources = last_token_states(loaded, [pair[0] for pair in demonstrations], layers).double()
     targets = last_token_states(loaded, [pair[1] for pair in demonstrations], layers).double()
     differences = (targets - sources).reshape(len(demonstrations), -1)
@@ -89,7 +136,7 @@ def icv_vectors(
     if variant not in ("pca+mean", "pca"):
         raise ValueError(f"unknown ICV variant {variant!r}; use 'pca+mean' or 'pca'")
     vector = direction + mean if variant == "pca+mean" else direction
-    return vector.reshape(loaded.n_layers, loaded.d_model).float()
+    return vector.reshape(loaded.n_layers + 1, loaded.d_model)[1:].float()
 
 
 @torch.no_grad()
@@ -229,6 +276,19 @@ class OptimisedVector:
     losses: list[float]
 
 
+def start_token(tokenizer: Any, prefix: Sequence[int] = ()) -> int:
+    """The token an optimised vector's decoding starts from: BOS, else EOS, preferring one unlike the prefix's last.
+
+    A repeated document token right after the prefix is a second attention sink on SmolLM2 (its resid.10 norm
+    equals position 0's), from which no target was recovered; ``<|im_start|>`` there is not.
+    """
+    candidates = [t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None]
+    if not candidates:
+        raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start optimised vectors from")
+    unlike = [t for t in candidates if not prefix or t != prefix[-1]]
+    return int((unlike or candidates)[0])
+
+
 def optimise_vector(
     loaded: LoadedModel,
     target: str,
@@ -236,48 +296,51 @@ def optimise_vector(
     steps: int = 300,
     learning_rate: float = 0.05,
     check_every: int = 1,
+    prefix: Sequence[int] = (),
 ) -> OptimisedVector:
-    """Subramani et al.: z added at ``resid.{layer}`` at every position, input = the start token only.
+    """Subramani et al.: z added at ``resid.{layer}`` at every position from the start token on.
 
+    The input is ``prefix`` (left unedited, e.g. SmolLM2's ``<|endoftext|>``, so that the attention sink is not
+    the position that must predict the first target token) followed by the start token (:func:`start_token`).
     z starts at zero and maximises the teacher-forced log-likelihood of ``target`` after the start token
     with Adam. Greedy decoding reproduces the target exactly as soon as the teacher-forced argmax equals the
     target at every position (then each greedy step sees exactly the target prefix), which costs nothing to
     check on the logits of the step; optimisation stops there (checked every ``check_every`` steps). The
     returned ``recovered`` is a real greedy decoding with the final z.
     """
-    tokenizer = loaded.tokenizer
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([[start, *target_ids]], device=loaded.device)
+    start = start_token(loaded.tokenizer, prefix)
+    target_ids = loaded.tokenizer(target, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[*prefix, start, *target_ids]], device=loaded.device)
+    first = len(prefix)  # the start token's position, the first edited one
     vector = torch.zeros(loaded.d_model, device=loaded.device, requires_grad=True)
     optimiser = torch.optim.Adam([vector], lr=learning_rate)
     loaded.model.requires_grad_(False)
     losses: list[float] = []
     step = 0
     for step in range(1, steps + 1):
-        addition = ResidualAddition(layer, vector, [1.0], positions="all")
+        addition = ResidualAddition(layer, vector, [1.0], positions="all", start=first)
         with addition.attach(loaded.parts):
-            logits = loaded.model(input_ids=ids, use_cache=False).logits[0, :-1]
-        loss = functional.cross_entropy(logits.float(), ids[0, 1:])
+            logits = loaded.model(input_ids=ids, use_cache=False).logits[0, first:-1]
+        loss = functional.cross_entropy(logits.float(), ids[0, first + 1 :])
         losses.append(float(loss.detach()))
-        if step % check_every == 0 and torch.equal(logits.argmax(-1), ids[0, 1:]):
+        if step % check_every == 0 and torch.equal(logits.argmax(-1), ids[0, first + 1 :]):
             break
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    recovered = greedy_from_start(loaded, vector.detach(), layer, len(target_ids))
+    recovered = greedy_from_start(loaded, vector.detach(), layer, len(target_ids), prefix)
     return OptimisedVector(vector.detach().cpu(), step, recovered, recovered == target_ids, losses)
 
 
 @torch.no_grad()
-def greedy_from_start(loaded: LoadedModel, vector: torch.Tensor, layer: int, length: int) -> list[int]:
-    """Greedy decoding of ``length`` tokens from the start token with ``vector`` added at every position."""
+def greedy_from_start(
+    loaded: LoadedModel, vector: torch.Tensor, layer: int, length: int, prefix: Sequence[int] = ()
+) -> list[int]:
+    """Greedy decoding of ``length`` tokens after ``prefix`` and the start token, ``vector`` added from the start."""
     from latent_atlas.steering.generate import generate
 
-    tokenizer = loaded.tokenizer
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    addition = ResidualAddition(layer, vector, [1.0], positions="all")
-    return generate(loaded, [start], addition, 1, length)[0].tolist()
+    addition = ResidualAddition(layer, vector, [1.0], positions="all", start=len(prefix))
+    return generate(loaded, [*prefix, start_token(loaded.tokenizer, prefix)], addition, 1, length)[0].tolist()
 
 
 def _ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
