@@ -35,10 +35,11 @@ READER_TASKS = list(config["readers"]["tasks"])
 def steering_settings(method):
     """What a steering job depends on: the shared steering keys and its own method's section only.
 
-    Optimised vectors always run in float32 (gradients), so `model_dtype` is no part of their settings.
+    Optimised vectors always run in float32 (gradients), so `model_dtype` is no part of their settings; the
+    shared `prefix` is read by the generation methods only.
     """
     steering = config["steering"]
-    unused = ["model_dtype"] if method == "optimised" else []
+    unused = {"optimised": ["model_dtype", "prefix"], "iti": ["prefix"]}.get(method, [])
     shared = {
         key: value
         for key, value in steering.items()

@@ -21,10 +21,8 @@ with job_log(snakemake.log[0]):
     data = load_steering_data(snakemake.input.data)
     with ActivationStore(snakemake.input.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
         table = sweep(loaded, method, data, settings, store)
-    extra = {}
-    if method == "actadd":  # the start token actually put before every prompt (steering.actadd.prefix resolved)
-        prefix = prefix_tokens(loaded.tokenizer, settings["actadd"].get("prefix", "auto"))
-        extra = {"actadd_prefix": loaded.tokenizer.decode(prefix), "actadd_prefix_ids": prefix}
+    prefix = prefix_tokens(loaded.tokenizer, settings.get("prefix", "auto"))  # steering.prefix, resolved
+    extra = {"prefix": loaded.tokenizer.decode(prefix), "prefix_ids": prefix}
     meta = steering_provenance(
         loaded, snakemake.wildcards.model, settings, method, snakemake.input.data, snakemake.input.store, **extra
     )

@@ -232,9 +232,39 @@ def test_a_sweep_table_has_every_setting_and_an_exact_baseline(steering_setup):
     first = baseline.filter(pl.col("prompt_id") == 0, pl.col("decoding") == "greedy", pl.col("layer") == 1)
     assert first["continuation"][0] == loaded.tokenizer.decode(unsteered, skip_special_tokens=True)
     assert table["sentiment"].is_between(-1, 1).all() and (table["perplexity"] > 0).all()
-    assert set(table["prefix"]) == {"<bos>"}  # the resolved steering.actadd.prefix, recorded per row
+    assert set(table["prefix"]) == {"<bos>"}  # the resolved steering.prefix, recorded per row
     with ActivationStore(root / "s.h5") as store:
         assert sweep(loaded, "actadd", data, section, store).equals(table)  # same config and seed, same table
+
+
+def test_the_generation_methods_share_one_unsteered_baseline(steering_setup):
+    """steering.prefix goes before every method's prompts: strength 0 continues identically for all three."""
+    import polars as pl
+
+    from latent_atlas.steering.pipeline import sweep
+    from latent_atlas.store import ActivationStore
+
+    loaded, root, data = steering_setup
+    section = {
+        "layers": [1],
+        "max_new_tokens": 4,
+        "decodings": ["greedy"],
+        "actadd": {"coefficients": [0, 4]},
+        "mean_difference": {"coefficients": [0, 4]},
+        "icv": {"coefficients": [0, 0.1]},
+    }
+    start = loaded.tokenizer.convert_tokens_to_ids("<bos>")
+    with ActivationStore(root / "s.h5") as store:
+        tables = {
+            method: sweep(loaded, method, data, section, store) for method in ("actadd", "mean_difference", "icv")
+        }
+    for prompt_id, prompt in enumerate(data.neutral_prompts[:2]):
+        ids = [start, *loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        expected = loaded.tokenizer.decode(generate(loaded, ids, None, 1, 4)[0].tolist(), skip_special_tokens=True)
+        for method, table in tables.items():
+            row = table.filter(pl.col("coefficient") == 0, pl.col("prompt_id") == prompt_id)
+            assert row["continuation"].to_list() == [expected], method
+            assert set(table["prefix"]) == {"<bos>"}, method
 
 
 def test_iti_run_and_truth_scoring_at_zero_strength(steering_setup):

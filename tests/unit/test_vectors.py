@@ -64,7 +64,7 @@ def test_the_prefix_is_the_bos_the_tokenizer_adds_else_the_document_token():
     assert prefix_tokens(tiny, "auto") == [tiny.convert_tokens_to_ids(BOS)]  # no <|endoftext|>: its BOS
     assert prefix_tokens(tiny, "none") == [] and prefix_tokens(tiny, None) == []
     assert prefix_tokens(tiny, "the dog") == _ids(tiny, "the dog")
-    with pytest.raises(ConfigError, match=r"steering\.actadd\.prefix"):
+    with pytest.raises(ConfigError, match=r"steering\.prefix"):
         prefix_tokens(tiny, "   ")
 
     vocab = {"<unk>": 0, "<|endoftext|>": 1, "<|im_start|>": 2, "<|im_end|>": 3, "<s>": 4, "the": 5, "dog": 6}
@@ -143,6 +143,15 @@ def test_mean_difference_is_the_mean_last_token_difference_of_hidden_states(tiny
         ]
     ).mean(0)
     torch.testing.assert_close(mean_difference_vector(tiny_loaded, pairs, layer), expected, atol=1e-5, rtol=1e-5)
+    prefix = prefix_tokens(tiny_loaded.tokenizer, "auto")  # as the sweep reads it: each text after the prefix
+    after = torch.stack(
+        [
+            _hidden(tiny_loaded, encode_after(tiny_loaded.tokenizer, a, prefix))[layer][-1]
+            - _hidden(tiny_loaded, encode_after(tiny_loaded.tokenizer, b, prefix))[layer][-1]
+            for a, b in pairs
+        ]
+    ).mean(0)
+    torch.testing.assert_close(mean_difference_vector(tiny_loaded, pairs, layer, prefix), after, atol=1e-5, rtol=1e-5)
 
 
 def _numpy_icv(loaded, demonstrations) -> tuple[np.ndarray, np.ndarray]:

@@ -205,21 +205,22 @@ def sweep(
     settings = SweepSettings.from_config(section)
     options = section.get(method, {})
     coefficients = [float(c) for c in options["coefficients"]]
-    # ActAdd: contrast and user prompts after one start token, edited from the position after it (METHODS §7.2)
-    prefix = prefix_tokens(loaded.tokenizer, options.get("prefix", "auto")) if method == "actadd" else None
+    # Every method's prompts, contrast texts and off-target texts after one start token that no vector edits
+    # (METHODS §7.2): the methods share one unsteered baseline, and none moves the attention sink.
+    prefix = prefix_tokens(loaded.tokenizer, section.get("prefix", "auto"))
     builders: dict[str, Callable[[int], Intervention]] = {
         "actadd": lambda layer: ResidualAddition(
             layer,
-            actadd_vector(loaded, data.actadd_positive, data.actadd_negative, layer, prefix or []),
+            actadd_vector(loaded, data.actadd_positive, data.actadd_negative, layer, prefix),
             coefficients,
             "front",
-            start=len(prefix or []),
+            start=len(prefix),
         ),
         "mean_difference": lambda layer: ResidualAddition(
-            layer, mean_difference_vector(loaded, data.contrast_pairs, layer), coefficients, "all"
+            layer, mean_difference_vector(loaded, data.contrast_pairs, layer, prefix), coefficients, "all", len(prefix)
         ),
         "icv": lambda layer: MlpShift(
-            icv_vectors(loaded, data.icv_demonstrations, options.get("variant", "pca+mean")),
+            icv_vectors(loaded, data.icv_demonstrations, options.get("variant", "pca+mean"), prefix),
             coefficients,
             options.get("site", "mlp"),
         ),
@@ -238,9 +239,8 @@ def sweep(
         tables.append(table.join(per_setting, on="coefficient").with_columns(layer=pl.lit(layer)))
     label = "all blocks (MLP outputs)" if method == "icv" else "resid"
     table = pl.concat(tables).with_columns(method=pl.lit(method), site=pl.lit(label))
-    if prefix is not None:  # the start token every ActAdd prompt had (empty: none)
-        table = table.with_columns(prefix=pl.lit(loaded.tokenizer.decode(prefix)), prefix_ids=pl.lit(str(prefix)))
-    return table
+    # the start token every prompt had (empty: none)
+    return table.with_columns(prefix=pl.lit(loaded.tokenizer.decode(prefix)), prefix_ids=pl.lit(str(prefix)))
 
 
 @dataclass(frozen=True)

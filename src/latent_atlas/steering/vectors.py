@@ -45,8 +45,8 @@ def _space_id(loaded: LoadedModel) -> int:
 DOCUMENT_TOKEN = "<|endoftext|>"
 
 
-def prefix_tokens(tokenizer: Any, prefix: str | None = "auto", key: str = "steering.actadd.prefix") -> list[int]:
-    """The start tokens put before every prompt of ActAdd (and optimised vectors), left unedited.
+def prefix_tokens(tokenizer: Any, prefix: str | None = "auto", key: str = "steering.prefix") -> list[int]:
+    """The start tokens put before every steered prompt (and optimised vectors' targets), left unedited.
 
     ``auto``: the token the tokenizer itself puts first (its BOS), if it adds one; else the document separator
     ``<|endoftext|>`` where the vocabulary has it as one token (GPT-2; SmolLM2, id 0, whose declared BOS is the
@@ -94,24 +94,39 @@ def actadd_vector(
     return difference[len(prefix) :]
 
 
-def last_token_states(loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int]) -> torch.Tensor:
-    """``resid.{l}`` at the last token of each text, ``(n_texts, n_layers, d)``."""
+def _encode(loaded: LoadedModel, text: str, prefix: Sequence[int] | None) -> list[int]:
+    """``text``'s ids after ``prefix``, or with the tokenizer's own special tokens when ``prefix`` is None."""
+    return loaded.tokenizer(text)["input_ids"] if prefix is None else encode_after(loaded.tokenizer, text, prefix)
+
+
+def last_token_states(
+    loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int], prefix: Sequence[int] | None = None
+) -> torch.Tensor:
+    """``resid.{l}`` at the last token of each text (after ``prefix``, if given), ``(n_texts, n_layers, d)``."""
     rows = []
     for text in texts:
-        states = _states(loaded, loaded.tokenizer(text)["input_ids"], layers)
+        states = _states(loaded, _encode(loaded, text, prefix), layers)
         rows.append(torch.stack([states[layer][-1] for layer in layers]))
     return torch.stack(rows)
 
 
-def mean_difference_vector(loaded: LoadedModel, pairs: Sequence[Sequence[str]], layer: int) -> torch.Tensor:
-    """Mean over pairs of ``resid.{layer}(positive) − resid.{layer}(negative)`` at the last token, ``(d,)``."""
-    positive = last_token_states(loaded, [pair[0] for pair in pairs], [layer])[:, 0]
-    negative = last_token_states(loaded, [pair[1] for pair in pairs], [layer])[:, 0]
+def mean_difference_vector(
+    loaded: LoadedModel, pairs: Sequence[Sequence[str]], layer: int, prefix: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Mean over pairs of ``resid.{layer}(positive) − resid.{layer}(negative)`` at the last token, ``(d,)``.
+
+    With ``prefix``, each text follows it, as the steered prompts do (:func:`prefix_tokens`).
+    """
+    positive = last_token_states(loaded, [pair[0] for pair in pairs], [layer], prefix)[:, 0]
+    negative = last_token_states(loaded, [pair[1] for pair in pairs], [layer], prefix)[:, 0]
     return (positive - negative).mean(0)
 
 
 def icv_vectors(
-    loaded: LoadedModel, demonstrations: Sequence[Sequence[str]], variant: str = "pca+mean"
+    loaded: LoadedModel,
+    demonstrations: Sequence[Sequence[str]],
+    variant: str = "pca+mean",
+    prefix: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """In-context vectors, one per block, ``(L, d)``.
 
@@ -120,11 +135,12 @@ def icv_vectors(
     ``pca+mean``: the first principal direction of the centred ΔH (unit norm over (L+1)·d, sign fixed so that
     its largest-magnitude score is positive, the code's ``svd_flip``) plus the mean ΔH; ``pca``: the direction
     alone (the paper's description). The embedding entry is dropped after the PCA (``icv[1:]``). Computed in
-    float64 by a full SVD (deterministic).
+    float64 by a full SVD (deterministic). With ``prefix``, each demonstration follows it (the published code's
+    LLaMA tokenizer puts its BOS first).
     """
     layers = list(range(0, loaded.n_layers + 1))
-    sources = last_token_states(loaded, [pair[0] for pair in demonstrations], layers).double()
-    targets = last_token_states(loaded, [pair[1] for pair in demonstrations], layers).double()
+    sources = last_token_states(loaded, [pair[0] for pair in demonstrations], layers, prefix).double()
+    targets = last_token_states(loaded, [pair[1] for pair in demonstrations], layers, prefix).double()
     differences = (targets - sources).reshape(len(demonstrations), -1)
     mean = differences.mean(0)
     centred = differences - mean
