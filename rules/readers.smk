@@ -7,7 +7,9 @@ localrules:
 
 
 rule compare_readers:
-    """Semantic clustering (both variants) and its baselines on one task's split, for every seed."""
+    """Semantic clustering and its baselines (LoRA included) on one task's split, for every seed; each state
+    reader on both inputs (the raw text's last state, the template's answer position).
+    """
     input:
         unpack(get_reader_task_inputs),
     output:
@@ -16,12 +18,13 @@ rule compare_readers:
         "logs/readers/{model}/clustering/{task}.log",
     conda:
         ENV
-    threads: 8  # in-context learning runs the model; capped by --cores locally
+    threads: 8  # templated states, in-context learning and LoRA run the model; capped by --cores locally
     resources:
         gpu=1,
     params:
         task=lambda wildcards: config["readers"]["tasks"][wildcards.task],
         settings=clustering_settings(),
+        lora=config["readers"]["lora"],
         max_tokens=config["readers"]["max_tokens"],
     script:
         "../scripts/compare_readers.py"

@@ -16,13 +16,14 @@ with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
     loaded = load_model(Path(snakemake.input.manifest).parent, device="auto")
     corpus, _ = load_corpus_table(snakemake.input.corpus)
-    task, settings, max_tokens = snakemake.params.task, snakemake.params.settings, snakemake.params.max_tokens
+    params = snakemake.params
+    task, settings, lora, max_tokens = params.task, params.settings, params.lora, params.max_tokens
     with ActivationStore(snakemake.input.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
-        table = compare_readers(loaded, store, corpus, snakemake.wildcards.task, task, settings, max_tokens)
+        table = compare_readers(loaded, store, corpus, snakemake.wildcards.task, task, settings, max_tokens, lora)
         meta = reader_provenance(
             loaded,
             snakemake.wildcards.model,
-            {"task": task, "clustering": settings, "max_tokens": max_tokens},
+            {"task": task, "clustering": settings, "lora": lora, "max_tokens": max_tokens},
             store,
         )
     write_parquet_with_provenance(

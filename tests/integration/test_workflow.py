@@ -263,12 +263,16 @@ def _check_readers(root: Path, smollm2: dict) -> None:
     import polars as pl
 
     readers = root / "results/readers/smollm2-135m"
-    seeded = {"in_context", "clustering_all_bases", "clustering_gt_only"}
+    clustering = {"clustering_all_bases", "clustering_gt_only"}
+    state_readers = clustering | {"semantic_bases", "zero_shot", "knn_prompting", "linear_probe"}
+    both = {(method, read) for method in state_readers for read in ("raw", "template")}
     for task, n_test in (("registers", 16), ("sentiment", 16)):
         table = pl.read_parquet(readers / f"clustering/{task}.parquet")
         assert table["split_hash"].n_unique() == 1 and set(table["n_test"]) == {n_test}, table
-        assert seeded | {"semantic_bases", "zero_shot", "knn_prompting", "linear_probe"} == set(table["method"])
-        assert table.filter(pl.col("method").is_in(seeded))["seed"].value_counts()["count"].to_list() == [3, 3]
+        methods = set(zip(table["method"], table["input"], strict=True))
+        assert methods == both | {("in_context", "template"), ("lora", "template")}, methods
+        seeded = table.filter(pl.col("method").is_in(clustering | {"in_context", "lora"}))
+        assert seeded["seed"].value_counts()["count"].to_list() == [6, 6]  # two inputs x two variants, ICL, LoRA
         assert table["balanced_accuracy"].is_between(0, 1).all()
     losses = pl.read_parquet(readers / "elm/losses.parquet")
     assert losses["step"].to_list() == [0, 1, 2, 3, 4] and losses["heldout_loss"].is_not_null().sum() == 3

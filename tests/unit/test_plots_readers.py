@@ -15,12 +15,17 @@ from latent_atlas.plots.readers import (
 
 def _clustering() -> pl.DataFrame:
     rows = [
-        {"task": "t", "method": "clustering_gt_only", "seed": 0, "balanced_accuracy": 0.6, "macro_f1": 0.5},
-        {"task": "t", "method": "clustering_gt_only", "seed": 1, "balanced_accuracy": 0.8, "macro_f1": 0.7},
-        {"task": "t", "method": "linear_probe", "seed": None, "balanced_accuracy": 0.9, "macro_f1": 0.9},
-        {"task": "t", "method": "zero_shot", "seed": None, "balanced_accuracy": 0.5, "macro_f1": 0.4},
+        {"method": "clustering_gt_only", "input": "template", "seed": 0, "balanced_accuracy": 0.6, "macro_f1": 0.5},
+        {"method": "clustering_gt_only", "input": "template", "seed": 1, "balanced_accuracy": 0.8, "macro_f1": 0.7},
+        {"method": "clustering_gt_only", "input": "raw", "seed": 0, "balanced_accuracy": 0.5, "macro_f1": 0.5},
+        {"method": "clustering_gt_only", "input": "raw", "seed": 1, "balanced_accuracy": 0.5, "macro_f1": 0.5},
+        {"method": "linear_probe", "input": "raw", "seed": None, "balanced_accuracy": 0.9, "macro_f1": 0.9},
+        {"method": "zero_shot", "input": "template", "seed": None, "balanced_accuracy": 0.5, "macro_f1": 0.4},
+        {"method": "lora", "input": "template", "seed": 0, "balanced_accuracy": 0.7, "macro_f1": 0.6},
     ]
-    return pl.DataFrame(rows).with_columns(n_classes=pl.lit(2), n_test=pl.lit(10), split_hash=pl.lit("abc"))
+    return pl.DataFrame(rows).with_columns(
+        task=pl.lit("t"), n_classes=pl.lit(2), n_test=pl.lit(10), split_hash=pl.lit("abc")
+    )
 
 
 def _evaluation() -> pl.DataFrame:
@@ -43,12 +48,27 @@ def _evaluation() -> pl.DataFrame:
     return pl.DataFrame(rows, schema_overrides={"consistency": pl.Float64})
 
 
-def test_method_summary_averages_seeds_in_the_figures_order():
+def test_method_summary_averages_seeds_per_input_in_the_figures_order():
     summary = method_summary(_clustering())
-    assert summary["method"].to_list() == ["clustering_gt_only", "zero_shot", "linear_probe"]
-    gt = summary.row(0, named=True)
+    keys = list(zip(summary["method"], summary["input"], strict=True))
+    assert keys == [
+        ("clustering_gt_only", "raw"),
+        ("clustering_gt_only", "template"),
+        ("zero_shot", "template"),
+        ("linear_probe", "raw"),
+        ("lora", "template"),
+    ]
+    gt = summary.row(1, named=True)
     assert gt["mean"] == pytest.approx(0.7) and gt["std"] == pytest.approx(0.1414, abs=1e-4) and gt["runs"] == 2
+    assert summary.row(0, named=True)["mean"] == pytest.approx(0.5)
     assert summary.filter(pl.col("method") == "linear_probe")["std"][0] == 0.0  # one run: no spread
+
+
+def test_a_table_without_inputs_reads_as_raw_states_and_prompted_templates():
+    legacy = _clustering().filter(pl.col("input") != "raw").drop("input")
+    summary = method_summary(legacy)
+    inputs = dict(zip(summary["method"], summary["input"], strict=True))
+    assert inputs == {"clustering_gt_only": "raw", "zero_shot": "template", "lora": "template"}
 
 
 def test_condition_summary_orders_true_shuffled_none():

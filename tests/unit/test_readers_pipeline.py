@@ -12,8 +12,9 @@ from latent_atlas.config import check_references
 from latent_atlas.errors import ConfigError, StoreError
 from latent_atlas.extract import ExtractionSettings, extract_activations
 from latent_atlas.models import load_model
-from latent_atlas.readers import elm
-from latent_atlas.readers.data import document_vectors, labelled_split
+from latent_atlas.readers import baselines, elm
+from latent_atlas.readers.clustering import label_token_ids
+from latent_atlas.readers.data import document_vectors, labelled_split, templated_split
 from latent_atlas.readers.pipeline import (
     compare_readers,
     elm_data,
@@ -110,18 +111,67 @@ CLUSTERING = {
 TASK = {"corpus": "topics", "label_words": LABEL_WORDS, "template": "{text} . it is a{label}"}
 
 
-def test_every_method_is_scored_on_the_same_split(loaded, corpus, store_path):
+LORA = {"enabled": True, "rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0,
+        "lr": 1e-2, "weight_decay": 0.0, "steps": 2, "batch_size": 4, "seeds": None}  # fmt: skip
+
+
+def test_every_method_is_scored_on_the_same_split_and_each_state_reader_on_both_inputs(loaded, corpus, store_path):
     with ActivationStore(store_path) as store:
-        table = compare_readers(loaded, store, corpus, "topics", TASK, CLUSTERING, MAX_TOKENS)
+        table = compare_readers(loaded, store, corpus, "topics", TASK, CLUSTERING, MAX_TOKENS, LORA)
         split = task_split(store, "topics", TASK, MAX_TOKENS)
     assert table["split_hash"].unique().to_list() == [split.split_hash]
     assert set(table["n_test"]) == {len(split.test_ids)} == {corpus.filter(pl.col("split") == "heldout").height}
-    seeded = {"in_context", "clustering_all_bases", "clustering_gt_only"}
-    once = {"semantic_bases", "knn_prompting", "linear_probe", "zero_shot"}
-    assert set(table["method"]) == seeded | once
-    for method, rows in table.group_by("method"):
-        assert sorted(rows["seed"].to_list(), key=str) == ([0, 1] if method[0] in seeded else [None])
+    readers = {"semantic_bases", "knn_prompting", "linear_probe", "zero_shot"}
+    clustering = {"clustering_all_bases", "clustering_gt_only"}
+    expected = {(m, i) for m in readers | clustering for i in ("raw", "template")}
+    expected |= {("in_context", "template"), ("lora", "template")}
+    assert set(zip(table["method"], table["input"], strict=True)) == expected
+    for (method, read), rows in table.group_by("method", "input"):
+        seeded = method in clustering | {"in_context", "lora"}
+        assert sorted(rows["seed"].to_list(), key=str) == ([0, 1] if seeded else [None]), (method, read)
     assert table["balanced_accuracy"].is_between(0, 1).all() and table["macro_f1"].is_between(0, 1).all()
+    with ActivationStore(store_path) as store:
+        off = {**LORA, "enabled": False}
+        without = compare_readers(loaded, store, corpus, "topics", TASK, CLUSTERING, MAX_TOKENS, off)
+    assert "lora" not in set(without["method"])
+
+
+def _template_prompt(tokenizer, text: str) -> list[int]:
+    """The text cut to MAX_TOKENS tokens, rendered by TASK's template with an empty label (built here)."""
+    cut = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_TOKENS])
+    return tokenizer(TASK["template"].format(text=cut, label=""))["input_ids"]
+
+
+def test_the_template_state_is_the_models_final_hidden_state_at_the_answer_position(loaded, corpus, store_path):
+    with ActivationStore(store_path) as store:
+        raw = task_split(store, "topics", TASK, MAX_TOKENS)
+    template = templated_split(loaded, corpus, raw, TASK["template"], MAX_TOKENS, batch_size=3)
+    assert (template.train_ids, template.test_ids) == (raw.train_ids, raw.test_ids)
+    assert torch.equal(template.train_y, raw.train_y) and torch.equal(template.test_y, raw.test_y)
+    texts = dict(zip(corpus["doc_id"], corpus["text"], strict=True))
+    for ids, states in ((raw.train_ids, template.train_x), (raw.test_ids, template.test_x)):
+        for doc_id, state in zip(ids, states, strict=True):
+            prompt = torch.tensor([_template_prompt(loaded.tokenizer, texts[doc_id])])
+            with torch.no_grad():
+                expected = loaded.model(prompt, output_hidden_states=True).hidden_states[-1][0, -1]
+            torch.testing.assert_close(state, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(template.test_x, raw.test_x)  # the template moved the read position
+
+
+def test_zero_shot_on_template_states_is_zero_shot_prompting(loaded, corpus, store_path):
+    with ActivationStore(store_path) as store:
+        raw = task_split(store, "topics", TASK, MAX_TOKENS)
+    template = templated_split(loaded, corpus, raw, TASK["template"], MAX_TOKENS)
+    ids = label_token_ids(loaded.tokenizer, LABEL_WORDS, "topics")
+    head = loaded.parts.lm_head.weight.detach()
+    from_states = baselines.zero_shot_from_states(template.test_x, head, ids)
+    texts = dict(zip(corpus["doc_id"], corpus["text"], strict=True))
+    words = [LABEL_WORDS[label] for label in raw.labels]
+    prompted, _ = baselines.icl_predict(
+        loaded.model, loaded.tokenizer, [], [texts[d] for d in raw.test_ids], words, TASK["template"],
+        max_tokens=MAX_TOKENS, batch_size=2,
+    )  # fmt: skip
+    assert from_states.tolist() == prompted.tolist()
 
 
 def test_sign_test_matches_the_binomial_tails():

@@ -7,6 +7,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 import seaborn as sns
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from latent_atlas.plots import apply_style, save_figure
 
@@ -18,6 +20,21 @@ METHOD_LABELS = {
     "in_context": "in-context\nlearning",
     "knn_prompting": "kNN\nprompting",
     "linear_probe": "linear\nprobe",
+    "lora": "LoRA\n(fine-tuned)",
+}
+INPUTS = ("raw", "template")
+INPUT_LABELS = {"raw": "raw text's last state", "template": "template's answer position"}
+# The input each method's paper reads (Gu et al. build on in-context prompts and kNN prompting; Xu et al. read
+# the answer position of the prompt; a linear probe has no paper of its own here).
+PAPER_INPUT = {
+    "clustering_all_bases": "template",
+    "clustering_gt_only": "template",
+    "semantic_bases": "template",
+    "zero_shot": "template",
+    "in_context": "template",
+    "knn_prompting": "template",
+    "linear_probe": "either",
+    "lora": "template",
 }
 CONDITIONS = ("true", "shuffled", "none")
 CONDITION_LABELS = {"true": "its own embedding", "shuffled": "another passage's", "none": "no embedding"}
@@ -29,11 +46,18 @@ def _require(table: pl.DataFrame, name: str) -> None:
 
 
 def method_summary(table: pl.DataFrame) -> pl.DataFrame:
-    """Mean and standard deviation over seeds of each (task, method), methods in the figure's order."""
+    """Mean and standard deviation over seeds of each (task, method, input), methods in the figure's order.
+
+    A table without an ``input`` column (written before both inputs were read) counts as ``raw`` for the state
+    readers and ``template`` for the prompted ones.
+    """
     _require(table, "clustering")
+    if "input" not in table.columns:
+        prompted = pl.col("method").is_in(["zero_shot", "in_context", "lora"])
+        table = table.with_columns(input=pl.when(prompted).then(pl.lit("template")).otherwise(pl.lit("raw")))
     order = {method: i for i, method in enumerate(METHOD_LABELS)}
     return (
-        table.group_by("task", "method")
+        table.group_by("task", "method", "input")
         .agg(
             pl.col("balanced_accuracy").mean().alias("mean"),
             pl.col("balanced_accuracy").std(ddof=1).fill_null(0.0).alias("std"),
@@ -43,31 +67,46 @@ def method_summary(table: pl.DataFrame) -> pl.DataFrame:
             pl.col("n_test").first(),
             pl.col("split_hash").n_unique().alias("splits"),
         )
-        .with_columns(order=pl.col("method").replace_strict(order, default=len(order)))
-        .sort("task", "order")
+        .with_columns(
+            order=pl.col("method").replace_strict(order, default=len(order)),
+            input_order=pl.col("input").replace_strict({name: i for i, name in enumerate(INPUTS)}, default=9),
+        )
+        .sort("task", "order", "input_order")
     )
 
 
 def plot_clustering(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str) -> None:
-    """Balanced accuracy per method and task, one panel per task.
+    """Balanced accuracy per method and input, one panel per task.
 
-    Bars are means over seeds, error bars one standard deviation across seeds (methods without randomness
-    run once); dots: macro F1; dashed line: chance.
+    Each method has a bar per input it read: the raw text's last state (hatched) and the template's answer
+    position (solid); under each method, the input its paper reads. Bars are means over seeds, error bars one
+    standard deviation across seeds (methods without randomness run once); dots: macro F1; dashed line: chance.
     """
     apply_style()
     summary = method_summary(table)
     tasks = list(dict.fromkeys(summary["task"]))
-    figure, axes = plt.subplots(
-        1, len(tasks), figsize=(1.3 * summary["method"].n_unique() * len(tasks) + 1, 4.2), squeeze=False
-    )
-    colours = dict(zip(METHOD_LABELS, sns.color_palette("colorblind", len(METHOD_LABELS)), strict=True))
+    methods_per_task = max(summary.filter(pl.col("task") == task)["method"].n_unique() for task in tasks)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(1.5 * methods_per_task * len(tasks) + 1, 4.6), squeeze=False)
+    palette = [colour for i, colour in enumerate(sns.color_palette("colorblind", 10)) if i != 7]  # 7 is grey
+    colours = dict(zip(METHOD_LABELS, palette, strict=False))
+    width = 0.4
     for axis, task in zip(axes[0], tasks, strict=True):
         rows = summary.filter(pl.col("task") == task)
-        x = np.arange(rows.height)
-        axis.bar(x, rows["mean"], yerr=rows["std"], capsize=3, color=[colours.get(m, "0.5") for m in rows["method"]])
-        axis.scatter(x, rows["macro_f1"], color="black", s=14, zorder=3, label="macro F1")
-        axis.axhline(1.0 / rows["n_classes"][0], color="0.4", linestyle="--", linewidth=0.9, label="chance")
-        axis.set_xticks(x, [METHOD_LABELS.get(m, m) for m in rows["method"]], fontsize=7)
+        methods = list(dict.fromkeys(rows["method"]))
+        for position, method in enumerate(methods):
+            bars = rows.filter(pl.col("method") == method)
+            offsets = [0.0] if bars.height == 1 else [(i - 0.5) * width for i in range(bars.height)]
+            for offset, row in zip(offsets, bars.iter_rows(named=True), strict=True):
+                x = position + offset
+                raw = row["input"] == "raw"
+                axis.bar(
+                    x, row["mean"], width=width, yerr=row["std"], capsize=2, color=colours.get(method, "0.5"),
+                    alpha=0.55 if raw else 1.0, hatch="///" if raw else None, edgecolor="0.25", linewidth=0.4,
+                )  # fmt: skip
+                axis.scatter([x], [row["macro_f1"]], color="black", s=12, zorder=3)
+        axis.axhline(1.0 / rows["n_classes"][0], color="0.4", linestyle="--", linewidth=0.9)
+        labels = [f"{METHOD_LABELS.get(m, m)}\npaper: {PAPER_INPUT.get(m, '?')}" for m in methods]
+        axis.set_xticks(np.arange(len(methods)), labels, fontsize=6.5)
         runs = ", ".join(sorted({str(r) for r in rows["runs"]}))
         axis.set(
             ylim=(0, 1.02),
@@ -75,9 +114,21 @@ def plot_clustering(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str |
             title=f"{task} · {rows['n_classes'][0]} classes · {rows['n_test'][0]} held-out texts · runs {runs}",
         )
         axis.title.set_fontsize(9)
-        axis.legend(fontsize=7, frameon=False, loc="upper right")
-    figure.suptitle(f"Reading the last state: semantic clustering against its baselines — {title}")
+    figure.legend(handles=_legend_handles(), fontsize=8, frameon=False, loc="upper center", ncol=4,
+                  bbox_to_anchor=(0.5, 0.95))  # fmt: skip
+    figure.suptitle(f"Reading a text's state: semantic clustering against its baselines, on both inputs — {title}")
+    figure.subplots_adjust(top=0.8)
     save_figure(figure, pdf, png, title)
+
+
+def _legend_handles() -> list[Patch | Line2D]:
+    """Legend entries: the two inputs' bar styles, macro F1 and chance."""
+    return [
+        Patch(facecolor="white", hatch="///", edgecolor="0.25", label=INPUT_LABELS["raw"]),
+        Patch(facecolor="0.45", edgecolor="0.25", label=INPUT_LABELS["template"]),
+        Line2D([], [], marker="o", color="black", linestyle="", markersize=4, label="macro F1"),
+        Line2D([], [], color="0.4", linestyle="--", label="chance"),
+    ]
 
 
 def condition_summary(evaluation: pl.DataFrame) -> pl.DataFrame:

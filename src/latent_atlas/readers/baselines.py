@@ -1,8 +1,9 @@
 """Baselines for semantic clustering (METHODS §4): zero-shot, kNN prompting, a linear probe, and ICL.
 
-The first three read the same :class:`~latent_atlas.readers.clustering.LabelledSplit` as the clustering
-module (post-final-norm states of each text's last token), so they use the same split by construction. ICL
-runs the model on prompts and needs the texts.
+Zero-shot, kNN prompting and the linear probe read the same :class:`~latent_atlas.readers.clustering.LabelledSplit`
+as the clustering module (post-final-norm states; of each raw text's last token, or of its templated query's
+answer position, :func:`query_token_ids`), so they use the same split by construction. ICL runs the model on
+prompts and needs the texts.
 
 The head is taken to be linear, logits = r W_U^T (+ b): true of the project's models (Gemma 3 has no final
 soft-capping); a model that soft-caps its logits would need it applied before the softmax of kNN prompting.
@@ -33,7 +34,8 @@ def zero_shot_from_states(
     """The model's own next-token preference among the label words after the text, ``(n,)`` class indices.
 
     Args:
-        test_x: post-final-norm states of the texts' last tokens, ``(n, d)``.
+        test_x: post-final-norm states ``(n, d)``: of the texts' last tokens, or of their templated queries'
+            answer positions (then this is zero-shot prompting with the template).
         lm_head_weight: W_U, ``(V, d)``.
         label_token_ids: first token of each class's label word, in class order.
         bias: the head's bias ``(V,)``, if it has one.
@@ -60,7 +62,9 @@ def knn_prompting(
     The distance of a test example t to an anchor a is KL(p_a ‖ p_t) = Σ_v p_a(v) (log p_a(v) − log p_t(v)),
     the anchor first, as in the paper and its code (``utils/anchor.py`` of BenfengXu/KNNPrompting). The test
     example takes the majority class of its k nearest anchors; a tie goes to the tied class whose member is
-    nearest. Unlike the paper, the states come from the texts alone (no demonstrations in front of them).
+    nearest. The paper reads the state at the template's answer position with demonstrations in front of
+    every example; here the split's states are read with no demonstrations (the raw text's last token, or its
+    templated query's answer position).
 
     The vocabulary is processed in chunks of ``vocab_chunk`` (memory ``(n_train + n_test) x vocab_chunk``
     plus the ``(n_test, n_train)`` distances), in float64, on ``lm_head_weight``'s device.
@@ -263,6 +267,16 @@ def icl_prompts(
     ]
     prefix = "".join(example + separator for example in rendered)
     return [prefix + render_example(template, truncate_text(tokenizer, text, max_tokens), "") for text in test_texts]
+
+
+def query_token_ids(tokenizer: Any, texts: Sequence[str], template: str, max_tokens: int) -> list[list[int]]:
+    """Token ids of each text's zero-shot query; its last token is the template's answer position.
+
+    The text is cut to ``max_tokens`` tokens, rendered by ``template`` up to ``{label}`` and tokenised whole
+    with the tokenizer's special tokens, exactly as :func:`icl_predict` encodes a prompt without demonstrations.
+    """
+    prompts = icl_prompts(tokenizer, [], texts, [], template, "", max_tokens)
+    return [tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
 
 
 def _shared_prefix_length(sequences: list[list[int]]) -> int:

@@ -1,9 +1,14 @@
-"""What the readers read: one vector per document from the activation store, and labelled splits of a task.
+"""What the readers read: one vector per document, and labelled splits of a task.
 
-Every method reads a text up to its first ``max_tokens`` tokens. The store holds every position of every
-document (causal models: the state at position t depends on tokens 0..t only), so the state at position
-``max_tokens - 1`` is exactly what the model computes for the truncated text, and the prompted baselines
-(in-context learning) see the same prefix.
+Every method reads a text up to its first ``max_tokens`` tokens, through one of two inputs:
+
+``raw``: the state of the text alone, from the activation store. The store holds every position of every
+    document (causal models: the state at position t depends on tokens 0..t only), so the state at position
+    ``max_tokens - 1`` is exactly what the model computes for the truncated text.
+``template``: the state at the task template's answer position (the text cut to ``max_tokens`` tokens,
+    rendered by the template up to its empty label slot: where the label word would be predicted). Not in the
+    store: computed with the model (:func:`answer_states`), as the prompted baselines (zero-shot, in-context
+    learning) and kNN prompting (Xu et al. 2023) read it.
 """
 
 import json
@@ -15,13 +20,18 @@ import numpy as np
 import polars as pl
 import torch
 
+from latent_atlas.addresses import LN_FINAL
 from latent_atlas.corpus import SPLITS
 from latent_atlas.errors import ConfigError, StoreError
+from latent_atlas.hooks import capture_residuals
+from latent_atlas.models import LoadedModel
+from latent_atlas.readers.baselines import query_token_ids
 from latent_atlas.readers.clustering import LabelledSplit
 from latent_atlas.store import ActivationStore
 
 Pooling = Literal["last", "mean"]
 TRAIN, HELDOUT = SPLITS
+INPUTS = ("raw", "template")
 
 
 @dataclass(frozen=True)
@@ -133,3 +143,59 @@ def texts_by_id(corpus: pl.DataFrame, doc_ids: Sequence[str]) -> list[str]:
             f"documents {missing[:3]} of the store are not in the corpus: rebuild the store from this corpus"
         )
     return [lookup[doc] for doc in doc_ids]
+
+
+@torch.no_grad()
+def answer_states(loaded: LoadedModel, queries: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+    """``ln_final`` (the final norm's output, the LM-head input) at each query's last token, ``(n, d)`` float32.
+
+    Queries are run in batches of similar length (right-padded, with an attention mask, so each row sees only
+    its own tokens); the final norm's output is captured by the same hook as the store's ``ln_final``.
+    """
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    out = torch.zeros(len(queries), loaded.d_model)
+    order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
+    captured: dict[str, torch.Tensor] = {}
+    with capture_residuals(loaded.parts, [], lambda address, states: captured.__setitem__(address, states)):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            lengths = torch.tensor([len(queries[i]) for i in rows], device=loaded.device)
+            if int(lengths.min()) == 0:
+                raise ValueError("a query encodes to no tokens; the template must put text before {label}")
+            width = int(lengths.max())
+            ids = [list(queries[i]) + [pad] * (width - len(queries[i])) for i in rows]
+            mask = (torch.arange(width, device=loaded.device)[None] < lengths[:, None]).long()
+            loaded.parts.body(input_ids=torch.tensor(ids, device=loaded.device), attention_mask=mask, use_cache=False)
+            states = captured.pop(LN_FINAL)
+            out[rows] = states[torch.arange(len(rows), device=loaded.device), lengths - 1].float().cpu()
+    return out
+
+
+def templated_split(
+    loaded: LoadedModel,
+    corpus: pl.DataFrame,
+    raw: LabelledSplit,
+    template: str,
+    max_tokens: int,
+    batch_size: int = 16,
+) -> LabelledSplit:
+    """The same split as ``raw`` (documents, classes, order) read at the template's answer position.
+
+    Each text is cut to its first ``max_tokens`` tokens and rendered by ``template`` up to ``{label}`` as
+    zero-shot prompting renders it (:func:`~latent_atlas.readers.baselines.query_token_ids`).
+    """
+    states = {
+        name: answer_states(
+            loaded, query_token_ids(loaded.tokenizer, texts_by_id(corpus, ids), template, max_tokens), batch_size
+        )
+        for name, ids in (("train", raw.train_ids), ("test", raw.test_ids))
+    }
+    return LabelledSplit(
+        labels=raw.labels,
+        train_x=states["train"],
+        train_y=raw.train_y,
+        test_x=states["test"],
+        test_y=raw.test_y,
+        train_ids=raw.train_ids,
+        test_ids=raw.test_ids,
+    )

@@ -1,7 +1,10 @@
 """The readers' jobs: semantic clustering against its baselines on one task, and the ELM's training and evaluation.
 
-Semantic clustering (METHODS §4) and every baseline read one :class:`LabelledSplit` built once per task, so
-they are scored on exactly the same documents; each result row carries the split's hash to show it.
+Semantic clustering (METHODS §4) and every baseline read one split of the task's documents, so they are
+scored on exactly the same documents; each result row carries the split's hash to show it. Every state
+reader (semantic bases, zero-shot, kNN prompting, the linear probe, semantic clustering) reads both inputs of
+:mod:`latent_atlas.readers.data`, the raw text's last state and the template's answer-position state (the
+``input`` column); in-context learning and the LoRA baseline read the template by definition.
 """
 
 import logging
@@ -17,7 +20,7 @@ from latent_atlas.addresses import LN_FINAL, resid_address
 from latent_atlas.errors import ConfigError
 from latent_atlas.models import LoadedModel
 from latent_atlas.provenance import provenance_record
-from latent_atlas.readers import baselines, clustering, elm
+from latent_atlas.readers import baselines, clustering, elm, lora
 from latent_atlas.readers.clustering import LabelledSplit
 from latent_atlas.readers.data import (
     HELDOUT,
@@ -26,6 +29,7 @@ from latent_atlas.readers.data import (
     check_label_words,
     document_vectors,
     labelled_split,
+    templated_split,
     texts_by_id,
 )
 from latent_atlas.store import ActivationStore
@@ -52,14 +56,28 @@ def compare_readers(
     task: Mapping[str, Any],
     settings: Mapping[str, Any],
     max_tokens: int,
+    lora_section: Mapping[str, Any] | None = None,
 ) -> pl.DataFrame:
     """Score semantic clustering (each variant, each seed) and every baseline on the task's one split.
 
+    Args:
+        loaded: the model.
+        store: its store of the task's corpus (the raw input).
+        corpus: the corpus's texts (the templated input, and prompts).
+        task_name: the task's key in ``readers.tasks``.
+        task: its section (``label_words``, ``template``).
+        settings: ``readers.clustering``.
+        max_tokens: ``readers.max_tokens``.
+        lora_section: ``readers.lora`` (no LoRA rows when ``None`` or not enabled).
+
     Returns:
-        One row per (method, seed): ``task``, ``method``, ``seed`` (null for methods without randomness),
-        ``balanced_accuracy``, ``macro_f1``, ``accuracy``, ``n_train``, ``n_test``, ``n_classes``, ``split_hash``.
+        One row per (method, input, seed): ``task``, ``method``, ``input`` (``raw``/``template``), ``seed`` (null
+        for methods without randomness), ``balanced_accuracy``, ``macro_f1``, ``accuracy``, ``n_train``,
+        ``n_test``, ``n_classes``, ``split_hash``.
     """
-    split = task_split(store, task_name, task, max_tokens)
+    raw = task_split(store, task_name, task, max_tokens)
+    template = templated_split(loaded, corpus, raw, task["template"], max_tokens, settings["batch_size_icl"])
+    inputs = {"raw": raw, "template": template}
     token_ids = clustering.label_token_ids(loaded.tokenizer, task["label_words"], task_name)
     head = loaded.parts.lm_head.weight.detach().float().cpu()
     bias = getattr(loaded.parts.lm_head, "bias", None)
@@ -69,54 +87,108 @@ def compare_readers(
     log.info(
         "%s: %d training and %d held-out texts, %d classes",
         task_name,
-        len(split.train_ids),
-        len(split.test_ids),
-        len(split.labels),
+        len(raw.train_ids),
+        len(raw.test_ids),
+        len(raw.labels),
     )
     rows: list[dict[str, Any]] = []
 
-    def record(method: str, seed: int | None, predictions: torch.Tensor) -> None:
-        scores = clustering.classification_scores(split.test_y, predictions, len(split.labels))
-        rows.append({"method": method, "seed": seed, **scores})
+    def record(method: str, read: str, seed: int | None, predictions: torch.Tensor) -> None:
+        scores = clustering.classification_scores(raw.test_y, predictions, len(raw.labels))
+        rows.append({"method": method, "input": read, "seed": seed, **scores})
         log.info(
-            "%-22s seed %-4s balanced accuracy %.3f  macro F1 %.3f",
+            "%-22s %-8s seed %-4s balanced accuracy %.3f  macro F1 %.3f",
             method,
+            read,
             seed,
             scores["balanced_accuracy"],
             scores["macro_f1"],
         )
 
-    record("semantic_bases", None, clustering.predict_with_bases(None, split.test_x, label_bases))
-    record("knn_prompting", None, baselines.knn_prompting(split, head, settings["knn_k"], bias=head_bias))
-    record("linear_probe", None, baselines.linear_probe(split, settings["probe_weight_decay"]))
-    prompts = _prompted(loaded, corpus, split, task_name, task, settings, max_tokens)
-    record("zero_shot", None, prompts([]))
+    for read, split in inputs.items():
+        record("semantic_bases", read, None, clustering.predict_with_bases(None, split.test_x, label_bases))
+        zero_shot = baselines.zero_shot_from_states(split.test_x, head, token_ids, bias=head_bias)
+        record("zero_shot", read, None, zero_shot)
+        record("knn_prompting", read, None, baselines.knn_prompting(split, head, settings["knn_k"], bias=head_bias))
+        record("linear_probe", read, None, baselines.linear_probe(split, settings["probe_weight_decay"]))
+    prompts = _prompted(loaded, corpus, raw, task_name, task, settings, max_tokens)
     for seed in settings["seeds"]:
-        demonstrations = baselines.choose_demonstrations(split.train_y, settings["shots_per_class"], seed)
-        record("in_context", seed, prompts(demonstrations))
-        for variant in settings["variants"]:
-            module, _ = clustering.train_clustering(
-                split,
-                bases,
-                variant,
-                token_ids,
-                epochs=settings["epochs"],
-                lr=settings["lr"],
-                batch_size=settings["batch_size"],
-                temperature=settings["temperature"],
-                weight_decay=settings["weight_decay"],
-                reduction=settings["reduction"],
-                seed=seed,
-            )
-            record(CLUSTERING_VARIANTS[variant], seed, clustering.predict_with_bases(module, split.test_x, label_bases))
+        demonstrations = baselines.choose_demonstrations(raw.train_y, settings["shots_per_class"], seed)
+        record("in_context", "template", seed, prompts(demonstrations))
+        for read, split in inputs.items():
+            for variant in settings["variants"]:
+                module, _ = clustering.train_clustering(
+                    split,
+                    bases,
+                    variant,
+                    token_ids,
+                    epochs=settings["epochs"],
+                    lr=settings["lr"],
+                    batch_size=settings["batch_size"],
+                    temperature=settings["temperature"],
+                    weight_decay=settings["weight_decay"],
+                    reduction=settings["reduction"],
+                    seed=seed,
+                )
+                predictions = clustering.predict_with_bases(module, split.test_x, label_bases)
+                record(CLUSTERING_VARIANTS[variant], read, seed, predictions)
+    if lora_section is not None and lora_section.get("enabled", True):
+        runs = _lora_predictions(loaded, corpus, raw, token_ids, task, settings, lora_section, max_tokens)
+        for seed, predictions in runs:
+            record("lora", "template", seed, predictions)
     return pl.DataFrame(rows).with_columns(
         task=pl.lit(task_name),
-        n_train=pl.lit(len(split.train_ids)),
-        n_test=pl.lit(len(split.test_ids)),
-        n_classes=pl.lit(len(split.labels)),
+        n_train=pl.lit(len(raw.train_ids)),
+        n_test=pl.lit(len(raw.test_ids)),
+        n_classes=pl.lit(len(raw.labels)),
         shots_per_class=pl.lit(settings["shots_per_class"]),
-        split_hash=pl.lit(split.split_hash),
+        split_hash=pl.lit(raw.split_hash),
     )
+
+
+def _lora_predictions(
+    loaded: LoadedModel,
+    corpus: pl.DataFrame,
+    split: LabelledSplit,
+    token_ids: Sequence[int],
+    task: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    section: Mapping[str, Any],
+    max_tokens: int,
+) -> list[tuple[int, torch.Tensor]]:
+    """The LoRA baseline's predictions of the held-out texts, one per seed.
+
+    Seeds are ``readers.lora.seeds``, or clustering's; training texts are clustering's.
+    """
+    options = lora.LoraSettings.from_config(section)
+    steps = options.budget_steps(len(split.train_ids), settings["epochs"])
+    queries = {
+        name: baselines.query_token_ids(loaded.tokenizer, texts_by_id(corpus, ids), task["template"], max_tokens)
+        for name, ids in (("train", split.train_ids), ("test", split.test_ids))
+    }
+    seeds = section.get("seeds") or settings["seeds"]
+    log.info(
+        "lora: rank %d on %s, %d steps of %d texts (%d examples; clustering sees %d)",
+        options.rank, ",".join(options.target_modules), steps, options.batch_size,
+        steps * options.batch_size, settings["epochs"] * len(split.train_ids),
+    )  # fmt: skip
+    results = []
+    for seed in seeds:
+        predictions, losses = lora.train_and_predict(
+            loaded,
+            queries["train"],
+            split.train_y,
+            queries["test"],
+            token_ids,
+            options,
+            steps,
+            seed,
+            settings["batch_size_icl"],
+        )
+        if losses:
+            log.info("lora seed %d: training loss %.3f (first step) -> %.3f (last)", seed, losses[0], losses[-1])
+        results.append((seed, predictions))
+    return results
 
 
 def _prompted(
