@@ -135,11 +135,14 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
     import polars as pl
 
     lenses = pl.read_parquet(root / "results/lenses/smollm2-135m/registers.parquet")
-    assert set(lenses["lens"]) == {"logit", "tuned", "semantic_basis", "inverse_embedding_transpose",
-                                   "inverse_embedding_pinv"}  # fmt: skip
+    assert set(lenses["lens"]) == {"logit", "tuned", "patchscope_identity", "semantic_basis",
+                                   "inverse_embedding_transpose", "inverse_embedding_pinv"}  # fmt: skip
     assert sorted(set(lenses["layer"])) == [0, 10, 20, 30]
     last_kl = lenses.filter((pl.col("layer") == 30) & (pl.col("metric") == "kl_to_final"))
     assert dict(zip(last_kl["lens"], last_kl["value"], strict=True))["logit"] < 1e-3  # float16 store
+    assert dict(zip(last_kl["lens"], last_kl["value"], strict=True))["patchscope_identity"] < 1e-3
+    fitted = lenses.filter(pl.col("temperature").is_not_null())  # fitted on the training split
+    assert set(fitted["lens"]) == {"semantic_basis", "inverse_embedding_transpose", "inverse_embedding_pinv"}
     probe = json.loads((root / "results/probes/smollm2-135m/eiffel-paris.json").read_text())
     assert probe["address"] == "resid.09" and probe["provenance"]["model_sha256"] == manifest["weights_sha256"]
     assert set(probe["patchscopes"]) == {"identity", "entity_description"}

@@ -164,19 +164,23 @@ def test_evaluation_metrics_at_the_last_layer(llama_store):
         assert value["kl_to_final"] < 1e-9 and value["top1_agreement"] == 1.0 and value["final_top1_rank"] == 0
         # cross-entropy to the next token equals the model's own loss on those documents
         docs = store.docs().filter(pl.col("split") == "heldout")
-        losses, count = 0.0, 0
+        losses, count, surprisal = 0.0, 0, 0.0
         for doc_id in docs["doc_id"]:
             ids = store.tokens()["token_id"][store.doc_rows(doc_id)].to_list()
             with torch.no_grad():
                 out = loaded.model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids]))
             losses += float(out.loss) * (len(ids) - 1)
             count += len(ids) - 1
+            surprisal -= float(out.logits[0].double().log_softmax(-1).max(-1).values.sum())
         assert value["ce_next_token"] == pytest.approx(losses / count, rel=1e-4)
+        # the logit lens's top-1 is the model's: its surprisal is -log max p_final, averaged over every token
+        assert value["surprisal"] == pytest.approx(surprisal / len(tokens.rows), rel=1e-4)
         assert set(table["metric"]) == {
             "kl_to_final",
             "ce_next_token",
             "entropy",
             "top1_agreement",
+            "surprisal",
             "final_top1_rank",
             "agreement_with_logit",
         }

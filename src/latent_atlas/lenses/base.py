@@ -45,6 +45,8 @@ class Lens(nn.Module, ABC):
     """Read residual states ``resid.{layer}`` as vocabulary logits."""
 
     name: str = "lens"
+    temperature: float = 1.0  # what ``logits`` divides its raw scores by
+    fits_temperature: bool = False  # scale-free scores: the evaluation fits a temperature per layer
 
     @abstractmethod
     def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Per-layer evaluation of lenses on stored states (METHODS §1 metrics), in long format.
 
 For each lens and layer, over held-out tokens: KL(p_final || p_lens) in nats, cross-entropy to the next
-token, entropy of p_lens, top-1 agreement with the model's final prediction, the rank of the final top-1
-token under the lens (median; 0 = top), and top-1 agreement with the logit lens.
+token, entropy of p_lens, top-1 agreement with the model's final prediction (Ghandeharioun et al.'s
+Precision@1 when the reader is a patchscope), surprisal -log p_final(argmax p_lens) (their surprisal: the
+reader's top-1 scored under the model's own distribution, in nats), the rank of the final top-1 token under
+the lens (median; 0 = top), and top-1 agreement with the logit lens.
 """
 
 from collections.abc import Mapping, Sequence
@@ -126,12 +128,14 @@ def _token_metrics(
     top1 = log_probs.argmax(-1)
     has_next = next_ids >= 0
     ce = -log_probs[has_next].gather(-1, next_ids[has_next, None]).squeeze(-1)
+    surprisal = -final.log_probs.gather(-1, top1[:, None]).squeeze(-1)
     rank = (log_probs > log_probs.gather(-1, final.top1[:, None])).sum(-1)
     n = len(log_probs)
     metrics: dict[str, tuple] = {
         "kl_to_final": (float(kl.sum()), n),
         "entropy": (float(entropy.sum()), n),
         "top1_agreement": (float((top1 == final.top1).sum()), n),
+        "surprisal": (float(surprisal.sum()), n),
         "ce_next_token": (float(ce.sum()), int(has_next.sum())),
         "final_top1_rank": (rank.numpy(), n),
     }
@@ -144,14 +148,15 @@ def _token_metrics(
 class FinalDistribution:
     """The model's own next-token distribution for a chunk of tokens, computed once for every lens."""
 
+    log_probs: torch.Tensor
     probs: torch.Tensor
     neg_entropy: torch.Tensor
     top1: torch.Tensor
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor) -> "FinalDistribution":
-        """Probabilities, sum p log p and arg-max of the final logits."""
+        """Log-probabilities, probabilities, sum p log p and arg-max of the final logits."""
         log_probs = functional.log_softmax(logits.float(), dim=-1)
         probs = log_probs.exp()
         neg_entropy = torch.bmm(probs[:, None, :], log_probs[:, :, None]).view(-1)
-        return cls(probs, neg_entropy, log_probs.argmax(-1))
+        return cls(log_probs, probs, neg_entropy, log_probs.argmax(-1))

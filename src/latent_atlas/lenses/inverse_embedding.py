@@ -3,8 +3,10 @@
 Which input token's embedding does a state look like? ``transpose`` scores h against each embedding row
 (h W_E^T); ``pinv`` solves for the token coefficients c with c W_E ≈ h (h W_E^+, the principled right
 inverse, computed by SVD in float64). The raw state is first rescaled to the mean embedding norm, so the
-scores live on the embedding scale at every depth (residual norms grow a hundredfold with depth); only
-rankings are comparable across variants. No final norm is applied: this lens reads the raw stream.
+scores live on the embedding scale at every depth (residual norms grow a hundredfold with depth). The scores
+are not logits: the lens evaluation divides them by a temperature fitted per layer on training tokens
+(:mod:`latent_atlas.lenses.temperature`) before it compares KL and CE with other lenses; rankings do not
+depend on it. No final norm is applied: this lens reads the raw stream.
 """
 
 from typing import Literal
@@ -19,6 +21,8 @@ Variant = Literal["transpose", "pinv"]
 
 class InverseEmbeddingLens(Lens):
     """Scores ``rescale(h) @ R`` with ``R`` = W_E^T (transpose) or W_E^+ (pinv), shape ``(d, V)``."""
+
+    fits_temperature = True
 
     def __init__(
         self, embedding: torch.Tensor, variant: Variant = "transpose", transposed_pinv: PseudoInverse | None = None

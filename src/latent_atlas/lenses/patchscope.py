@@ -3,14 +3,22 @@
 A state taken at ``resid.{layer}`` (the output of block ``layer``; 0 = embedding output) overwrites the
 same address of a target prompt at one position, in the prompt pass only (later generation steps, which
 read the KV cache with sequence length 1, are left alone); the model then continues greedily.
+
+:class:`IdentityPatchscope` is the paper's next-token evaluation as a lens: a state at ``resid.{layer}`` is
+patched into the last position of the identity prompt at the same layer, and the patched next-token logits
+are its reading; the lens evaluation then scores Precision@1 and surprisal against the model's own
+prediction at the source position (official code: ``evaluate_patch_next_token_prediction``).
 """
 
 import contextlib
+import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from latent_atlas.hooks import capture_residuals, edit_residual
+from latent_atlas.lenses.base import Lens
 from latent_atlas.models import LoadedModel, ModelParts
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
@@ -92,3 +100,79 @@ def patchscope(
     probs, ids = torch.softmax(logits.float(), -1).topk(k)
     text = loaded.tokenizer.decode(generated[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
     return PatchscopeReading(target_prompt, layer, ids.tolist(), probs.tolist(), text)
+
+
+@torch.no_grad()
+def patched_last_logits(
+    loaded: LoadedModel, target_ids: torch.Tensor, layer: int, states: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """Next-token logits at the last position of a target prompt whose ``resid.{layer}`` there is each state.
+
+    Patching the last position never reaches earlier ones (attention is causal), and below ``layer`` the last
+    token's computation is the same for every state. So the prompt's prefix is run once for its KV cache,
+    and each batch runs the last token alone, as one row up to ``resid.{layer}``, where the row is replaced
+    by the batch of states (the caches of the blocks above are repeated to the batch): one reading costs
+    the blocks above ``layer`` for one token.
+
+    Args:
+        loaded: the model.
+        target_ids: the target prompt's token ids, shape ``(T,)``; the state replaces position T-1.
+        layer: the residual layer patched (0 = embedding output .. L = last block output).
+        states: the states to patch in, shape ``(N, d)``.
+        batch_size: rows run at once.
+
+    Returns:
+        Logits of shape ``(N, V)`` (float32).
+    """
+    device = loaded.device
+    target_ids = target_ids.to(device)
+    cache_argument = "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
+    prefix_cache = None
+    if len(target_ids) > 1:
+        prefix = loaded.model(input_ids=target_ids[None, :-1], use_cache=True)
+        prefix_cache = getattr(prefix, "cache", None) or prefix.past_key_values
+    outputs = []
+    for start in range(0, len(states), batch_size):
+        batch = states[start : start + batch_size].to(device=device, dtype=torch.float32)
+        cache = copy.deepcopy(prefix_cache)
+        if cache is not None:
+            for block, cached in enumerate(cache.layers):
+                if block >= layer:  # blocks layer+1.. (0-based index >= layer) read the patched batch
+                    cached.batch_repeat_interleave(len(batch))
+
+        def widen(single: torch.Tensor, batch: torch.Tensor = batch) -> torch.Tensor:
+            if single.shape[:2] != (1, 1):
+                raise RuntimeError(f"expected the last token alone at resid.{layer}, got {tuple(single.shape)}")
+            return batch[:, None, :].to(single.dtype)
+
+        with edit_residual(loaded.parts, layer, widen):
+            logits = loaded.model(
+                input_ids=target_ids[-1:].view(1, 1), use_cache=True, **{cache_argument: cache}
+            ).logits
+        outputs.append(logits[:, -1].float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0, loaded.manifest["vocab_size"])
+
+
+class IdentityPatchscope(Lens):
+    """The token-identity patchscope read as a lens: ℓ* = ℓ, i* = the target prompt's last token.
+
+    ``logits(h, layer)`` runs the model once per state (batched), so it is far dearer than a vocabulary lens.
+    """
+
+    def __init__(self, loaded: LoadedModel, target_prompt: str = IDENTITY_PROMPT, batch_size: int = 256) -> None:
+        """Tokenise the target prompt (with the tokenizer's own special tokens, as the source text was)."""
+        super().__init__()
+        self.name = "patchscope_identity"
+        self.loaded = loaded
+        self.target_ids = loaded.tokenizer(target_prompt, return_tensors="pt")["input_ids"][0]
+        self.batch_size = batch_size
+
+    def reads(self, layer: int) -> bool:
+        """Every residual layer 0..L."""
+        return 0 <= layer <= self.loaded.n_layers
+
+    def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Patched next-token logits, shape ``(..., V)``, for states ``(..., d)``."""
+        flat = h.reshape(-1, h.shape[-1])
+        logits = patched_last_logits(self.loaded, self.target_ids, layer, flat, self.batch_size)
+        return logits.reshape(*h.shape[:-1], logits.shape[-1])

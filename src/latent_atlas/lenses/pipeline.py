@@ -103,25 +103,43 @@ def evaluate_lenses_on_store(
     tuned_path: str | os.PathLike[str] | None,
     settings: Mapping[str, Any],
 ) -> pl.DataFrame:
-    """Evaluate every lens at every lens layer on the held-out split; long format with provenance columns."""
+    """Evaluate every lens at every lens layer on the held-out split; long format with provenance columns.
+
+    Scale-free lenses (semantic basis, inverse embedding) first get one temperature per layer, fitted on
+    tokens of the training split (``lenses.temperature``); it is the ``temperature`` column of their rows
+    (null for readers with a natural scale). The identity patchscope is evaluated beside the lenses on the
+    same tokens and layers (``lenses.patchscope.evaluate``).
+    """
+    from latent_atlas.lenses.patchscope import IdentityPatchscope
+    from latent_atlas.lenses.temperature import fit_lens_temperatures
+
     unembed = Unembed.from_parts(loaded.parts)
     tuned = TunedLens.load(tuned_path, unembed) if tuned_path else None
     lenses = build_lenses(loaded, settings, tuned)
+    skip_first, seed = settings.get("skip_first_position", True), settings.get("seed", 0)
+    fit, scope = settings.get("temperature", {}), settings.get("patchscope", {})
+    temperatures = pl.DataFrame(schema={"lens": pl.String, "layer": pl.Int64, "temperature": pl.Float64})
     with ActivationStore(store_path, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
+        layers = lens_layers(settings, store)
+        if fit.get("fit", True):
+            train = evaluation_tokens(store, fit.get("split", "train"), fit.get("tokens", 128), skip_first, seed=seed)
+            lenses, temperatures = fit_lens_temperatures(
+                store, unembed, lenses, layers, train, settings.get("chunk_size", 256)
+            )
+        if scope.get("evaluate", True):
+            lenses["patchscope_identity"] = IdentityPatchscope(loaded, batch_size=scope.get("batch_size", 256))
         tokens = evaluation_tokens(
-            store,
-            settings.get("split", "heldout"),
-            settings.get("max_tokens"),
-            settings.get("skip_first_position", True),
-            seed=settings.get("seed", 0),
+            store, settings.get("split", "heldout"), settings.get("max_tokens"), skip_first, seed=seed
         )
-        table = evaluate_lenses(
-            store, unembed, lenses, lens_layers(settings, store), tokens, settings.get("chunk_size", 256)
-        )
+        table = evaluate_lenses(store, unembed, lenses, layers, tokens, settings.get("chunk_size", 256))
         attrs = store.attrs
-    return table.with_columns(
-        model=pl.lit(attrs["model"]), corpus=pl.lit(attrs["corpus"]), split=pl.lit(settings.get("split", "heldout"))
-    ).select("model", "corpus", "split", "lens", "address", "layer", "metric", "value", "n_tokens")
+    return (
+        table.join(temperatures, on=["lens", "layer"], how="left")
+        .with_columns(
+            model=pl.lit(attrs["model"]), corpus=pl.lit(attrs["corpus"]), split=pl.lit(settings.get("split", "heldout"))
+        )
+        .select("model", "corpus", "split", "lens", "address", "layer", "metric", "value", "n_tokens", "temperature")
+    )
 
 
 def read_probe(

@@ -5,7 +5,9 @@ latent whose logits are closest to the one-hot e_i: every token gets a fixed poi
 A state is read by its cosine to every basis. The bases live in the post-final-norm space, so states of
 every layer are read through the final norm N_f (as the logit lens is). Cosines lie in [-1, 1]: softmax
 over them is almost uniform, so logits are divided by ``temperature`` (default 0.05, a choice of this
-project); only rankings are comparable with other lenses.
+project, used by probes and neighbourhoods). The lens evaluation instead fits one temperature per layer on
+training tokens (:mod:`latent_atlas.lenses.temperature`), so that its KL and CE are comparable with the
+logit lens's; rankings do not depend on it.
 """
 
 import torch
@@ -19,6 +21,7 @@ class SemanticBasisLens(Lens):
     """cos(N_f(h), s_i) / temperature for every token i, with s_i the rows of W^+ (float64 SVD)."""
 
     name = "semantic_basis"
+    fits_temperature = True
 
     def __init__(self, unembed: Unembed, temperature: float = 0.05, rcond: float = 1e-6) -> None:
         super().__init__()

@@ -6,13 +6,22 @@ import matplotlib.pyplot as plt
 import polars as pl
 import seaborn as sns
 
-from latent_atlas.plots import apply_style, save_figure
+from latent_atlas.plots import PALETTE, apply_style, save_figure
 
-LENS_ORDER = ("logit", "tuned", "semantic_basis", "inverse_embedding_transpose", "inverse_embedding_pinv")
+LENS_ORDER = (
+    "logit",
+    "tuned",
+    "patchscope_identity",
+    "semantic_basis",
+    "inverse_embedding_transpose",
+    "inverse_embedding_pinv",
+)
+COLOURS = dict(zip(LENS_ORDER, sns.color_palette(PALETTE, n_colors=len(LENS_ORDER)), strict=True))  # one per reader
 PANELS = (
-    ("kl_to_final", "KL(p_final ‖ p_lens) [nats]", "symlog"),
+    ("kl_to_final", "KL(p_final ‖ p_reader) [nats]", "symlog"),
     ("ce_next_token", "cross-entropy to next token [nats]", "log"),
-    ("top1_agreement", "top-1 agreement with final", "linear"),
+    ("top1_agreement", "top-1 agreement with final (Precision@1)", "linear"),
+    ("surprisal", "surprisal −log p_final(reader's top-1) [nats]", "log"),  # > 0: p_final < 1
 )
 
 
@@ -20,24 +29,32 @@ def _lines(axis: plt.Axes, data: pl.DataFrame, metric: str, legend: bool) -> Non
     """Draw one metric by layer, one line per lens, in a fixed lens order."""
     subset = data.filter(pl.col("metric") == metric).to_pandas()
     order = [lens for lens in LENS_ORDER if lens in set(subset["lens"])]
-    sns.lineplot(data=subset, x="layer", y="value", hue="lens", hue_order=order, marker="o", ax=axis, legend=legend)
+    style = {"hue_order": order, "palette": COLOURS, "marker": "o"}
+    sns.lineplot(data=subset, x="layer", y="value", hue="lens", ax=axis, legend=legend, **style)
 
 
 def plot_lens_comparison(
     table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str
 ) -> None:
-    """KL to the final distribution, next-token cross-entropy and top-1 agreement by layer, per lens."""
+    """KL to the final distribution, next-token CE, top-1 agreement and surprisal by layer, per reader.
+
+    Scale-free lenses are drawn at their fitted temperatures (the table's ``temperature`` column).
+    """
     apply_style()
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(14, 4), sharex=True)
-    for index, (axis, (metric, label, scale)) in enumerate(zip(axes, PANELS, strict=True)):
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
+    for index, (axis, (metric, label, scale)) in enumerate(zip(axes.flat, PANELS, strict=True)):
         _lines(axis, table, metric, legend=index == 0)
         axis.set(xlabel="layer (resid.LL)", ylabel=label)
         if scale == "symlog":  # KL is 0 at the last layer for the logit and tuned lenses: keep it on the axis
             axis.set_yscale("symlog", linthresh=1e-2)
+            axis.set_ylim(bottom=0)
         else:
             axis.set_yscale(scale)
-    sns.move_legend(axes[0], "upper left", bbox_to_anchor=(0, -0.18), ncol=5, frameon=False, title=None)
-    figure.suptitle(f"Vocabulary lenses by layer — {title}")
+    sns.move_legend(axes[0, 0], "upper left", bbox_to_anchor=(0, -1.37), ncol=3, frameon=False, title=None)
+    figure.suptitle(
+        f"Vocabulary lenses and the identity patchscope by layer — {title}\n"
+        "semantic-basis and inverse-embedding lenses at one temperature per layer, fitted on training tokens"
+    )
     save_figure(figure, pdf, png, f"{table['model'][0]} · {table['corpus'][0]} · {table['split'][0]}")
 
 
