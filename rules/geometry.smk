@@ -1,5 +1,5 @@
 rule measure_geometry:
-    """Per-layer geometry of a store (METHODS §8), before and after each post-processing, per register."""
+    """Per-layer geometry of a store (METHODS §8), before and after each post-processing, per register; its massive tokens."""
     input:
         manifest="results/models/{model}/manifest.json",
         store="results/activations/{model}/{corpus}.h5",
@@ -7,6 +7,7 @@ rule measure_geometry:
         metrics="results/geometry/{model}/{corpus}.parquet",
         rogue="results/geometry/{model}/{corpus}.rogue.parquet",
         flow="results/geometry/{model}/{corpus}.flow.parquet",
+        massive="results/geometry/{model}/{corpus}.massive.parquet",
     log:
         "logs/geometry/{model}/{corpus}.log",
     conda:

@@ -28,5 +28,6 @@ with job_log(snakemake.log[0]):
         store_config_hash=store_hash,
     )
     tag = {"model": pl.lit(snakemake.wildcards.model), "corpus": pl.lit(snakemake.wildcards.corpus)}
-    for name, table in (("metrics", result.metrics), ("rogue", result.rogue), ("flow", result.flow_losses)):
+    tables = {"metrics": result.metrics, "rogue": result.rogue, "flow": result.flow_losses, "massive": result.massive}
+    for name, table in tables.items():
         write_parquet_with_provenance(table.with_columns(**tag), snakemake.output[name], meta)

@@ -35,8 +35,11 @@ REGISTERS = ("news", "poem", "recipe", "chat")
 FAST = {"pairs": 800, "twonn_states": 600, "words": 20, "flow": {"epochs": 2, "hidden": 8}}
 
 
-def _write_store(path, poison: bool = False) -> np.ndarray:
-    """A store at resid.01/.02 where register, position and one rogue dimension are planted; returns resid.01."""
+def _write_store(path, poison: bool = False, massive: tuple[int, ...] = ()) -> np.ndarray:
+    """A store at resid.01/.02 where register, position and one rogue dimension are planted; returns resid.01.
+
+    ``massive`` rows get states 100 times longer (massive activations, Sun et al. 2024) at both layers.
+    """
     tokenizer = tiny_tokenizer()
     vocabulary = tokenizer.convert_tokens_to_ids(["the", "dog", "cat", "river", "city", "old", "new", "red"])
     full_stop = tokenizer.convert_tokens_to_ids(".")
@@ -51,6 +54,7 @@ def _write_store(path, poison: bool = False) -> np.ndarray:
     states[np.arange(n), 4 + register] += 3.0  # each register has its own direction
     states[:, 2] += 3.0 * np.log1p(pos)  # so is position
     states[pos == 0] *= 50.0  # the attention sink
+    states[list(massive)] *= 100.0
     if poison:
         states[5, 3] = np.inf
     docs = pl.DataFrame(
@@ -240,3 +244,119 @@ def test_pooled_states_are_bounded_by_settings_not_by_the_store(store_path):
     assert set(result.flow_losses["sentences"]) == {20}
     passages = result.metrics.filter(pl.col("metric") == "passage_register_auc")["n"]
     assert set(passages) == {200 // (DOC_LENGTH - 1)}  # whole documents of 29 eligible tokens within 200 states
+
+
+# ---- massive tokens, power and intervals, intra-sentence similarity (issue 17, items 5, 8 and 9) --------------
+
+# rows (doc * DOC_LENGTH + pos): documents 1 and 13 are held out (measured), document 5 is a training document
+MASSIVE = {37: ("d1", 7), 412: ("d13", 22), 153: ("d5", 3)}
+
+
+@pytest.fixture(scope="module")
+def massive_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("massive") / "store.h5"
+    states = _write_store(path, massive=tuple(MASSIVE))
+    settings = GeometrySettings.from_config({"layers": [1, 2], "power_ratio": 10, "bootstrap": 20, **FAST})
+    with ActivationStore(path) as store:
+        tokens = store.tokens()
+        return states.astype(np.float32).astype(np.float64), tokens, measure_geometry(store, tiny_tokenizer(), settings)
+
+
+def _row(table: pl.DataFrame, metric: str, processing: str = "none", register: str = "all") -> dict:
+    rows = table.filter(
+        (pl.col("metric") == metric) & (pl.col("processing") == processing) & (pl.col("register") == register)
+        & (pl.col("layer") == 1)
+    )  # fmt: skip
+    assert rows.height == 1, (metric, processing, register)
+    return rows.row(0, named=True)
+
+
+def _heldout_rows(tokens: pl.DataFrame) -> np.ndarray:
+    """Rows of the held-out documents past position 0: what the default max_states measures whole."""
+    doc, pos = tokens["doc"].to_numpy(), tokens["pos"].to_numpy()
+    return np.flatnonzero(((doc // len(REGISTERS)) % 3 == 0) & (pos > 0))
+
+
+def test_planted_massive_tokens_are_listed_with_their_document_position_and_token(massive_store):
+    _, tokens, result = massive_store
+    found = result.massive.filter(pl.col("layer") == 1).sort("doc_id")
+    expected = sorted(
+        (doc_id, position, int(tokens["token_id"][row]), row in _heldout_rows(tokens))
+        for row, (doc_id, position) in MASSIVE.items()
+    )
+    assert list(zip(found["doc_id"], found["position"], found["token_id"], found["measured"], strict=True)) == expected
+    texts = [tiny_tokenizer().decode([token]) for token in found["token_id"]]
+    assert found["token"].to_list() == texts and (found["ratio"] > 10).all()
+    assert set(found["split"]) == {"heldout", "train"}
+    assert set(result.massive.filter(pl.col("layer") == 2)["doc_id"]) == {"d1", "d13", "d5"}
+
+
+def test_spectrum_metrics_without_massive_tokens_equal_those_of_the_clean_sample(massive_store):
+    states, tokens, result = massive_store
+    table = result.metrics
+    measured = _heldout_rows(tokens)
+    clean = np.setdiff1d(measured, list(MASSIVE))
+    for rows, suffix, label in ((clean, "", "removed"), (measured, "_with_massive", "kept")):
+        iso, rank = _row(table, "isoscore" + suffix), _row(table, "effective_rank" + suffix)
+        assert iso["value"] == pytest.approx(float(reference_isoscore(states[rows])), abs=1e-6)
+        singular = np.linalg.svd(states[rows] - states[rows].mean(0), compute_uv=False)
+        p = singular / singular.sum()
+        assert rank["value"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
+        assert iso["n"] == len(rows) and iso["massive_tokens"] == label and iso["documents"] == N_DOCS // 3
+        assert iso["powered"] is (len(rows) >= 10 * D)
+    assert _row(table, "isoscore")["value"] > 2 * _row(table, "isoscore_with_massive")["value"]  # one token decides
+    assert _row(table, "mean_cosine")["massive_tokens"] == "kept" and _row(table, "mean_cosine")["powered"] is None
+
+
+def test_spectrum_rows_carry_power_and_intervals_where_configured(massive_store):
+    table = massive_store[2].metrics
+    headline = _row(table, "isoscore")
+    assert headline["powered"] and headline["ci_low"] < headline["ci_high"]
+    assert _row(table, "isoscore", "whiten")["ci_low"] is None  # bootstrap_processings: [none]
+    assert _row(table, "isoscore_with_massive")["ci_low"] is None  # the interval is the figures' value's
+    register = _row(table, "effective_rank", register="news")
+    assert register["n"] == 4 * (DOC_LENGTH - 1) and register["powered"] is False  # 116 < 10 · 16
+    assert register["documents"] == 4 and register["ci_low"] is None  # too few documents for an interval
+
+
+def test_intra_sentence_similarity_is_computed_per_sentence(massive_store):
+    """Every held-out document has three sentences (full stops at positions 9, 19, 29): recompute by hand."""
+    states, tokens, result = massive_store
+    table = result.metrics
+    rows = _heldout_rows(tokens)
+    doc, pos = tokens["doc"].to_numpy()[rows], tokens["pos"].to_numpy()[rows]
+
+    def intra(members: np.ndarray) -> float:
+        block = states[members]
+        mean = block.mean(0)
+        return float(np.mean(block @ mean / (np.linalg.norm(block, axis=1) * np.linalg.norm(mean))))
+
+    def by_sentence(keep: np.ndarray) -> list[float]:
+        return [intra(rows[keep & (doc == d) & (pos // 10 == s)]) for d in np.unique(doc[keep]) for s in range(3)]
+
+    everything = np.ones(len(rows), dtype=bool)
+    row = _row(table, "intra_similarity")
+    assert row["value"] == pytest.approx(np.mean(by_sentence(everything)), rel=1e-9) and row["n"] == 3 * 16
+    per_passage = np.mean([intra(rows[doc == d]) for d in np.unique(doc)])
+    assert abs(row["value"] - per_passage) > 0.01  # not the per-passage quantity it replaced
+    for index, register in enumerate(REGISTERS):
+        keep = doc % len(REGISTERS) == index
+        value = _row(table, "intra_similarity", register=register)["value"]
+        assert value == pytest.approx(np.mean(by_sentence(keep)), rel=1e-9)
+        adjusted = _row(table, "intra_similarity_adjusted", register=register)["value"]
+        assert adjusted == pytest.approx(value - _row(table, "mean_cosine", register=register)["value"])
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"processings": ["none"], "bootstrap_processings": ["whiten"]}, r"bootstrap_processings \['whiten'\] must"),
+        ({"bootstrap": -1}, r"geometry.bootstrap must be an integer >= 0"),
+        ({"confidence": 1.5}, r"geometry.confidence must lie in \(0, 1\)"),
+        ({"massive_multiple": 0.5}, r"geometry.massive_multiple must exceed 1"),
+        ({"power_ratio": 0}, r"geometry.power_ratio must be positive"),
+    ],
+)
+def test_bad_power_bootstrap_and_massive_settings_name_their_key(section, message):
+    with pytest.raises(ConfigError, match=message):
+        GeometrySettings.from_config(section)

@@ -8,10 +8,14 @@ measured passages. Memory is ``O((max_states + max_sentences) · d + d²)`` what
 
 Token-level metrics (per processing, for all tokens and per register): mean cosine of random pairs from
 different passages and the rogue-dimension shares of it, IsoScore, effective rank, TwoNN, norms,
-Ethayarajh's self-similarity, intra-passage similarity and MEV with their baselines. Position 0 (the
-attention sink) is left out by default. Passage-level: how well cosine of pooled passage states separates
-same-register from different-register pairs (ROC AUC), with each post-processing fitted on pooled sentence
-states of the fitting split, as BERT-flow is (Li et al. 2020); the flow is then also applied to token states.
+Ethayarajh's self-similarity, intra-sentence similarity and MEV with their baselines. Position 0 (the
+attention sink) is left out by default. Spectrum-based metrics (IsoScore, effective rank) carry their sample
+size ``n``, whether it is powered (n ≥ ``power_ratio`` · d), a document-bootstrap interval, and come twice:
+without the layer's massive tokens (norm above ``massive_multiple`` × the layer's median; the figures' value)
+and with them (``*_with_massive``); the massive tokens themselves are listed per layer. Passage-level: how
+well cosine of pooled passage states separates same-register from different-register pairs (ROC AUC), with
+each post-processing fitted on pooled sentence states of the fitting split, as BERT-flow is (Li et al.
+2020); the flow is then also applied to token states.
 Mickus et al.'s confound: logistic probes for position bucket and register, with shuffled-label controls.
 """
 
@@ -35,15 +39,17 @@ from latent_atlas.geometry.metrics import (
     MomentAccumulator,
     Moments,
     anisotropy,
-    effective_rank_from_variances,
-    intra_sentence_similarity,
-    isoscore_from_variances,
+    cluster_bootstrap,
+    is_powered,
+    massive_rows,
     maximum_explainable_variance,
+    mean_intra_sentence_similarity,
     pca_variances,
     post_processing_from_moments,
     random_pairs,
     rank_average,
     self_similarity,
+    spectrum_metrics,
     twonn,
 )
 from latent_atlas.store import ActivationStore
@@ -53,6 +59,33 @@ POST_PROCESSINGS = (*AFFINE_POST_PROCESSINGS, "flow")
 ALL_REGISTERS = "all"
 _SENTENCE_END = re.compile(r"[.!?]['\"”’)\]]*\s*$")
 _BLOCK_ROWS = 8192
+WITH_MASSIVE = "_with_massive"  # suffix of the spectrum-based metrics computed with the massive tokens kept
+METRIC_SCHEMA = {
+    "layer": pl.Int64,
+    "register": pl.String,
+    "processing": pl.String,
+    "metric": pl.String,
+    "value": pl.Float64,
+    "n": pl.Int64,  # rows (tokens, passages or sentences) the value is computed on
+    "documents": pl.Int64,  # spectrum-based rows: documents behind the n rows (the bootstrap's unit)
+    "powered": pl.Boolean,  # spectrum-based rows: n >= power_ratio * d
+    "ci_low": pl.Float64,  # spectrum-based rows of bootstrap_processings: the bootstrap interval
+    "ci_high": pl.Float64,
+    "massive_tokens": pl.String,  # 'removed' (figures' spectrum value) or 'kept' (every other row)
+}
+MASSIVE_SCHEMA = {
+    "layer": pl.Int64,
+    "doc_id": pl.String,
+    "split": pl.String,
+    "register": pl.String,
+    "position": pl.Int64,
+    "token_id": pl.Int64,
+    "token": pl.String,
+    "norm": pl.Float64,
+    "median_norm": pl.Float64,
+    "ratio": pl.Float64,
+    "measured": pl.Boolean,  # in the measured sample (so removed from its spectrum-based metrics)
+}
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -72,6 +105,11 @@ class GeometrySettings:
     processings: tuple[str, ...] = POST_PROCESSINGS
     register_processings: tuple[str, ...] = ("none",)
     register_states: int = 512
+    power_ratio: float = 5.0
+    bootstrap: int = 100
+    bootstrap_processings: tuple[str, ...] = ("none",)
+    confidence: float = 0.95
+    massive_multiple: float = 10.0
     all_but_the_top: int | None = None
     words: int = 200
     min_occurrences: int = 5
@@ -90,29 +128,45 @@ class GeometrySettings:
         if unknown:
             raise ConfigError(f"unknown key(s) geometry.{', geometry.'.join(unknown)}; valid: {sorted(known)}")
         values = dict(section)
-        for key in ("processings", "register_processings", "position_buckets"):
+        for key in ("processings", "register_processings", "bootstrap_processings", "position_buckets"):
             if key in values:
                 values[key] = tuple(values[key])
         if "flow" in values:
             values["flow"] = FlowSettings.from_config(values["flow"])
         settings = cls(**values)
-        for key in ("processings", "register_processings"):
+        for key in ("processings", "register_processings", "bootstrap_processings"):
             bad = [name for name in getattr(settings, key) if name not in POST_PROCESSINGS]
             if bad:
                 raise ConfigError(f"geometry.{key} names {bad}; valid post-processings: {list(POST_PROCESSINGS)}")
-        missing = [name for name in settings.register_processings if name not in settings.processings]
-        if missing:
-            raise ConfigError(f"geometry.register_processings {missing} must also be in geometry.processings")
+        for key in ("register_processings", "bootstrap_processings"):
+            missing = [name for name in getattr(settings, key) if name not in settings.processings]
+            if missing:
+                raise ConfigError(f"geometry.{key} {missing} must also be in geometry.processings")
         return settings
+
+    def __post_init__(self) -> None:
+        """Reject numbers outside their range, naming the key."""
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 0:
+            raise ConfigError(f"geometry.bootstrap must be an integer >= 0 (0: no intervals), got {self.bootstrap!r}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"geometry.confidence must lie in (0, 1), e.g. 0.95; got {self.confidence!r}")
+        if not self.massive_multiple > 1:
+            raise ConfigError(
+                "geometry.massive_multiple must exceed 1 (it multiplies the median norm), "
+                f"got {self.massive_multiple!r}"
+            )
+        if not self.power_ratio > 0:
+            raise ConfigError(f"geometry.power_ratio must be positive (e.g. 5), got {self.power_ratio!r}")
 
 
 @dataclass(frozen=True)
 class GeometryResult:
-    """Tables of one store: metrics (long format), rogue dimensions, and the flows' training losses."""
+    """Tables of one store: metrics (long format), rogue dimensions, the flows' losses and the massive tokens."""
 
     metrics: pl.DataFrame
     rogue: pl.DataFrame
     flow_losses: pl.DataFrame
+    massive: pl.DataFrame
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,6 +186,7 @@ class TokenTable:
     sentence_split: np.ndarray  # per sentence
     doc_split: np.ndarray
     doc_label: np.ndarray
+    doc_id: np.ndarray  # per document
 
     @property
     def registers(self) -> list[str]:
@@ -146,6 +201,7 @@ def token_table(store: ActivationStore, tokenizer: Any, include_first_position: 
     pos = tokens["pos"].to_numpy()
     doc_split = np.asarray(docs["split"].to_list() if "split" in docs.columns else [""] * docs.height, dtype=object)
     labels = docs["label"].to_list() if "label" in docs.columns else [None] * docs.height
+    doc_id = np.asarray(docs["doc_id"].cast(pl.String).to_list(), dtype=object)
     doc_label = np.asarray([label or "" for label in labels], dtype=object)
     token_id = tokens["token_id"].to_numpy()
     eligible = pos > 0 if not include_first_position else np.ones(len(pos), dtype=bool)
@@ -153,7 +209,7 @@ def token_table(store: ActivationStore, tokenizer: Any, include_first_position: 
     sentence_split = np.empty(int(sentence.max()) + 1 if len(sentence) else 0, dtype=object)
     sentence_split[sentence[eligible]] = doc_split[doc[eligible]]
     return TokenTable(
-        token_id, doc, pos, doc_split[doc], doc_label[doc], sentence, sentence_split, doc_split, doc_label
+        token_id, doc, pos, doc_split[doc], doc_label[doc], sentence, sentence_split, doc_split, doc_label, doc_id
     )
 
 
@@ -244,6 +300,7 @@ class LayerSample:
     probe_rows: np.ndarray
     sentence_means: np.ndarray  # (pooled fitting sentences, d)
     passage_means: np.ndarray  # (measured passages, d)
+    norms: np.ndarray  # (n_tokens,) the norm of every row of the store
 
 
 def _pooled_means(slots: np.ndarray, count: int, d: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -262,7 +319,7 @@ def read_layer(store: ActivationStore, layer: int, selection: Selection) -> Laye
     accumulator = MomentAccumulator(d)
     sentence_sums, sentence_counts = _pooled_means(selection.sentence_slot, int(selection.sentence_slot.max()) + 1, d)
     passage_sums, passage_counts = _pooled_means(selection.passage_slot, len(selection.passage_docs), d)
-    measured, probe = [], []
+    measured, probe, norms = [], [], []
     buffer = np.empty((_BLOCK_ROWS, d), dtype=store.stored_dtype(layer))
     for start in range(0, store.n_tokens, _BLOCK_ROWS):
         rows = slice(start, min(start + _BLOCK_ROWS, store.n_tokens))
@@ -272,6 +329,7 @@ def read_layer(store: ActivationStore, layer: int, selection: Selection) -> Laye
                 f"{store.path}: resid.{layer:02d} holds non-finite values (rows {start}..{rows.stop - 1}); a float16 "
                 "store overflowed? Rebuild it with this model's `store_dtype: float32` under `models`"
             )
+        norms.append(np.linalg.norm(block, axis=1))
         accumulator.add(block[selection.fit[rows]])
         measured.append(block[selection.measured[rows]])
         probe.append(block[selection.probe[rows]])
@@ -285,6 +343,7 @@ def read_layer(store: ActivationStore, layer: int, selection: Selection) -> Laye
         probe_rows=np.flatnonzero(selection.probe),
         sentence_means=sentence_sums.numpy() / np.maximum(sentence_counts, 1)[:, None],
         passage_means=passage_sums.numpy() / np.maximum(passage_counts, 1)[:, None],
+        norms=np.concatenate(norms),
     )
 
 
@@ -324,28 +383,87 @@ def space_metrics(
     seed: int,
     aniso: Anisotropy | None = None,
 ) -> dict[str, float]:
-    """Every token-level metric of one set of states (rows grouped by passage); ``aniso`` if already computed."""
+    """The token-level metrics of one set of states (rows grouped by passage) that are not spectrum-based.
+
+    ``aniso`` if already computed. The spectrum-based ones are :func:`spectrum_rows`; intra-sentence
+    similarity is :func:`sentence_rows` (it needs whole sentences).
+    """
     rng = np.random.default_rng(seed)
     if aniso is None:
         aniso = pair_anisotropy(states, groups, settings, seed)
-    variances = pca_variances(states)
     norms = np.linalg.norm(states, axis=1)
     twonn_rows = rng.permutation(len(states))[: settings.twonn_states]
     metrics = {
         "mean_cosine": aniso.mean_cosine,
         "cosine_top3_share": aniso.top_share(3),
         "euclidean_top3_share": float(np.sort(aniso.euclidean_share)[::-1][:3].sum()),
-        "isoscore": isoscore_from_variances(variances),
-        "effective_rank": effective_rank_from_variances(variances),
         "twonn": twonn(states[twonn_rows]),
         "norm_mean": float(norms.mean()),
         "norm_cv": float(norms.std() / max(norms.mean(), 1e-12)),
     }
-    intra = [intra_sentence_similarity(states[groups == g]) for g in np.unique(groups) if (groups == g).sum() > 1]
-    metrics["intra_similarity"] = float(np.mean(intra))
-    metrics["intra_similarity_adjusted"] = metrics["intra_similarity"] - aniso.mean_cosine
     metrics.update(_word_metrics(states, groups, token_id, settings, rng, aniso.mean_cosine))
     return metrics
+
+
+def spectrum_rows(
+    states: np.ndarray,
+    groups: np.ndarray,
+    massive: np.ndarray,
+    settings: GeometrySettings,
+    seed: int,
+    bootstrap: bool,
+) -> list[dict[str, Any]]:
+    """IsoScore and effective rank without the ``massive`` rows and with them, each with n, documents and power.
+
+    ``states`` ``(n, d)``; ``groups`` (documents) and ``massive`` ``(n,)``. The value without the massive rows
+    gets a document-bootstrap interval when ``bootstrap``; the one with them is named ``*_with_massive``.
+    """
+    rows = []
+    d = states.shape[1]
+    without = spectrum_metrics(pca_variances(states[~massive]))
+    variants = [("", ~massive, "removed", without)]
+    variants.append(
+        (
+            WITH_MASSIVE,
+            np.ones(len(states), bool),
+            "kept",
+            spectrum_metrics(pca_variances(states)) if massive.any() else without,
+        )
+    )
+    for suffix, keep, label, values in variants:
+        intervals = {}
+        if bootstrap and label == "removed" and settings.bootstrap:
+            intervals = cluster_bootstrap(states[keep], groups[keep], settings.bootstrap, settings.confidence, seed)
+        n = int(keep.sum())
+        for metric, value in values.items():
+            low, high = (None if np.isnan(bound) else bound for bound in intervals.get(metric, (np.nan, np.nan)))
+            rows.append(
+                {
+                    "metric": metric + suffix,
+                    "value": value,
+                    "n": n,
+                    "documents": int(np.unique(groups[keep]).size),
+                    "powered": is_powered(n, d, settings.power_ratio),
+                    "ci_low": low,
+                    "ci_high": high,
+                    "massive_tokens": label,
+                }
+            )
+    return rows
+
+
+def sentence_rows(states: np.ndarray, sentences: np.ndarray, baseline_cosine: float) -> list[dict[str, Any]]:
+    """Ethayarajh's intra-sentence similarity, per sentence and averaged, raw and minus the anisotropy baseline.
+
+    ``n`` is the number of sentences (of at least two tokens) averaged.
+    """
+    value, count = mean_intra_sentence_similarity(states, sentences)
+    if not count:
+        return []
+    return [
+        {"metric": "intra_similarity", "value": value, "n": count},
+        {"metric": "intra_similarity_adjusted", "value": value - baseline_cosine, "n": count},
+    ]
 
 
 def _word_metrics(
@@ -476,28 +594,35 @@ def fit_processings(
 
 def measure_layer(
     store: ActivationStore, layer: int, table: TokenTable, selection: Selection, settings: GeometrySettings
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Metric rows, rogue-dimension rows and flow-loss rows of one layer."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Metric rows, rogue-dimension rows, flow-loss rows and massive-token rows (token text not yet decoded)."""
     sample = read_layer(store, layer, selection)
     seed = settings.seed * 1000 + layer
     fit_sentences = sample.sentence_means
     tokens, passages, flow = fit_processings(sample.moments, fit_sentences, settings, store.d_model, seed)
     rows = sample.measured_rows
     groups, token_id, labels = table.doc[rows], table.token_id[rows], table.label[rows]
+    sentences = table.sentence[rows]
+    massive = massive_rows(sample.norms, table.sentence >= 0, settings.massive_multiple)
+    massive_measured = massive[rows]
     metric_rows: list[dict[str, Any]] = []
     rogue_rows: list[dict[str, Any]] = []
 
     def add(register: str, processing: str, values: Mapping[str, float], n: int) -> None:
-        metric_rows.extend(
-            {"layer": layer, "register": register, "processing": processing, "metric": k, "value": v, "n": n}
-            for k, v in values.items()
-        )
+        extend(register, processing, [{"metric": k, "value": v, "n": n} for k, v in values.items()])
+
+    def extend(register: str, processing: str, partial: list[dict[str, Any]]) -> None:
+        base = {"layer": layer, "register": register, "processing": processing, "massive_tokens": "kept"}
+        metric_rows.extend({key: None for key in METRIC_SCHEMA} | base | row for row in partial)
 
     equal_size = _register_sizes(labels, table.registers, settings.register_states)
     for name, transform in tokens.items():
         states = transform(sample.measured)
         aniso = pair_anisotropy(states, groups, settings, seed)
+        bootstrap = name in settings.bootstrap_processings
         add(ALL_REGISTERS, name, space_metrics(states, groups, token_id, settings, seed, aniso), len(states))
+        extend(ALL_REGISTERS, name, spectrum_rows(states, groups, massive_measured, settings, seed, bootstrap))
+        extend(ALL_REGISTERS, name, sentence_rows(states, sentences, aniso.mean_cosine))
         if name in ("none", "standardise"):
             rogue_rows.extend(_rogue_rows(layer, name, aniso))
         if name not in settings.register_processings:
@@ -514,6 +639,13 @@ def measure_layer(
                 continue
             values = space_metrics(states[subset], groups[subset], token_id[subset], settings, seed)
             add(register, name, values, int(subset.sum()))
+            spectrum = spectrum_rows(
+                states[subset], groups[subset], massive_measured[subset], settings, seed, bootstrap
+            )
+            extend(register, name, spectrum)
+            # IntraSim is a mean over sentences, not biased by their number: every measured sentence of the register
+            whole = labels == register
+            extend(register, name, sentence_rows(states[whole], sentences[whole], values["mean_cosine"]))
     for name, transform in passages.items():
         vectors = transform(sample.passage_means)
         pairs = random_pairs(np.arange(len(vectors)), settings.pairs, seed=seed)
@@ -533,7 +665,51 @@ def measure_layer(
         }
         for epoch, held in enumerate(flow.validation_losses if flow else [])
     ]
-    return metric_rows, rogue_rows, flow_rows
+    return metric_rows, rogue_rows, flow_rows, _massive_rows(layer, sample.norms, massive, table, selection)
+
+
+def _massive_rows(
+    layer: int, norms: np.ndarray, massive: np.ndarray, table: TokenTable, selection: Selection
+) -> list[dict[str, Any]]:
+    """One row per massive token of a layer (all splits): where it is, how long its state is, if it was measured."""
+    median = float(np.median(norms[table.sentence >= 0]))
+    return [
+        {
+            "layer": layer,
+            "doc_id": str(table.doc_id[table.doc[row]]),
+            "split": str(table.split[row]),
+            "register": str(table.label[row]),
+            "position": int(table.pos[row]),
+            "token_id": int(table.token_id[row]),
+            "norm": float(norms[row]),
+            "median_norm": median,
+            "ratio": float(norms[row] / median),
+            "measured": bool(selection.measured[row]),
+        }
+        for row in np.flatnonzero(massive)
+    ]
+
+
+def _log_massive(layer: int, rows: list[dict[str, Any]], multiple: float) -> None:
+    """A log line per layer: how many massive tokens, and the longest few with their document and position."""
+    if not rows:
+        log.info("resid.%02d: no token's norm exceeds %g x the median", layer, multiple)
+        return
+    longest = sorted(rows, key=lambda row: -row["ratio"])[:5]
+    described = "; ".join(
+        f"{row['token']!r} doc {row['doc_id']} pos {row['position']} ({row['split']}) {row['ratio']:.1f}x"
+        for row in longest
+    )
+    measured = sum(row["measured"] for row in rows)
+    log.info(
+        "resid.%02d: %d massive token(s) (norm > %g x the median %.1f), %d in the measured sample: %s",
+        layer,
+        len(rows),
+        multiple,
+        rows[0]["median_norm"],
+        measured,
+        described,
+    )
 
 
 def _register_sizes(labels: np.ndarray, registers: Sequence[str], cap: int) -> int:
@@ -592,15 +768,19 @@ def measure_geometry(store: ActivationStore, tokenizer: Any, settings: GeometryS
             f"the measured sample holds {len(selection.passage_docs)} document(s) of split {settings.split!r}; "
             "raise geometry.max_states (or use a split with more documents)"
         )
-    metric_rows, rogue_rows, flow_rows = [], [], []
+    metric_rows, rogue_rows, flow_rows, massive_rows_ = [], [], [], []
     for layer in layers:
-        metrics, rogue, flow = measure_layer(store, layer, table, selection, settings)
+        metrics, rogue, flow, massive = measure_layer(store, layer, table, selection, settings)
+        for row in massive:
+            row["token"] = tokenizer.decode([row["token_id"]])
+        _log_massive(layer, massive, settings.massive_multiple)
         metric_rows += metrics
         rogue_rows += rogue
         flow_rows += flow
+        massive_rows_ += massive
     depth = pl.col("layer") / n_layers
     return GeometryResult(
-        metrics=pl.DataFrame(metric_rows).with_columns(relative_depth=depth),
+        metrics=pl.DataFrame(metric_rows, schema=METRIC_SCHEMA).with_columns(relative_depth=depth),
         rogue=pl.DataFrame(rogue_rows).with_columns(relative_depth=depth),
         flow_losses=pl.DataFrame(
             flow_rows,
@@ -613,4 +793,5 @@ def measure_geometry(store: ActivationStore, tokenizer: Any, settings: GeometryS
                 "sentences": pl.Int64,
             },
         ),
+        massive=pl.DataFrame(massive_rows_, schema=MASSIVE_SCHEMA).with_columns(relative_depth=depth),
     )

@@ -5,6 +5,7 @@ Post-processings (centring, standardisation, whitening, all-but-the-top) are fit
 to any other, so that fitting and evaluating on different corpora is a deliberate choice.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,136 @@ def effective_rank(states: np.ndarray, centre: bool = True) -> float:
     return effective_rank_from_variances(singular**2)
 
 
+SPECTRUM_METRICS = ("isoscore", "effective_rank")
+
+
+def spectrum_metrics(variances: np.ndarray) -> dict[str, float]:
+    """IsoScore and effective rank from the same principal-axis variances (the spectrum-based metrics)."""
+    return {"isoscore": isoscore_from_variances(variances), "effective_rank": effective_rank_from_variances(variances)}
+
+
+def is_powered(n: int, d: int, ratio: float) -> bool:
+    """Whether ``n`` states are enough for a spectrum of dimension ``d``: n ≥ ratio · d (METHODS §8.3: 5-10 d)."""
+    return n >= ratio * d
+
+
+def weighted_pca_variances(states: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Principal-axis variances (descending, length d) of ``states`` with row i counted ``weights[i]`` times.
+
+    Equal to :func:`pca_variances` of the rows repeated; with m < d rows kept it goes through their m × m Gram
+    matrix (the same non-zero eigenvalues) and pads with zeros.
+    """
+    x, w = _float64(states), np.asarray(weights, dtype=np.float64)
+    keep = w > 0
+    x, w = x[keep], w[keep]
+    total = w.sum()
+    if total < 2:
+        raise ValueError("a spectrum needs at least two (weighted) rows")
+    centred = (x - (w @ x) / total) * np.sqrt(w)[:, None]
+    gram = centred @ centred.T if len(x) < x.shape[1] else centred.T @ centred
+    eigenvalues = np.sort(np.clip(np.linalg.eigvalsh(gram), 0.0, None))[::-1]
+    variances = np.zeros(x.shape[1])
+    variances[: len(eigenvalues)] = eigenvalues / (total - 1)
+    return variances
+
+
+_GROUP_MOMENTS_BYTES = 256 * 2**20  # per-group second moments are kept while they fit in this
+MIN_BOOTSTRAP_GROUPS = 5  # below this, a resample of whole groups says little (3 groups: 10 distinct resamples)
+
+
+def _replicate_variances(states: np.ndarray, inverse: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from per-group draw counts to the principal-axis variances of the rows so repeated.
+
+    The same values as :func:`weighted_pca_variances` of ``counts[inverse]``, made cheap per replicate:
+    with fewer rows than dimensions from the rows' Gram matrix, else from per-group moments (when they fit
+    in memory), else from the weighted rows.
+    """
+    x = _float64(states)
+    x = x - x.mean(0)
+    n, d = x.shape
+    groups = int(inverse.max()) + 1
+    if n < d:
+        gram = x @ x.T
+
+        def from_gram(counts: np.ndarray) -> np.ndarray:
+            weights = counts[inverse].astype(np.float64)
+            keep = weights > 0
+            w, kernel = weights[keep], gram[np.ix_(keep, keep)]
+            total = w.sum()
+            projection = kernel @ w / total  # x_i · μ for the weighted mean μ
+            centred = kernel - projection[:, None] - projection[None, :] + w @ projection / total
+            root = np.sqrt(w)
+            eigenvalues = np.sort(np.clip(np.linalg.eigvalsh(centred * root[:, None] * root[None, :]), 0, None))
+            variances = np.zeros(d)
+            variances[: len(eigenvalues)] = eigenvalues[::-1] / (total - 1)
+            return variances
+
+        return from_gram
+    if groups * d * d * 8 > _GROUP_MOMENTS_BYTES:
+        return lambda counts: weighted_pca_variances(x, counts[inverse])
+    second, sums = np.empty((groups, d * d)), np.empty((groups, d))
+    for group in range(groups):
+        rows = x[inverse == group]
+        second[group], sums[group] = (rows.T @ rows).ravel(), rows.sum(0)
+    sizes = np.bincount(inverse, minlength=groups)
+
+    def from_moments(counts: np.ndarray) -> np.ndarray:
+        total = float(counts @ sizes)
+        mean = counts @ sums / total
+        covariance = ((counts @ second).reshape(d, d) - total * np.outer(mean, mean)) / (total - 1)
+        return np.clip(np.linalg.eigvalsh(covariance)[::-1], 0.0, None)
+
+    return from_moments
+
+
+def cluster_bootstrap(
+    states: np.ndarray, groups: np.ndarray, replicates: int, confidence: float = 0.95, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Basic bootstrap intervals of IsoScore and effective rank, resampling whole groups (documents).
+
+    Each replicate draws as many groups as there are, with replacement, and counts every row of a group as
+    often as the group was drawn (tokens of one document are not independent). The interval is the basic
+    (reverse-percentile) one, (2θ̂ − q_high, 2θ̂ − q_low) of the replicates' quantiles: it moves by the
+    bootstrap's estimate of the plug-in's small-sample bias, which the percentile interval keeps (an
+    isotropic Gaussian's IsoScore is ≈ 1 − d/n, and its percentile interval lies entirely below that).
+    Clipped to each metric's range; NaN with fewer than ``MIN_BOOTSTRAP_GROUPS`` groups. ``states`` is
+    ``(n, d)``, ``groups`` ``(n,)``.
+    """
+    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    if len(names) < MIN_BOOTSTRAP_GROUPS or replicates < 1:
+        return {metric: (float("nan"), float("nan")) for metric in SPECTRUM_METRICS}
+    estimate = spectrum_metrics(pca_variances(states))
+    variances = _replicate_variances(states, inverse)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(replicates):
+        counts = np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names))
+        draws.append(spectrum_metrics(variances(counts)))
+    tail = (1 - confidence) / 2
+    ranges = {"isoscore": (0.0, 1.0), "effective_rank": (1.0, float(np.shape(states)[1]))}
+    intervals = {}
+    for metric in SPECTRUM_METRICS:
+        low, high = np.quantile([draw[metric] for draw in draws], [tail, 1 - tail])
+        bounds = ranges[metric]
+        intervals[metric] = (
+            float(np.clip(2 * estimate[metric] - high, *bounds)),
+            float(np.clip(2 * estimate[metric] - low, *bounds)),
+        )
+    return intervals
+
+
+def massive_rows(norms: np.ndarray, eligible: np.ndarray, multiple: float) -> np.ndarray:
+    """Eligible rows whose norm exceeds ``multiple`` × the median norm of the eligible rows.
+
+    Sun et al. (2024)'s massive activations, found by token norm: a handful of tokens whose states are tens
+    of times longer than the rest and that alone decide a spectrum. ``norms`` and ``eligible`` are ``(n,)``.
+    """
+    norms, eligible = np.asarray(norms, dtype=np.float64), np.asarray(eligible, dtype=bool)
+    if not eligible.any():
+        return np.zeros(len(norms), dtype=bool)
+    return eligible & (norms > multiple * float(np.median(norms[eligible])))
+
+
 def _two_nearest(points: np.ndarray, block: int, candidates: int = 4) -> np.ndarray:
     """Distances ``(n, 2)`` from each point to its two nearest others.
 
@@ -173,6 +304,17 @@ def intra_sentence_similarity(sentence_states: np.ndarray) -> float:
     """Ethayarajh's IntraSim: mean cosine of each token's state with the sentence's mean state."""
     mean = _float64(sentence_states).mean(0)
     return float((_unit(sentence_states) @ _unit(mean)).mean())
+
+
+def mean_intra_sentence_similarity(states: np.ndarray, sentences: np.ndarray) -> tuple[float, int]:
+    """IntraSim per sentence (Ethayarajh 2019), averaged over the sentences with at least two tokens.
+
+    ``states`` is ``(n, d)``, ``sentences`` the sentence id of each row; returns the mean and how many
+    sentences it averages (NaN and 0 when none has two tokens).
+    """
+    ids, counts = np.unique(np.asarray(sentences), return_counts=True)
+    values = [intra_sentence_similarity(states[sentences == i]) for i in ids[counts > 1]]
+    return (float(np.mean(values)), len(values)) if values else (float("nan"), 0)
 
 
 def maximum_explainable_variance(occurrences: np.ndarray) -> float:

@@ -1,17 +1,21 @@
 """Geometry figures (RQ3).
 
 Metrics by layer per post-processing, rogue dimensions, registers by layer, models by relative depth, and
-geometry against performance.
+geometry against performance. Spectrum-based metrics (IsoScore, effective rank) are shown without the
+layer's massive tokens, with their bootstrap interval where measured (a band, or ± in a heat-map cell), and
+under-powered values (n < power_ratio · d) are greyed: hollow markers, hatched cells, faded points.
 """
 
 import os
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 import seaborn as sns
 
-from latent_atlas.geometry.measure import POST_PROCESSINGS
+from latent_atlas.geometry.measure import POST_PROCESSINGS, WITH_MASSIVE
+from latent_atlas.geometry.metrics import SPECTRUM_METRICS
 from latent_atlas.geometry.relations import band_means
 from latent_atlas.plots import apply_style, save_figure
 
@@ -24,7 +28,7 @@ METRIC_LABELS = {
     "effective_rank": "effective rank",
     "twonn": "intrinsic dimension (TwoNN)",
     "norm_mean": "mean norm",
-    "intra_similarity_adjusted": "intra-passage similarity − baseline",
+    "intra_similarity_adjusted": "intra-sentence similarity − baseline",
     "self_similarity_adjusted": "self-similarity − baseline",
     "mev_adjusted": "MEV − baseline",
     "passage_register_auc": "register AUC of passage cosine",
@@ -58,6 +62,33 @@ MODEL_METRICS = (
 SCATTER_METRICS = ("mean_cosine", "isoscore", "effective_rank", "twonn", "intra_similarity_adjusted")
 
 
+def _spectrum_title(metric: str) -> str:
+    label = METRIC_LABELS.get(metric, metric)
+    return f"{label} (massive tokens removed)" if metric in SPECTRUM_METRICS else label
+
+
+def _has(table: pl.DataFrame, column: str) -> bool:
+    return column in table.columns and table[column].drop_nulls().len() > 0
+
+
+def _decorate_spectrum(axis: plt.Axes, subset: pl.DataFrame, x: str, hue: str, colours: dict[str, Any]) -> None:
+    """Bootstrap bands (where measured) and hollow white markers over the under-powered points of each line."""
+    axis.text(
+        0.99, 0.02, "band: bootstrap interval (bias-corrected)\nhollow: n < power_ratio·d", transform=axis.transAxes,
+        ha="right", va="bottom", fontsize=6, color="0.35",
+    )  # fmt: skip
+    for name, colour in colours.items():
+        rows = subset.filter(pl.col(hue) == name).sort(x)
+        if rows.is_empty():
+            continue
+        if _has(rows, "ci_low"):
+            band = rows.drop_nulls("ci_low")
+            axis.fill_between(band[x], band["ci_low"], band["ci_high"], color=colour, alpha=0.2, linewidth=0)
+        if "powered" in rows.columns:
+            weak = rows.filter(pl.col("powered").not_())
+            axis.scatter(weak[x], weak["value"], s=22, facecolor="white", edgecolor=colour, linewidth=1.0, zorder=5)
+
+
 def _grid(count: int, columns: int = 3, size: tuple[float, float] = (4.2, 3.2)) -> tuple[plt.Figure, np.ndarray]:
     rows = -(-count // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(size[0] * columns, size[1] * rows), squeeze=False)
@@ -72,19 +103,34 @@ def _present(table: pl.DataFrame, metrics: tuple[str, ...]) -> list[str]:
 
 
 def plot_processing(metrics: pl.DataFrame, pdf: Path, png: Path, title: str) -> None:
-    """One panel per metric against layer, one line per post-processing (all registers together)."""
+    """One panel per metric against layer, one line per post-processing (all registers together).
+
+    Spectrum-based panels show the value without massive tokens, its bootstrap band where measured, hollow
+    markers where under-powered, and the raw states' value with the massive tokens kept (dashed black).
+    """
     apply_style()
     data = metrics.filter(pl.col("register") == "all")
     names = _present(data, PROCESSING_METRICS)
     figure, axes = _grid(len(names))
     order = [name for name in POST_PROCESSINGS if name in set(data["processing"])]
+    colours = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
     for index, (axis, metric) in enumerate(zip(axes, names, strict=False)):
         subset = data.filter(pl.col("metric") == metric).sort("layer")
         sns.lineplot(
-            data=subset.to_pandas(), x="layer", y="value", hue="processing", hue_order=order, marker="o",
-            markersize=3, ax=axis, legend=index == 0,
+            data=subset.to_pandas(), x="layer", y="value", hue="processing", hue_order=order, palette=colours,
+            marker="o", markersize=3, ax=axis, legend=index == 0,
         )  # fmt: skip
-        axis.set(title=METRIC_LABELS.get(metric, metric), xlabel="layer", ylabel="")
+        if metric in SPECTRUM_METRICS:
+            _decorate_spectrum(axis, subset, "layer", "processing", colours)
+            kept = data.filter((pl.col("metric") == metric + WITH_MASSIVE) & (pl.col("processing") == "none"))
+            if not kept.is_empty():
+                kept = kept.sort("layer")
+                axis.plot(kept["layer"], kept["value"], color="black", linestyle="--", linewidth=0.8)
+                axis.text(
+                    0.01, 0.98, "dashed: none, massive tokens kept", transform=axis.transAxes, ha="left", va="top",
+                    fontsize=6, color="0.2",
+                )  # fmt: skip
+        axis.set(title=_spectrum_title(metric), xlabel="layer", ylabel="")
     if names:
         axes[0].legend(fontsize=7, frameon=False, title="post-processing", title_fontsize=7)
     figure.suptitle(f"Geometry by layer, before and after post-processing — {title}")
@@ -121,7 +167,8 @@ def plot_registers(metrics: pl.DataFrame, pdf: Path, png: Path, title: str) -> N
     """Heat-maps register × layer for the raw states, one per metric, as differences from each layer's mean.
 
     Layers differ far more than registers do, so each column is centred on its mean over registers (the
-    mean is printed under the column); equal-size samples per register.
+    mean is printed under the column); equal-size samples per register. Spectrum-based cells print their
+    bootstrap interval's half-width and are hatched and faded where under-powered.
     """
     apply_style()
     data = metrics.filter((pl.col("register") != "all") & (pl.col("processing") == "none"))
@@ -142,13 +189,39 @@ def plot_registers(metrics: pl.DataFrame, pdf: Path, png: Path, title: str) -> N
             values - means, ax=axis, cmap="vlag", center=0, vmin=-limit, vmax=limit, cbar=True, xticklabels=labels,
             yticklabels=grid["register"].to_list(),
         )  # fmt: skip
-        axis.set(
-            title=f"{METRIC_LABELS.get(metric, metric)}: register − layer mean", xlabel="layer (layer mean)", ylabel=""
-        )
+        heading = f"{METRIC_LABELS.get(metric, metric)}: register − layer mean"
+        if metric in SPECTRUM_METRICS:
+            heading = _mark_register_cells(axis, data.filter(pl.col("metric") == metric), grid, heading)
+        axis.set(title=heading, xlabel="layer (layer mean)", ylabel="")
         axis.tick_params(axis="x", labelsize=7)
     figure.suptitle(f"Geometry per register (raw states) — {title}")
     figure.tight_layout()
     save_figure(figure, pdf, png, title)
+
+
+def _mark_register_cells(axis: plt.Axes, rows: pl.DataFrame, grid: pl.DataFrame, title: str) -> str:
+    """Print ±half-width of each cell's bootstrap interval; hatch and fade the under-powered cells."""
+    registers, layers = grid["register"].to_list(), grid.columns[1:]
+    lookup = {(row["register"], str(row["layer"])): row for row in rows.iter_rows(named=True)}
+    weak = 0
+    for i, register in enumerate(registers):
+        for j, layer in enumerate(layers):
+            row = lookup.get((register, layer))
+            if row is None:
+                continue
+            if row.get("ci_low") is not None and np.isfinite(row["ci_low"]):
+                half = (row["ci_high"] - row["ci_low"]) / 2
+                axis.text(j + 0.5, i + 0.5, f"±{half:.2g}", ha="center", va="center", fontsize=5.5, color="0.15")
+            if row.get("powered") is False:
+                weak += 1
+                axis.add_patch(
+                    plt.Rectangle((j, i), 1, 1, facecolor="white", alpha=0.45, hatch="///", edgecolor="0.55", lw=0)
+                )
+    if weak:
+        low, high = rows["n"].min(), rows["n"].max()
+        sizes = f"{low}" if low == high else f"{low}–{high}"
+        title += f"\nhatched: under-powered (n = {sizes} < power_ratio·d); ±: bootstrap, ≥ 5 documents"
+    return title
 
 
 def plot_models(geometry: pl.DataFrame, readout: pl.DataFrame, pdf: Path, png: Path, title: str) -> None:
@@ -158,12 +231,15 @@ def plot_models(geometry: pl.DataFrame, readout: pl.DataFrame, pdf: Path, png: P
     names = _present(data, MODEL_METRICS)
     figure, axes = _grid(len(names) + 1)
     models = sorted(set(data["model"]))
+    colours = dict(zip(models, sns.color_palette(n_colors=len(models)), strict=True))
     for index, (axis, metric) in enumerate(zip(axes, names, strict=False)):
         subset = data.filter(pl.col("metric") == metric).sort("model", "layer")
         sns.lineplot(
-            data=subset.to_pandas(), x="relative_depth", y="value", hue="model", hue_order=models, marker="o",
-            markersize=3, ax=axis, legend=index == 0,
+            data=subset.to_pandas(), x="relative_depth", y="value", hue="model", hue_order=models, palette=colours,
+            marker="o", markersize=3, ax=axis, legend=index == 0,
         )  # fmt: skip
+        if metric in SPECTRUM_METRICS:
+            _decorate_spectrum(axis, subset, "relative_depth", "model", colours)
         shuffled = metric.replace("_accuracy", "_shuffled")
         if metric.endswith("_probe_accuracy") and shuffled in set(geometry["metric"]):
             control = geometry.filter(pl.col("metric") == shuffled).sort("model", "layer")
@@ -173,7 +249,7 @@ def plot_models(geometry: pl.DataFrame, readout: pl.DataFrame, pdf: Path, png: P
             )  # fmt: skip
             axis.set_title(f"{METRIC_LABELS[metric]} (dotted: shuffled labels)")
         else:
-            axis.set_title(METRIC_LABELS.get(metric, metric))
+            axis.set_title(_spectrum_title(metric))
         axis.set(xlabel="relative depth (layer / L)", ylabel="")
     _readout_panel(axes[len(names)], readout)
     figure.suptitle(f"Geometry by relative depth, raw states — {title}")
@@ -212,7 +288,10 @@ def plot_performance(
     )
     axes[0].set(title="bits per byte (held-out split)", xlabel="bits per byte", ylabel="")
     axes[0].legend(fontsize=7, frameon=True, loc="lower right")
-    bands = band_means(geometry.filter((pl.col("register") != "all") & (pl.col("processing") == "none")))
+    registers = geometry.filter((pl.col("register") != "all") & (pl.col("processing") == "none"))
+    bands = band_means(
+        registers.select("model", "register", "processing", "metric", "layer", "relative_depth", "value")
+    )
     points = bands.filter(pl.col("band") == "middle").join(
         per_register.select("model", "register", "bits_per_byte"), on=["model", "register"]
     )
@@ -221,20 +300,30 @@ def plot_performance(
         if subset.is_empty():
             axis.set_visible(False)
             continue
+        weak = _under_powered(registers, metric)
         sns.scatterplot(
             data=subset.to_pandas(), x="value", y="bits_per_byte", hue="model", hue_order=models, style="register",
             style_order=sorted(set(points["register"])), ax=axis, legend=index == len(SCATTER_METRICS) - 1, s=40,
+            alpha=0.35 if weak else 1.0,
         )  # fmt: skip
         if index == len(SCATTER_METRICS) - 1:
             axis.legend(fontsize=6, frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        axis.set(
-            title=_relation_title(relations, metric),
-            xlabel=f"{METRIC_LABELS[metric]} (middle layers)",
-            ylabel="bits per byte",
-        )
+        label = f"{METRIC_LABELS[metric]} (middle layers)"
+        if weak:
+            axis.set_facecolor("0.93")
+            label += f"\nfaded: under-powered in {weak} (n < power_ratio·d)"
+        axis.set(title=_relation_title(relations, metric), xlabel=label, ylabel="bits per byte")
     figure.suptitle(f"Geometry and performance, one point per (model, register) — {title}")
     figure.tight_layout()
     save_figure(figure, pdf, png, title)
+
+
+def _under_powered(registers: pl.DataFrame, metric: str) -> str:
+    """Which models' per-register values of a spectrum-based metric are under-powered ('' if none)."""
+    if metric not in SPECTRUM_METRICS or "powered" not in registers.columns:
+        return ""
+    weak = registers.filter((pl.col("metric") == metric) & (pl.col("powered").not_()))
+    return ", ".join(sorted(set(weak["model"])))
 
 
 def _relation_title(relations: pl.DataFrame, metric: str) -> str:

@@ -113,8 +113,7 @@ def lens_depths(lenses: pl.DataFrame, n_layers: Mapping[str, int]) -> pl.DataFra
 def add_rank_fraction(geometry: pl.DataFrame, d_model: Mapping[str, int]) -> pl.DataFrame:
     """Add ``effective_rank_fraction`` rows: effective rank / model width, comparable across widths."""
     ranks = geometry.filter(pl.col("metric") == "effective_rank")
-    fraction = ranks.with_columns(
-        metric=pl.lit("effective_rank_fraction"),
-        value=pl.col("value") / pl.col("model").replace_strict(dict(d_model), return_dtype=pl.Float64),
-    )
+    width = pl.col("model").replace_strict(dict(d_model), return_dtype=pl.Float64)
+    scaled = [column for column in ("value", "ci_low", "ci_high") if column in ranks.columns]  # the interval too
+    fraction = ranks.with_columns(metric=pl.lit("effective_rank_fraction"), **{c: pl.col(c) / width for c in scaled})
     return pl.concat([geometry, fraction])
