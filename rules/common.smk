@@ -288,6 +288,12 @@ def with_member_layers(section):
     return settings
 
 
+def tuned_lens_settings(wildcards):
+    """What train_tuned_lens reads: its layers, its recipe and the first-position rule, not the evaluation's keys."""
+    settings = with_member_layers("lenses")(wildcards)
+    return {key: settings[key] for key in ("layers", "tuned", "skip_first_position")}
+
+
 # ---- the training family (rules/training.smk) ----------------------------------------------------
 
 

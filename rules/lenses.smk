@@ -13,7 +13,7 @@ rule train_tuned_lens:
     resources:
         mem_mb=memory_per_attempt(4000),  # grows on each retry (workflow/profiles)
     params:
-        settings=with_member_layers("lenses"),
+        settings=tuned_lens_settings,
     script:
         "../scripts/train_tuned_lens.py"
 
