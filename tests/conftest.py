@@ -56,3 +56,57 @@ def tiny_corpus() -> pl.DataFrame:
 
 
 STORE_ATTRS = {"model": "tiny", "corpus": "tiny-corpus", "corpus_sha256": "0" * 64, "config_hash": "test"}
+
+
+def untied_llama(root: Path, seed: int, intermediate_size: int, layers: int):
+    """A tiny Llama with its own LM head (``tie_word_embeddings=False``), acquired and loaded like any model.
+
+    Its matrices are drawn at a trained scale (std 0.3), so that top-k lists are far from ties.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from latent_atlas.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0, 0.3)
+    model.save_pretrained(root / "source")
+    tokenizer.save_pretrained(root / "source")
+    acquire_model("untied", {"source": "local", "path": str(root / "source")}, root / "model", root / "dl")
+    loaded = load_model(root / "model", device="cpu")
+    assert not torch.equal(loaded.parts.lm_head.weight, loaded.parts.embed.weight)
+    return loaded
+
+
+def reference_states(loaded, ids):
+    """transformers' own states of every residual layer (the raw last-block output by a hook) and logits.
+
+    Returns ``(states, logits)``: ``states[l]`` is ``(T, d)`` for l = 0..L, ``logits`` is ``(T, V)``.
+    """
+    import torch
+
+    captured = {}
+    handle = loaded.parts.layers[-1].register_forward_hook(
+        lambda module, args, output: captured.update(raw=output[0] if isinstance(output, tuple) else output)
+    )
+    with torch.no_grad():
+        out = loaded.model(input_ids=ids[None], output_hidden_states=True)
+    handle.remove()
+    states = [out.hidden_states[layer][0] for layer in range(loaded.n_layers)] + [captured["raw"][0]]
+    return states, out.logits[0]

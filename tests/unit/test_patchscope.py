@@ -16,7 +16,7 @@ from latent_atlas.lenses.patchscope import (
     residual_state,
 )
 from latent_atlas.store import ActivationStore
-from tests.conftest import STORE_ATTRS
+from tests.conftest import STORE_ATTRS, reference_states
 
 PROMPT = "the dog saw the cat and the river"
 
@@ -59,25 +59,12 @@ def test_patchscope_reads_and_generates(tiny_loaded):
     assert all(not block._forward_hooks and not block._forward_pre_hooks for block in tiny_loaded.parts.layers)
 
 
-def _source_states(loaded, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """transformers' own states of every residual layer (the raw last-block output by a hook) and logits."""
-    captured = {}
-    handle = loaded.parts.layers[-1].register_forward_hook(
-        lambda module, args, output: captured.update(raw=output[0] if isinstance(output, tuple) else output)
-    )
-    with torch.no_grad():
-        out = loaded.model(input_ids=ids[None], output_hidden_states=True)
-    handle.remove()
-    states = [out.hidden_states[layer][0] for layer in range(loaded.n_layers)] + [captured["raw"][0]]
-    return states, out.logits[0]
-
-
 def test_identity_patchscope_into_its_own_run_has_precision_one(tiny_loaded):
     """METHODS §5 check (a): a state patched into the run it came from (same context, position and layer)
     changes nothing, so Precision@1 is 1 at every source layer and the logits are the model's own."""
     text = "the dog saw the cat and the river was old"
     ids = tiny_loaded.tokenizer(text, return_tensors="pt")["input_ids"][0]
-    states, logits = _source_states(tiny_loaded, ids)
+    states, logits = reference_states(tiny_loaded, ids)
     for position in (1, 4, len(ids) - 1):
         context = " ".join(text.split()[: position + 1])
         scope = IdentityPatchscope(tiny_loaded, target_prompt=context, batch_size=2)
@@ -93,7 +80,7 @@ def test_identity_patchscope_into_its_own_run_has_precision_one(tiny_loaded):
 def test_identity_patchscope_changes_what_it_reads(tiny_loaded):
     """Different states give different readings (the patch reaches the output) at every layer but none."""
     ids = tiny_loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"][0]
-    states, _ = _source_states(tiny_loaded, ids)
+    states, _ = reference_states(tiny_loaded, ids)
     scope = IdentityPatchscope(tiny_loaded)
     for layer in range(tiny_loaded.n_layers + 1):
         patched = scope.logits(states[layer][[1, 4]], layer)

@@ -24,9 +24,8 @@ from latent_atlas.lenses.projections import (
     recall_texts,
     vocabulary_scores,
 )
-from latent_atlas.models import acquire_model, load_model
-from latent_atlas.testing import tiny_tokenizer
-from tests.conftest import SENTENCES
+from latent_atlas.models import load_model
+from tests.conftest import SENTENCES, untied_llama
 
 
 @pytest.fixture
@@ -117,33 +116,7 @@ def test_aligned_beats_shuffled_when_values_copy_keys(llama):
 @pytest.fixture(scope="module")
 def untied(tmp_path_factory):
     """A tiny Llama whose ``lm_head`` is its own matrix (``tie_word_embeddings=False``), acquired and loaded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        pad_token_id=1,
-    )
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # weights of a trained scale, so that top-k lists are far from ties
-        for parameter in model.parameters():
-            if parameter.ndim == 2:
-                parameter.normal_(0, 0.3)
-    root = tmp_path_factory.mktemp("untied")
-    model.save_pretrained(root / "source")
-    tokenizer.save_pretrained(root / "source")
-    acquire_model("untied", {"source": "local", "path": str(root / "source")}, root / "model", root / "dl")
-    loaded = load_model(root / "model", device="cpu")
-    assert not torch.equal(loaded.parts.lm_head.weight, loaded.parts.embed.weight)
-    return loaded
+    return untied_llama(tmp_path_factory.mktemp("untied"), seed=3, intermediate_size=48, layers=2)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

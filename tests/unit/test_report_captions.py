@@ -4,7 +4,6 @@ docutils prints a warning or error (an undefined substitution from a stray ``|``
 stderr and carries on, so a broken caption only shows as a red box in the report. Here every message fails.
 """
 
-import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ from docutils.core import publish_parts
 from docutils.utils import SystemMessage
 
 from latent_atlas.config import load_yaml, validate_config
+from tests.unit.test_config import _merged
 
 REPO = Path(__file__).resolve().parents[2]
 CAPTIONS = sorted((REPO / "workflow/report").glob("*.rst"))
@@ -23,18 +23,7 @@ WILDCARDS = SimpleNamespace(model="smollm2-135m", corpus="registers", point="eif
 
 def _config(overlay: str | None) -> dict:
     """The shipped config with an overlay merged the way Snakemake merges --configfile, defaults filled."""
-
-    def update(base: dict, extra: dict) -> dict:
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(base.get(key), dict):
-                update(base[key], value)
-            else:
-                base[key] = value
-        return base
-
-    config = copy.deepcopy(load_yaml(REPO / "config/config.yaml"))
-    if overlay:
-        update(config, load_yaml(REPO / overlay))
+    config = _merged(load_yaml(REPO / overlay)) if overlay else _merged()
     validate_config(config, SCHEMA)
     return config
 

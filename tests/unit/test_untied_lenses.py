@@ -14,10 +14,9 @@ from latent_atlas.extract import ExtractionSettings, extract_activations
 from latent_atlas.lenses import LogitLens, TunedLens, Unembed
 from latent_atlas.lenses.patchscope import IdentityPatchscope
 from latent_atlas.lenses.pipeline import build_lenses, evaluate_lenses_on_store, train_tuned_lens_on_store
-from latent_atlas.models import acquire_model, load_model
 from latent_atlas.plots.lenses import plot_lens_comparison
-from latent_atlas.testing import _WORDS, tiny_tokenizer
-from tests.conftest import STORE_ATTRS
+from latent_atlas.testing import _WORDS
+from tests.conftest import STORE_ATTRS, reference_states, untied_llama
 
 TEXT = "the dog saw the cat and the river was old"
 
@@ -25,47 +24,14 @@ TEXT = "the dog saw the cat and the river was old"
 @pytest.fixture(scope="module")
 def untied(tmp_path_factory):
     """A tiny Llama with its own LM head, acquired and loaded like any configured model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        pad_token_id=1,
-    )
-    torch.manual_seed(5)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # weights of a trained scale, far from ties
-        for parameter in model.parameters():
-            if parameter.ndim == 2:
-                parameter.normal_(0, 0.3)
-    root = tmp_path_factory.mktemp("untied-lenses")
-    model.save_pretrained(root / "source")
-    tokenizer.save_pretrained(root / "source")
-    acquire_model("untied", {"source": "local", "path": str(root / "source")}, root / "model", root / "dl")
-    loaded = load_model(root / "model", device="cpu")
-    assert not torch.equal(loaded.parts.lm_head.weight, loaded.parts.embed.weight)
-    return loaded
+    return untied_llama(tmp_path_factory.mktemp("untied-lenses"), seed=5, intermediate_size=64, layers=3)
 
 
 def _run(loaded) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Token ids, transformers' states of every residual layer (raw last-block output by a hook), logits."""
     ids = loaded.tokenizer(TEXT, return_tensors="pt")["input_ids"][0]
-    captured = {}
-    handle = loaded.parts.layers[-1].register_forward_hook(
-        lambda module, args, output: captured.update(raw=output[0] if isinstance(output, tuple) else output)
-    )
-    with torch.no_grad():
-        out = loaded.model(input_ids=ids[None], output_hidden_states=True)
-    handle.remove()
-    states = [out.hidden_states[layer][0] for layer in range(loaded.n_layers)] + [captured["raw"][0]]
-    return ids, states, out.logits[0]
+    states, logits = reference_states(loaded, ids)
+    return ids, states, logits
 
 
 def test_logit_and_untrained_tuned_lens_at_the_last_layer_are_the_model(untied):
