@@ -3,7 +3,9 @@
 import re
 from pathlib import Path
 
+from latent_atlas.claims import inputs as claims_inputs
 from latent_atlas.config import analysis_models, elm_judge, load_yaml, validate_config
+from latent_atlas.corpus import resolve_corpus_spec
 from latent_atlas.provenance import config_hash
 from latent_atlas.training.family import family_name, member_spec, members
 
@@ -111,7 +113,32 @@ def get_final_output():
         + get_geometry_output(models, corpora)
         + get_training_output()
         + get_reader_output(analysis_models(config, "readers"))
+        + get_claims_output(models, corpora)
     )
+
+
+def get_claims_output(models, corpora):
+    """The claims table, its report page and figure of every model of run.models on every corpus."""
+    stems = expand("{model}.{corpus}", model=models, corpus=corpora)
+    return (
+        [f"results/claims/{stem}.parquet" for stem in stems]
+        + [f"results/claims/{stem}.html" for stem in stems]
+        + [
+            f"results/figures/claims/{stem}.claims.{ext}"
+            for stem in stems
+            for ext in ("pdf", "png")
+        ]
+    )
+
+
+def claims_settings():
+    """What the claims read of the config: every analysis section (their models, layers and thresholds)."""
+    return {key: value for key, value in config.items() if key != "paths"}
+
+
+def get_claims_inputs(wildcards):
+    """Every table the claims of one model x corpus read (latent_atlas.claims.inputs)."""
+    return claims_inputs(config, wildcards.model, wildcards.corpus)
 
 
 def get_geometry_output(models, corpora):

@@ -71,6 +71,33 @@ def _neighbours(args: argparse.Namespace) -> None:
         print(f"{row['rank']:>3}  {similarity} {row['score']:8.3f}  {row['label'] or '-':<26} {context}")
 
 
+def _findings(args: argparse.Namespace) -> None:
+    """Render claims tables as the findings section; print it, or write it between a file's findings markers."""
+    from pathlib import Path
+
+    import polars as pl
+
+    from latent_atlas.claims.report import findings_markdown, replace_section
+    from latent_atlas.errors import ConfigError
+    from latent_atlas.provenance import atomic_output
+
+    missing = [path for path in args.tables if not Path(path).is_file()]
+    if missing:
+        raise ConfigError(f"no claims table at {', '.join(missing)}: run the workflow first (rule decide_claims)")
+    table = pl.concat([pl.read_parquet(path) for path in args.tables], how="diagonal_relaxed")
+    body = findings_markdown(table, args.source or ", ".join(args.tables))
+    if not args.write:
+        print(body, end="")
+        return
+    target = Path(args.write)
+    try:
+        text = replace_section(target.read_text(), body)
+    except ValueError as error:
+        raise ConfigError(f"{target}: {error}") from None
+    with atomic_output(target) as tmp:
+        tmp.write_text(text)
+
+
 def _add_point_arguments(command: argparse.ArgumentParser, layer_help: str) -> None:
     """The arguments that name a point: ``--text`` (with ``--position``) or ``--vector``, and ``--layer``."""
     source = command.add_mutually_exclusive_group(required=True)
@@ -110,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     neighbours.add_argument("--context", type=int, default=8, help="tokens of text each side")
     neighbours.add_argument("--json", action="store_true", help="print the rows as JSON")
     neighbours.set_defaults(handler=_neighbours)
+
+    findings = commands.add_parser("findings", help="render claims tables (results/claims/*.parquet) as Markdown")
+    findings.add_argument("tables", nargs="+", help="claims tables, e.g. results/claims/smollm2-135m.registers.parquet")
+    findings.add_argument("--write", help="a Markdown file whose findings section (between markers) to replace")
+    findings.add_argument("--source", help="how the text names where the tables came from (default: their paths)")
+    findings.set_defaults(handler=_findings)
     return parser
 
 
