@@ -9,7 +9,16 @@ from latent_atlas.errors import LatentAtlasError
 from latent_atlas.extract import ExtractionSettings, extract_activations
 from latent_atlas.lenses import InverseEmbeddingLens, LogitLens, SemanticBasisLens, TunedLens, Unembed
 from latent_atlas.lenses.evaluate import evaluate_lenses, evaluation_tokens
-from latent_atlas.lenses.tuned import TunedLensTraining, sampled_batches, train_tuned_lens
+from latent_atlas.lenses.tuned import (
+    HeldOutStopping,
+    TrainingBatch,
+    TunedLensTraining,
+    held_out_kl,
+    hold_out_documents,
+    kl_to_target,
+    sampled_batches,
+    train_tuned_lens,
+)
 from latent_atlas.models import load_model
 from latent_atlas.store import ActivationStore
 from latent_atlas.testing import _WORDS
@@ -196,3 +205,40 @@ def test_tied_models_share_one_svd_with_the_same_result(tiny_model_dirs):
     fresh = InverseEmbeddingLens(loaded.parts.embed.weight, "pinv")
     torch.testing.assert_close(lenses["inverse_embedding_pinv"].reader, fresh.reader, atol=1e-5, rtol=0)
     assert set(lenses) == {"logit", "semantic_basis", "inverse_embedding_transpose", "inverse_embedding_pinv"}
+
+
+def test_held_out_documents_are_whole_and_disjoint_from_training() -> None:
+    docs = np.repeat(np.arange(10), 7)
+    rows = np.arange(70)
+    train, held = hold_out_documents(rows, docs, 15, seed=3)
+    assert len(held) == 21 and len(train) == 49  # three documents of 7 reach 15
+    assert set(docs[held]).isdisjoint(docs[train]) and set(train) | set(held) == set(rows)
+    train_all, held_all = hold_out_documents(rows, docs, 10_000, seed=3)
+    assert (len(train_all), len(held_all)) == (7, 63)  # one document always stays for training
+
+
+def test_held_out_stopping_stops_on_a_plateau_and_records_the_curve(llama_store) -> None:
+    loaded, path = llama_store
+    unembed = Unembed.from_parts(loaded.parts)
+    with ActivationStore(path) as store:
+        every = evaluation_tokens(store, "train", None, skip_first_position=True)
+        train_rows, held_rows = hold_out_documents(every.rows, every.docs, 64, seed=0)
+        layers = [1, 2]
+        held = TrainingBatch({k: torch.from_numpy(store.read(k, held_rows)) for k in layers},
+                             torch.from_numpy(store.read("ln_final", held_rows)))  # fmt: skip
+        final = torch.from_numpy(store.read("ln_final", train_rows))
+        states = {k: torch.from_numpy(store.read(k, train_rows)) for k in layers}
+    lens = TunedLens(unembed, loaded.n_layers, loaded.d_model)
+    untrained = held_out_kl(lens, held, layers)
+    expected = np.mean([float(kl_to_target(torch.log_softmax(unembed.lm_head(held.final).float(), -1),
+                                           LogitLens(unembed).logits(held.states[k], k))) for k in layers])  # fmt: skip
+    assert untrained == pytest.approx(expected, rel=1e-5)  # an untrained tuned lens is the logit lens
+    settings = TunedLensTraining(steps=400, tokens_per_step=64, lr_scale=4.0)
+    stopping = HeldOutStopping(held, eval_every=10, patience=2, min_improvement=0.5)  # a plateau comes soon
+    losses = train_tuned_lens(lens, sampled_batches(lambda k: states[k], final, layers, settings), layers, settings,
+                              stopping=stopping)  # fmt: skip
+    steps = [step for step, _ in stopping.curve]
+    assert len(losses) < 400 and steps == list(range(10, len(losses) + 1, 10))
+    kls = [kl for _, kl in stopping.curve]
+    assert kls[0] < untrained  # it learned
+    assert kls[-1] > min(kls) * 0.5 and kls[-2] > min(kls) * 0.5  # the last two measurements made no 50% gain
