@@ -19,13 +19,18 @@ rule train_tuned_lens:
 
 
 rule evaluate_lenses:
-    """Evaluate every lens at every lens layer on held-out tokens: KL, CE, entropy, agreement, rank."""
+    """Evaluate every lens at every lens layer on held-out tokens: KL, CE, entropy, agreement, rank.
+
+    documents keeps each metric's sums per held-out document: the bootstrap unit of the curves' intervals
+    and of paired comparisons between lenses (tuned vs logit lens in the claims).
+    """
     input:
         manifest="results/models/{model}/manifest.json",
         store="results/activations/{model}/{corpus}.h5",
         tuned="results/lenses/{model}/{corpus}.tuned-lens.pt",
     output:
         table="results/lenses/{model}/{corpus}.parquet",
+        documents="results/lenses/{model}/{corpus}.documents.parquet",
     log:
         "logs/lenses/{model}/{corpus}.evaluate.log",
     conda:

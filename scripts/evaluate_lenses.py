@@ -5,13 +5,15 @@ from pathlib import Path
 import torch
 
 from latent_atlas.joblog import job_log
-from latent_atlas.lenses.pipeline import evaluate_lenses_on_store
+from latent_atlas.lenses.pipeline import evaluate_lenses_with_documents
 from latent_atlas.models import load_model
 from latent_atlas.provenance import provenance_record, write_parquet_with_provenance
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
     loaded = load_model(Path(snakemake.input.manifest).parent, device="cpu")
-    table = evaluate_lenses_on_store(loaded, snakemake.input.store, snakemake.input.tuned, snakemake.params.settings)
-    meta = provenance_record(dict(snakemake.params.settings), store=snakemake.input.store, tuned=snakemake.input.tuned)
+    settings = snakemake.params.settings
+    table, documents = evaluate_lenses_with_documents(loaded, snakemake.input.store, snakemake.input.tuned, settings)
+    meta = provenance_record(dict(settings), store=snakemake.input.store, tuned=snakemake.input.tuned)
     write_parquet_with_provenance(table, snakemake.output.table, meta)
+    write_parquet_with_provenance(documents, snakemake.output.documents, meta)

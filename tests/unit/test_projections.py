@@ -268,7 +268,8 @@ def test_recall_equals_a_numpy_recomputation_on_an_untied_model(untied):
                 shuffled = _expected_recall(matrix @ w_u.T, active[donors], scores, k)
                 assert row["aligned"][0] == pytest.approx(aligned.mean())
                 assert row["shuffled"][0] == pytest.approx(shuffled.mean())
-                assert row["aligned_sem"][0] == pytest.approx(aligned.std(ddof=1) / np.sqrt(positions))
+                assert row["difference"][0] == pytest.approx(aligned.mean() - shuffled.mean())
+                assert row["unit"][0] == "document" and row["n"][0] == len(set(expected["documents"].tolist()))
 
 
 def test_shuffled_positions_come_from_other_documents():

@@ -5,6 +5,12 @@ token, entropy of p_lens, top-1 agreement with the model's final prediction (Gha
 Precision@1 when the reader is a patchscope), surprisal -log p_final(argmax p_lens) (their surprisal: the
 reader's top-1 scored under the model's own distribution, in nats), the rank of the final top-1 token under
 the lens (median; 0 = top), and top-1 agreement with the logit lens.
+
+Uncertainty. Tokens of one document are not independent, so the unit of every interval is the document: the
+evaluation keeps each metric's per-document sums and counts (:func:`evaluate_lenses_by_document`), the curves
+carry a 95 % percentile bootstrap over documents (``ci_low``, ``ci_high``, ``n`` documents, ``unit``), and
+comparisons of two lenses are paired on the same tokens of the same documents (:func:`paired_lens_difference`).
+The median rank has no interval (NaN).
 """
 
 from collections.abc import Mapping, Sequence
@@ -18,15 +24,27 @@ from torch.nn import functional
 from latent_atlas.addresses import resid_address
 from latent_atlas.errors import ConfigError
 from latent_atlas.lenses.base import Lens, Unembed
+from latent_atlas.stats import DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, MIN_UNITS, Interval, bootstrap_mean
 from latent_atlas.store import ActivationStore
+
+UNIT = "document"
+DOCUMENT_SCHEMA = {
+    "lens": pl.String,
+    "layer": pl.Int64,
+    "metric": pl.String,
+    "doc": pl.Int64,
+    "sum": pl.Float64,
+    "count": pl.Int64,
+}
 
 
 @dataclass(frozen=True)
 class EvaluationTokens:
-    """Store rows to evaluate on, with the next token of each (-1 where the document ends)."""
+    """Store rows to evaluate on, with the next token of each (-1 where the document ends) and its document."""
 
     rows: np.ndarray
     next_ids: np.ndarray
+    docs: np.ndarray | None = None  # the store's document index of each row (None: every token its own unit)
 
 
 def evaluation_tokens(
@@ -46,24 +64,27 @@ def evaluation_tokens(
         raise ConfigError(f"no stored tokens in split '{split}'; check lenses.split and extraction.splits")
     rows = chosen["row"].to_numpy()
     next_ids = chosen["next_id"].fill_null(-1).to_numpy()
+    docs = chosen["doc"].to_numpy().astype(np.int64)
     if max_tokens and len(rows) > max_tokens:
         pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=max_tokens, replace=False))
-        rows, next_ids = rows[pick], next_ids[pick]
-    return EvaluationTokens(rows, next_ids)
+        rows, next_ids, docs = rows[pick], next_ids[pick], docs[pick]
+    return EvaluationTokens(rows, next_ids, docs)
 
 
 @torch.no_grad()
-def evaluate_lenses(
+def evaluate_lenses_by_document(
     store: ActivationStore,
     unembed: Unembed,
     lenses: Mapping[str, Lens],
     layers: Sequence[int],
     tokens: EvaluationTokens,
     chunk_size: int = 512,
-) -> pl.DataFrame:
-    """Evaluate every lens at every layer; returns one row per (lens, layer, metric).
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every lens at every layer, kept per document: (sums, ranks).
 
-    Columns: ``lens``, ``address``, ``layer``, ``metric``, ``value``, ``n_tokens``.
+    ``sums``: one row per (lens, layer, metric, doc) with the metric's ``sum`` over that document's evaluated
+    tokens and their ``count``. ``ranks``: one row per (lens, layer) with the final top-1 token's rank under the
+    lens at every token (a list), for the median.
     """
     missing = [layer for layer in layers if layer not in store.layers]
     if missing:
@@ -71,12 +92,15 @@ def evaluate_lenses(
             f"lenses.layers asks for layers {missing}, which the store does not hold (stored: {store.layers}); "
             "add them to extraction.layers or drop them from lenses.layers"
         )
-    sums: dict[tuple[str, int, str], float] = {}
-    counts: dict[tuple[str, int, str], int] = {}
+    docs = tokens.docs if tokens.docs is not None else np.arange(len(tokens.rows))
+    doc_ids, doc_index = np.unique(docs, return_inverse=True)
+    sums: dict[tuple[str, int, str], np.ndarray] = {}
+    counts: dict[tuple[str, int, str], np.ndarray] = {}
     ranks: dict[tuple[str, int], list[np.ndarray]] = {}
     logit_lens = lenses.get("logit")
     for start in range(0, len(tokens.rows), chunk_size):
         rows = tokens.rows[start : start + chunk_size]
+        chunk_docs = doc_index[start : start + chunk_size]
         next_ids = torch.from_numpy(tokens.next_ids[start : start + chunk_size]).long()
         final = FinalDistribution.from_logits(unembed.lm_head(torch.from_numpy(store.read("ln_final", rows))))
         for layer in layers:
@@ -87,23 +111,128 @@ def evaluate_lenses(
                 if not lens.reads(layer):
                     continue
                 logits = logit_logits if lens is logit_lens else lens.logits(states, layer)
-                values = _token_metrics(logits, final, next_ids, logit_top1)
-                for metric, (total, count) in values.items():
+                for metric, (values, scored) in _token_metrics(logits, final, next_ids, logit_top1).items():
                     if metric == "final_top1_rank":
-                        ranks.setdefault((name, layer), []).append(total)
+                        ranks.setdefault((name, layer), []).append(values)
                         continue
                     key = (name, layer, metric)
-                    sums[key] = sums.get(key, 0.0) + total
-                    counts[key] = counts.get(key, 0) + count
+                    where = chunk_docs[scored]
+                    sums[key] = sums.get(key, 0.0) + np.bincount(where, values, minlength=len(doc_ids))
+                    counts[key] = counts.get(key, 0) + np.bincount(where, minlength=len(doc_ids))
     records = [
-        _record(name, layer, metric, sums[(name, layer, metric)] / count, count)
-        for (name, layer, metric), count in counts.items()
-        if count
+        {"lens": name, "layer": layer, "metric": metric, "doc": int(doc_ids[d]), "sum": float(total[d]),
+         "count": int(counts[key][d])}
+        for key, total in sums.items()
+        for name, layer, metric in [key]
+        for d in np.flatnonzero(counts[key])
+    ]  # fmt: skip
+    rank_rows = [
+        {"lens": name, "layer": layer, "ranks": np.concatenate(parts)} for (name, layer), parts in ranks.items()
     ]
-    for (name, layer), parts in ranks.items():
-        values = np.concatenate(parts)
-        records.append(_record(name, layer, "final_top1_rank", float(np.median(values)), len(values)))
+    return pl.DataFrame(records, schema=DOCUMENT_SCHEMA), pl.DataFrame(rank_rows)
+
+
+def curves_from_documents(
+    documents: pl.DataFrame, ranks: pl.DataFrame | None = None, replicates: int = DEFAULT_REPLICATES, seed: int = 0
+) -> pl.DataFrame:
+    """The per-layer curves: the mean of each metric over tokens and its bootstrap interval over documents.
+
+    Columns ``lens, address, layer, metric, value, n_tokens, ci_low, ci_high, n, unit``. Every (lens, layer,
+    metric) is resampled with the same seed, so curves measured on the same documents draw the same ones.
+    """
+    records = []
+    for (name, layer, metric), group in documents.group_by("lens", "layer", "metric", maintain_order=True):
+        interval = document_mean(group, replicates, seed)
+        records.append(_record(name, layer, metric, interval.estimate, int(group["count"].sum())) | interval.columns())
+    for name, layer, values in ranks.iter_rows() if ranks is not None and ranks.height else ():
+        interval = {"ci_low": float("nan"), "ci_high": float("nan"), "n": len(values), "unit": "token (median)"}
+        records.append(_record(name, layer, "final_top1_rank", float(np.median(values)), len(values)) | interval)
     return pl.DataFrame(records).sort("lens", "layer", "metric")
+
+
+def document_mean(group: pl.DataFrame, replicates: int = DEFAULT_REPLICATES, seed: int = 0) -> Interval:
+    """The token mean of per-document ``sum``/``count`` rows, bootstrapped over documents (weighted by count).
+
+    Each document's tokens are represented by ``count`` copies of its mean, which gives :func:`bootstrap_mean`
+    exactly the document's sum and count.
+    """
+    counts = group["count"].to_numpy()
+    means = group["sum"].to_numpy() / np.maximum(counts, 1)
+    return bootstrap_mean(
+        np.repeat(means, counts), np.repeat(group["doc"].to_numpy(), counts), unit=UNIT, replicates=replicates,
+        seed=seed,
+    )  # fmt: skip
+
+
+def paired_lens_difference(
+    documents: pl.DataFrame,
+    metric: str,
+    lens: str,
+    baseline: str,
+    replicates: int = DEFAULT_REPLICATES,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Per layer read by both: mean over tokens of ``metric(lens) − metric(baseline)``, paired on documents.
+
+    Both lenses are evaluated on the same tokens, so a document's difference is the difference of its sums.
+    Columns ``layer, value, ci_low, ci_high, n, unit``; plus one row ``layer = -1`` for the maximum over
+    layers of the difference, bootstrapped with the same document draws at every layer.
+    """
+    differences = _paired_documents(documents, metric, lens, baseline)
+    records = []
+    for (layer,), group in differences.group_by("layer", maintain_order=True):
+        interval = document_mean(group, replicates, seed)
+        records.append({"layer": layer, "value": interval.estimate, **interval.columns()})
+    if records:
+        records.append({"layer": -1, **max_over_layers(differences, replicates, seed)})
+    schema = {"layer": pl.Int64, "value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "n": pl.Int64,
+              "unit": pl.String}  # fmt: skip
+    return pl.DataFrame(records, schema=schema).sort("layer")
+
+
+def _paired_documents(documents: pl.DataFrame, metric: str, lens: str, baseline: str) -> pl.DataFrame:
+    """Per (layer, doc): the difference of the two lenses' sums over the same tokens, and their count."""
+    rows = documents.filter(pl.col("metric") == metric)
+    left = rows.filter(pl.col("lens") == lens).select("layer", "doc", "sum", "count")
+    right = rows.filter(pl.col("lens") == baseline).select("layer", "doc", pl.col("sum").alias("base"),
+                                                           pl.col("count").alias("base_count"))  # fmt: skip
+    joined = left.join(right, on=["layer", "doc"], how="inner").sort("layer", "doc")
+    if (joined["count"] != joined["base_count"]).any():
+        raise ValueError(f"lenses {lens!r} and {baseline!r} were not evaluated on the same tokens")
+    return joined.select("layer", "doc", (pl.col("sum") - pl.col("base")).alias("sum"), "count")
+
+
+def max_over_layers(differences: pl.DataFrame, replicates: int = DEFAULT_REPLICATES, seed: int = 0) -> dict:
+    """The largest per-layer mean difference and its percentile interval over the same document draws."""
+    layers = differences["layer"].unique(maintain_order=True).to_list()
+    doc_ids = np.unique(differences["doc"].to_numpy())
+    sums, counts = np.zeros((len(layers), len(doc_ids))), np.zeros((len(layers), len(doc_ids)))
+    for row, layer in enumerate(layers):
+        part = differences.filter(pl.col("layer") == layer)
+        columns = np.searchsorted(doc_ids, part["doc"].to_numpy())
+        sums[row, columns], counts[row, columns] = part["sum"].to_numpy(), part["count"].to_numpy()
+    estimate = float((sums.sum(1) / counts.sum(1)).max())
+    n = len(doc_ids)
+    if n < MIN_UNITS:
+        return {"value": estimate, "ci_low": float("nan"), "ci_high": float("nan"), "n": n, "unit": UNIT}
+    draws = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
+    replicate_max = ((draws @ sums.T) / (draws @ counts.T)).max(1)
+    tail = (1 - DEFAULT_CONFIDENCE) / 2
+    low, high = np.quantile(replicate_max, [tail, 1 - tail])
+    return {"value": estimate, "ci_low": float(low), "ci_high": float(high), "n": n, "unit": UNIT}
+
+
+def evaluate_lenses(
+    store: ActivationStore,
+    unembed: Unembed,
+    lenses: Mapping[str, Lens],
+    layers: Sequence[int],
+    tokens: EvaluationTokens,
+    chunk_size: int = 512,
+) -> pl.DataFrame:
+    """Evaluate every lens at every layer; returns one row per (lens, layer, metric) (:func:`curves_from_documents`)."""
+    documents, ranks = evaluate_lenses_by_document(store, unembed, lenses, layers, tokens, chunk_size)
+    return curves_from_documents(documents, ranks)
 
 
 def _record(lens: str, layer: int, metric: str, value: float, n_tokens: int) -> dict[str, object]:
@@ -114,8 +243,8 @@ def _record(lens: str, layer: int, metric: str, value: float, n_tokens: int) -> 
 
 def _token_metrics(
     logits: torch.Tensor, final: "FinalDistribution", next_ids: torch.Tensor, logit_top1: torch.Tensor | None
-) -> dict[str, tuple]:
-    """Sums (and counts) of each metric over one chunk of tokens.
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-token values of each metric over one chunk, with the mask of the tokens they belong to.
 
     V-sized temporaries are kept to three (logits, log-probabilities, probabilities); row-wise dot
     products go through ``bmm`` instead of materialising elementwise products.
@@ -130,17 +259,21 @@ def _token_metrics(
     ce = -log_probs[has_next].gather(-1, next_ids[has_next, None]).squeeze(-1)
     surprisal = -final.log_probs.gather(-1, top1[:, None]).squeeze(-1)
     rank = (log_probs > log_probs.gather(-1, final.top1[:, None])).sum(-1)
-    n = len(log_probs)
-    metrics: dict[str, tuple] = {
-        "kl_to_final": (float(kl.sum()), n),
-        "entropy": (float(entropy.sum()), n),
-        "top1_agreement": (float((top1 == final.top1).sum()), n),
-        "surprisal": (float(surprisal.sum()), n),
-        "ce_next_token": (float(ce.sum()), int(has_next.sum())),
-        "final_top1_rank": (rank.numpy(), n),
+    every = np.ones(len(log_probs), dtype=bool)
+
+    def values(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.double().numpy()
+
+    metrics: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        "kl_to_final": (values(kl), every),
+        "entropy": (values(entropy), every),
+        "top1_agreement": (values(top1 == final.top1), every),
+        "surprisal": (values(surprisal), every),
+        "ce_next_token": (values(ce), has_next.numpy()),
+        "final_top1_rank": (rank.numpy(), every),
     }
     if logit_top1 is not None:
-        metrics["agreement_with_logit"] = (float((top1 == logit_top1).sum()), n)
+        metrics["agreement_with_logit"] = (values(top1 == logit_top1), every)
     return metrics
 
 

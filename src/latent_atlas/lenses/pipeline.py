@@ -20,15 +20,20 @@ import torch
 
 from latent_atlas.config import select_layers
 from latent_atlas.lenses.base import Lens, Unembed
-from latent_atlas.lenses.evaluate import evaluate_lenses, evaluation_tokens
+from latent_atlas.lenses.evaluate import curves_from_documents, evaluate_lenses_by_document, evaluation_tokens
 from latent_atlas.lenses.inverse_embedding import InverseEmbeddingLens
 from latent_atlas.lenses.logit import LogitLens
 from latent_atlas.lenses.semantic_basis import SemanticBasisLens
 from latent_atlas.lenses.tuned import TunedLens, sampled_batches, train_tuned_lens, training_settings
 from latent_atlas.models import LoadedModel
 from latent_atlas.provenance import provenance_record
+from latent_atlas.stats import DEFAULT_REPLICATES
 from latent_atlas.store import ActivationStore
 
+CURVE_COLUMNS = (
+    *("model", "corpus", "split", "lens", "address", "layer", "metric", "value", "n_tokens", "temperature"),
+    *("ci_low", "ci_high", "n", "unit"),
+)
 DEFAULT_GRID_TEXT = "The Eiffel Tower is located in the city of Paris, the capital of France."
 
 
@@ -103,7 +108,22 @@ def evaluate_lenses_on_store(
     tuned_path: str | os.PathLike[str] | None,
     settings: Mapping[str, Any],
 ) -> pl.DataFrame:
-    """Evaluate every lens at every lens layer on the held-out split; long format with provenance columns.
+    """The curves of :func:`evaluate_lenses_with_documents` alone."""
+    return evaluate_lenses_with_documents(loaded, store_path, tuned_path, settings)[0]
+
+
+def evaluate_lenses_with_documents(
+    loaded: LoadedModel,
+    store_path: str | os.PathLike[str],
+    tuned_path: str | os.PathLike[str] | None,
+    settings: Mapping[str, Any],
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Evaluate every lens at every lens layer on the held-out split: (curves, per-document sums).
+
+    The curves are in long format with provenance columns and a document-bootstrap interval per row
+    (``ci_low, ci_high, n, unit``; 1000 replicates, seeded by ``lenses.seed``); the per-document sums
+    (:func:`~latent_atlas.lenses.evaluate.evaluate_lenses_by_document`) are what paired comparisons of two
+    lenses resample.
 
     Scale-free lenses (semantic basis, inverse embedding) first get one temperature per layer, fitted on
     tokens of the training split (``lenses.temperature``); it is the ``temperature`` column of their rows
@@ -131,15 +151,20 @@ def evaluate_lenses_on_store(
         tokens = evaluation_tokens(
             store, settings.get("split", "heldout"), settings.get("max_tokens"), skip_first, seed=seed
         )
-        table = evaluate_lenses(store, unembed, lenses, layers, tokens, settings.get("chunk_size", 256))
-        attrs = store.attrs
-    return (
-        table.join(temperatures, on=["lens", "layer"], how="left")
-        .with_columns(
-            model=pl.lit(attrs["model"]), corpus=pl.lit(attrs["corpus"]), split=pl.lit(settings.get("split", "heldout"))
+        documents, ranks = evaluate_lenses_by_document(
+            store, unembed, lenses, layers, tokens, settings.get("chunk_size", 256)
         )
-        .select("model", "corpus", "split", "lens", "address", "layer", "metric", "value", "n_tokens", "temperature")
+        attrs = store.attrs
+    table = curves_from_documents(documents, ranks, DEFAULT_REPLICATES, seed)
+    provenance = {
+        "model": pl.lit(attrs["model"]),
+        "corpus": pl.lit(attrs["corpus"]),
+        "split": pl.lit(settings.get("split", "heldout")),
+    }
+    curves = (
+        table.join(temperatures, on=["lens", "layer"], how="left").with_columns(**provenance).select(*CURVE_COLUMNS)
     )
+    return curves, documents.with_columns(**provenance)
 
 
 def read_probe(

@@ -24,6 +24,7 @@ from torch import nn
 
 from latent_atlas.errors import ConfigError, ModelAcquisitionError
 from latent_atlas.models import LoadedModel
+from latent_atlas.stats import bootstrap_mean
 
 
 @dataclass(frozen=True)
@@ -401,8 +402,10 @@ def activation_recall(
     at a position of another document.
 
     Returns:
-        One row per (layer, target, kind): mean ``aligned`` and ``shuffled`` recall, their standard errors
-        over positions, ``positions`` and ``documents`` (n), ``neurons`` and ``k``.
+        One row per (layer, target, kind): mean ``aligned`` and ``shuffled`` recall with their 95 % percentile
+        intervals over documents (``aligned_ci_low`` ...; positions of one document are not independent, so
+        whole documents are resampled), the paired ``difference`` aligned − shuffled (same positions) with
+        ``ci_low``, ``ci_high``, ``n`` documents and ``unit``, ``positions``, ``documents``, ``neurons``, ``k``.
     """
     generator = torch.Generator().manual_seed(seed)
     donors = other_document_positions(states.documents, generator)
@@ -425,8 +428,7 @@ def activation_recall(
                         "kind": kind,
                         "aligned": float(aligned.mean()),
                         "shuffled": float(shuffled.mean()),
-                        "aligned_sem": _sem(aligned),
-                        "shuffled_sem": _sem(shuffled),
+                        **_recall_intervals(aligned, shuffled, states.documents, seed),
                         "positions": len(aligned),
                         "documents": int(states.documents.unique().numel()),
                         "neurons": neurons,
@@ -436,9 +438,18 @@ def activation_recall(
     return pl.DataFrame(rows)
 
 
-def _sem(values: torch.Tensor) -> float:
-    """Standard error of the mean over positions (positions of one document are not independent)."""
-    return float(values.std() / len(values) ** 0.5) if len(values) > 1 else float("nan")
+def _recall_intervals(
+    aligned: torch.Tensor, shuffled: torch.Tensor, documents: torch.Tensor, seed: int
+) -> dict[str, float | int | str]:
+    """Document-bootstrap intervals of aligned and shuffled recall and of their paired difference."""
+    units = documents.numpy()
+    aligned_, shuffled_ = aligned.double().numpy(), shuffled.double().numpy()
+    columns: dict[str, float | int | str] = {}
+    for name, values in (("aligned", aligned_), ("shuffled", shuffled_)):
+        interval = bootstrap_mean(values, units, unit="document", seed=seed)
+        columns |= {f"{name}_ci_low": interval.low, f"{name}_ci_high": interval.high}
+    difference = bootstrap_mean(aligned_ - shuffled_, units, unit="document", seed=seed)
+    return columns | {"difference": difference.estimate, **difference.columns()}
 
 
 def recall_texts(corpus: pl.DataFrame, split: str, seed: int = 0) -> list[str]:

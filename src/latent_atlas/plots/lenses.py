@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import polars as pl
 import seaborn as sns
 
-from latent_atlas.plots import PALETTE, apply_style, save_figure
+from latent_atlas.plots import PALETTE, apply_style, draw_interval, save_figure
 
 LENS_ORDER = (
     "logit",
@@ -26,11 +26,16 @@ PANELS = (
 
 
 def _lines(axis: plt.Axes, data: pl.DataFrame, metric: str, legend: bool) -> None:
-    """Draw one metric by layer, one line per lens, in a fixed lens order."""
-    subset = data.filter(pl.col("metric") == metric).to_pandas()
+    """Draw one metric by layer, one line per lens in a fixed lens order, with its interval as a band."""
+    subset = data.filter(pl.col("metric") == metric)
     order = [lens for lens in LENS_ORDER if lens in set(subset["lens"])]
     style = {"hue_order": order, "palette": COLOURS, "marker": "o"}
-    sns.lineplot(data=subset, x="layer", y="value", hue="lens", ax=axis, legend=legend, **style)
+    sns.lineplot(data=subset.to_pandas(), x="layer", y="value", hue="lens", ax=axis, legend=legend, **style)
+    if "ci_low" not in subset.columns:
+        return
+    for lens in order:
+        rows = subset.filter(pl.col("lens") == lens).sort("layer")
+        draw_interval(axis, rows["layer"], rows["ci_low"], rows["ci_high"], COLOURS[lens])
 
 
 def plot_lens_comparison(
@@ -51,9 +56,11 @@ def plot_lens_comparison(
         else:
             axis.set_yscale(scale)
     sns.move_legend(axes[0, 0], "upper left", bbox_to_anchor=(0, -1.37), ncol=3, frameon=False, title=None)
+    documents = int(table["n"].max()) if "n" in table.columns else 0
+    band = f"; bands: 95 % bootstrap over {documents} held-out documents" if documents else ""
     figure.suptitle(
         f"Vocabulary lenses and the identity patchscope by layer — {title}\n"
-        "semantic-basis and inverse-embedding lenses at one temperature per layer, fitted on training tokens"
+        f"semantic-basis and inverse-embedding lenses at one temperature per layer, fitted on training tokens{band}"
     )
     save_figure(figure, pdf, png, f"{table['model'][0]} · {table['corpus'][0]} · {table['split'][0]}")
 
