@@ -40,17 +40,24 @@ from latent_atlas.geometry.metrics import (
     Moments,
     anisotropy,
     cluster_bootstrap,
+    cosine_contributions,
+    document_draws,
     is_powered,
     massive_rows,
     maximum_explainable_variance,
     mean_intra_sentence_similarity,
+    pair_means,
+    pair_weights,
     pca_variances,
+    percentile_interval,
     post_processing_from_moments,
     random_pairs,
     rank_average,
     self_similarity,
     spectrum_metrics,
+    top_shares,
     twonn,
+    weighted_auc,
 )
 from latent_atlas.store import ActivationStore
 
@@ -72,7 +79,11 @@ METRIC_SCHEMA = {
     "ci_low": pl.Float64,  # spectrum-based rows of bootstrap_processings: the bootstrap interval
     "ci_high": pl.Float64,
     "massive_tokens": pl.String,  # 'removed' (figures' spectrum value) or 'kept' (every other row)
+    "unit": pl.String,  # rows with an interval: what it resamples ('document')
 }
+PAIR_REPLICATES = 1000  # document-bootstrap replicates of the pair statistics (percentile intervals)
+SHARE_PROCESSINGS = ("none", "standardise")  # where the rogue-dimension share gets an interval (Timkey's pair)
+CHANGE_METRICS = ("mean_cosine_change", "passage_register_auc_change")
 MASSIVE_SCHEMA = {
     "layer": pl.Int64,
     "doc_id": pl.String,
@@ -593,9 +604,21 @@ def fit_processings(
 
 
 def measure_layer(
-    store: ActivationStore, layer: int, table: TokenTable, selection: Selection, settings: GeometrySettings
+    store: ActivationStore,
+    layer: int,
+    table: TokenTable,
+    selection: Selection,
+    settings: GeometrySettings,
+    draws: np.ndarray | None = None,
+    replicates: dict[tuple[int, str, str], np.ndarray] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Metric rows, rogue-dimension rows, flow-loss rows and massive-token rows (token text not yet decoded)."""
+    """Metric rows, rogue-dimension rows, flow-loss rows and massive-token rows (token text not yet decoded).
+
+    With ``draws`` (:func:`document_draws` over ``selection.passage_docs``) the mean cosine, the top-3
+    cosine share (raw and standardised) and the passage register AUC of all registers get percentile
+    intervals over documents; their replicates are kept in ``replicates`` under (layer, processing, metric)
+    for the paired changes :func:`change_rows` computes.
+    """
     sample = read_layer(store, layer, selection)
     seed = settings.seed * 1000 + layer
     fit_sentences = sample.sentence_means
@@ -616,11 +639,17 @@ def measure_layer(
         metric_rows.extend({key: None for key in METRIC_SCHEMA} | base | row for row in partial)
 
     equal_size = _register_sizes(labels, table.registers, settings.register_states)
+    kept = replicates if replicates is not None else {}
     for name, transform in tokens.items():
         states = transform(sample.measured)
-        aniso = pair_anisotropy(states, groups, settings, seed)
+        pairs = random_pairs(groups, settings.pairs, seed=seed)
+        aniso = anisotropy(states, pairs)
         bootstrap = name in settings.bootstrap_processings
         add(ALL_REGISTERS, name, space_metrics(states, groups, token_id, settings, seed, aniso), len(states))
+        if draws is not None:
+            for metric, values in _pair_replicates(states, pairs, groups, selection, draws, name).items():
+                kept[(layer, name, metric)] = values
+                _set_interval(metric_rows[-1::-1], name, metric, values, settings.confidence, draws.shape[1])
         extend(ALL_REGISTERS, name, spectrum_rows(states, groups, massive_measured, settings, seed, bootstrap))
         extend(ALL_REGISTERS, name, sentence_rows(states, sentences, aniso.mean_cosine))
         if name in ("none", "standardise"):
@@ -653,6 +682,10 @@ def measure_layer(
         if table.registers:
             values["passage_register_auc"] = register_auc(vectors, table.doc_label[selection.passage_docs])
         add(ALL_REGISTERS, name, values, len(vectors))
+        if table.registers and draws is not None:
+            auc = passage_auc_replicates(vectors, table.doc_label[selection.passage_docs], draws)
+            kept[(layer, name, "passage_register_auc")] = auc
+            _set_interval(metric_rows[-1::-1], name, "passage_register_auc", auc, settings.confidence, len(vectors))
     add(ALL_REGISTERS, "none", probe_metrics(sample, table, settings, np.random.default_rng(seed)), len(rows))
     flow_rows = [
         {
@@ -751,6 +784,77 @@ def _rogue_rows(layer: int, processing: str, aniso: Anisotropy) -> list[dict[str
     return rows
 
 
+def _pair_replicates(
+    states: np.ndarray, pairs: np.ndarray, groups: np.ndarray, selection: Selection, draws: np.ndarray, name: str
+) -> dict[str, np.ndarray]:
+    """Bootstrap replicates of the mean cosine (and, raw and standardised, the top-3 cosine share)."""
+    positions = np.searchsorted(selection.passage_docs, groups)
+    weights = pair_weights(draws, positions[pairs[:, 0]], positions[pairs[:, 1]])
+    contributions = cosine_contributions(states[pairs[:, 0]], states[pairs[:, 1]])
+    result = {"mean_cosine": pair_means(contributions.sum(1), weights)}
+    if name in SHARE_PROCESSINGS:
+        result["cosine_top3_share"] = top_shares(pair_means(contributions, weights), 3)
+    return result
+
+
+def passage_auc_replicates(vectors: np.ndarray, labels: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Bootstrap replicates of :func:`register_auc`: passage pairs weighted by their documents' draw counts."""
+    units = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    i, j = np.triu_indices(len(vectors), k=1)
+    return weighted_auc((units @ units.T)[i, j], labels[i] == labels[j], pair_weights(draws, i, j))
+
+
+def _set_interval(
+    rows: Sequence[dict[str, Any]], processing: str, metric: str, values: np.ndarray, confidence: float, n: int
+) -> None:
+    """Put the percentile interval of ``values`` on the first row of ``rows`` measuring ``metric``."""
+    row = next(row for row in rows if row["metric"] == metric and row["processing"] == processing)
+    low, high = percentile_interval(values, confidence, n)
+    row.update(ci_low=low, ci_high=high, documents=n, unit="document")
+
+
+def change_rows(
+    replicates: Mapping[tuple[int, str, str], np.ndarray],
+    estimates: pl.DataFrame,
+    confidence: float,
+    n_documents: int,
+) -> list[dict[str, Any]]:
+    """Paired changes with percentile intervals over the same document draws.
+
+    ``mean_cosine_change``: the mean cosine of a layer minus that of the first measured layer (the embedding
+    layer when layer 0 is measured), per token processing. ``passage_register_auc_change``: the register AUC
+    after a post-processing minus the raw one, per layer. ``estimates`` is the metric table (all registers).
+    """
+
+    def estimate(layer: int, processing: str, metric: str) -> float:
+        found = estimates.filter(
+            (pl.col("layer") == layer) & (pl.col("processing") == processing) & (pl.col("metric") == metric)
+            & (pl.col("register") == ALL_REGISTERS)
+        )  # fmt: skip
+        return float(found["value"][0])
+
+    rows = []
+    layers = sorted({layer for layer, _, _ in replicates})
+    for (layer, processing, metric), values in replicates.items():
+        if metric == "mean_cosine" and layer != layers[0] and (layers[0], processing, metric) in replicates:
+            base, change = layers[0], "mean_cosine_change"
+            reference = replicates[(base, processing, metric)]
+            value = estimate(layer, processing, metric) - estimate(base, processing, metric)
+        elif metric == "passage_register_auc" and processing != "none" and (layer, "none", metric) in replicates:
+            change, reference = "passage_register_auc_change", replicates[(layer, "none", metric)]
+            value = estimate(layer, processing, metric) - estimate(layer, "none", metric)
+        else:
+            continue
+        low, high = percentile_interval(values - reference, confidence, n_documents)
+        rows.append(
+            {key: None for key in METRIC_SCHEMA}
+            | {"layer": layer, "register": ALL_REGISTERS, "processing": processing, "metric": change,
+               "value": value, "n": n_documents, "documents": n_documents, "ci_low": low, "ci_high": high,
+               "massive_tokens": "kept", "unit": "document"}
+        )  # fmt: skip
+    return rows
+
+
 def measure_geometry(store: ActivationStore, tokenizer: Any, settings: GeometrySettings) -> GeometryResult:
     """Measure every selected layer of a store; see the module docstring for what is measured where."""
     n_layers = int(store.attrs["n_layers"])
@@ -769,8 +873,11 @@ def measure_geometry(store: ActivationStore, tokenizer: Any, settings: GeometryS
             "raise geometry.max_states (or use a split with more documents)"
         )
     metric_rows, rogue_rows, flow_rows, massive_rows_ = [], [], [], []
+    n_documents = len(selection.passage_docs)
+    draws = document_draws(n_documents, PAIR_REPLICATES, settings.seed)
+    replicates: dict[tuple[int, str, str], np.ndarray] = {}
     for layer in layers:
-        metrics, rogue, flow, massive = measure_layer(store, layer, table, selection, settings)
+        metrics, rogue, flow, massive = measure_layer(store, layer, table, selection, settings, draws, replicates)
         for row in massive:
             row["token"] = tokenizer.decode([row["token_id"]])
         _log_massive(layer, massive, settings.massive_multiple)
@@ -778,6 +885,8 @@ def measure_geometry(store: ActivationStore, tokenizer: Any, settings: GeometryS
         rogue_rows += rogue
         flow_rows += flow
         massive_rows_ += massive
+    estimates = pl.DataFrame(metric_rows, schema=METRIC_SCHEMA)
+    metric_rows += change_rows(replicates, estimates, settings.confidence, n_documents)
     depth = pl.col("layer") / n_layers
     return GeometryResult(
         metrics=pl.DataFrame(metric_rows, schema=METRIC_SCHEMA).with_columns(relative_depth=depth),

@@ -425,3 +425,75 @@ def post_processing_from_moments(moments: Moments, name: str, top: int = 3, epsi
         )
     top_components = eigenvectors[:, :top]
     return PostProcessing(name, moments.mean, np.eye(d) - top_components @ top_components.T)
+
+
+# --------------------------------------------------------------------------------------------------
+# Document bootstrap of pair statistics (mean cosine, rogue shares, register separability)
+
+
+def document_draws(n_documents: int, replicates: int, seed: int = 0) -> np.ndarray:
+    """``(replicates, n_documents)`` counts: how often each document is drawn in each bootstrap replicate.
+
+    Drawn once per store and seed and reused at every layer and post-processing, so that replicate ``k``
+    resamples the same documents everywhere and differences (layer vs layer 0, processed vs raw) are paired.
+    """
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_documents, np.full(n_documents, 1.0 / n_documents), size=replicates).astype(np.float64)
+
+
+def pair_weights(draws: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Each pair's weight in each replicate: the product of its two documents' draw counts.
+
+    A statistic of pairs from different documents (a U-statistic) is resampled by drawing documents: a pair
+    whose documents are drawn a and b times counts a·b times, and pairs of a document with itself never
+    appear. ``first``/``second`` are the pairs' document positions (columns of ``draws``).
+    """
+    return draws[:, first] * draws[:, second]
+
+
+def pair_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per replicate, the weighted mean of per-pair ``values`` (``(pairs,)`` or ``(pairs, d)``)."""
+    total = weights.sum(1)
+    total = np.where(total > 0, total, np.nan)
+    return (weights @ values) / (total[:, None] if values.ndim == 2 else total)
+
+
+def top_shares(cosine_share: np.ndarray, k: int = 3) -> np.ndarray:
+    """:meth:`Anisotropy.top_share` of each row of ``(replicates, d)`` mean contributions."""
+    magnitude = np.abs(cosine_share)
+    top = -np.sort(-magnitude, axis=1)[:, :k].sum(1)
+    return top / np.maximum(magnitude.sum(1), _EPS)
+
+
+def weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray, block: int = 64) -> np.ndarray:
+    """Per replicate (rows of ``weights``), the ROC AUC of ``scores`` for ``positive`` with weighted pairs.
+
+    AUC = Σ_{p pos, q neg} w_p w_q [s_p > s_q] / (Σ w_pos · Σ w_neg), ties counted as a half. Replicates are
+    handled ``block`` at a time (memory ``block × pairs``).
+    """
+    order = np.argsort(scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    _, first, counts = np.unique(scores, return_index=True, return_counts=True)
+    tie_group = np.repeat(np.arange(len(first)), counts)
+    result = np.empty(len(weights))
+    for start in range(0, len(weights), block):
+        w = weights[start : start + block][:, order]
+        negative = np.where(positive, 0.0, w)
+        group_neg = np.add.reduceat(negative, first, axis=1)
+        group_start = np.cumsum(group_neg, axis=1) - group_neg  # negatives of strictly lower scores
+        below = group_start[:, tie_group] + 0.5 * group_neg[:, tie_group]
+        pos = np.where(positive, w, 0.0)
+        denominator = pos.sum(1) * negative.sum(1)
+        result[start : start + block] = (pos * below).sum(1) / np.where(denominator > 0, denominator, np.nan)
+    return result
+
+
+def percentile_interval(draws: np.ndarray, confidence: float = 0.95, n_units: int | None = None) -> tuple[float, float]:
+    """The percentile interval of bootstrap ``draws`` (NaN ones dropped; NaN below three units or draws)."""
+    draws = np.asarray(draws, dtype=np.float64)
+    draws = draws[np.isfinite(draws)]
+    if len(draws) < 3 or (n_units is not None and n_units < 3):
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return float(low), float(high)

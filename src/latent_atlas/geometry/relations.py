@@ -6,7 +6,8 @@ that register's held-out tokens against that model's bits-per-byte on the same r
 and eight registers that is sixteen points from two models: the table says so in every row (``n`` and
 ``n_models``), pooled correlations are repeated within each model (where differences between the models
 cannot drive them), and model-level correlations are left empty below three models rather than reported
-as ±1.
+as ±1. Spearman's ρ carries a 95 % percentile bootstrap over the points (``ci_low``, ``ci_high``, ``n``,
+``unit``): with eight registers of one model that interval is wide, and below three points it is NaN.
 """
 
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from latent_atlas.geometry.metrics import rank_average
 BANDS: tuple[tuple[str, float, float], ...] = (("early", 0.0, 1 / 3), ("middle", 1 / 3, 2 / 3), ("late", 2 / 3, 1.0))
 PERFORMANCE_MEASURES = ("bits_per_byte", "perplexity")
 MIN_POINTS = 3
+REPLICATES = 1000
 
 
 def depth_band(relative_depth: float) -> str:
@@ -69,7 +71,7 @@ def relate(geometry: pl.DataFrame, performance: pl.DataFrame, benchmarks: pl.Dat
     Levels: ``registers`` (points = model × register, pooled over models), ``registers within <model>``
     (one model's registers: differences between models cannot drive these), and ``models`` (points = models,
     register 'all'). Columns: level, model, processing, metric, band, measure, n, n_models, spearman,
-    pearson (NaN below three points).
+    pearson (NaN below three points), ci_low, ci_high (of Spearman's ρ, over points), unit.
     """
     bands = band_means(geometry)
     scores = _performance_long(performance, benchmarks)
@@ -104,7 +106,43 @@ def _correlation_row(level: str, model: str, key: tuple[object, ...], group: pl.
         "n_models": group.filter(pl.Series(finite))["model"].n_unique(),
         "spearman": spearman(x[finite], y[finite]),
         "pearson": pearson(x[finite], y[finite]),
+        **dict(zip(("ci_low", "ci_high"), spearman_interval(x[finite], y[finite]), strict=True)),
+        "unit": "model"
+        if level == "models"
+        else "register"
+        if level.startswith("registers within")
+        else "model × register",
     }
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based, ties shared) along the last axis of ``(replicates, n)``."""
+    less = (values[..., None, :] < values[..., :, None]).sum(-1)
+    equal = (values[..., None, :] == values[..., :, None]).sum(-1)
+    return less + (equal + 1) / 2
+
+
+def spearman_interval(
+    x: np.ndarray, y: np.ndarray, replicates: int = REPLICATES, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of Spearman's ρ over points resampled with replacement (NaN below three points).
+
+    Replicates whose x or y is constant (a ρ that is not defined) are dropped; NaN when none is left.
+    """
+    n = len(x)
+    if n < MIN_POINTS:
+        return float("nan"), float("nan")
+    index = np.random.default_rng(seed).integers(0, n, (replicates, n))
+    rx, ry = _ranks(np.asarray(x, np.float64)[index]), _ranks(np.asarray(y, np.float64)[index])
+    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+    scale = np.sqrt((rx**2).sum(1) * (ry**2).sum(1))
+    rho = (rx * ry).sum(1) / np.where(scale > 0, scale, np.nan)
+    rho = rho[np.isfinite(rho)]
+    if len(rho) < MIN_POINTS:
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(rho, [tail, 1 - tail])
+    return float(low), float(high)
 
 
 def read_benchmarks(path: str | None, models: Sequence[str]) -> pl.DataFrame | None:
