@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -24,7 +25,15 @@ from latent_atlas.lenses.evaluate import curves_from_documents, evaluate_lenses_
 from latent_atlas.lenses.inverse_embedding import InverseEmbeddingLens
 from latent_atlas.lenses.logit import LogitLens
 from latent_atlas.lenses.semantic_basis import SemanticBasisLens
-from latent_atlas.lenses.tuned import TunedLens, sampled_batches, train_tuned_lens, training_settings
+from latent_atlas.lenses.tuned import (
+    HeldOutStopping,
+    TrainingBatch,
+    TunedLens,
+    hold_out_documents,
+    sampled_batches,
+    train_tuned_lens,
+    training_settings,
+)
 from latent_atlas.models import LoadedModel
 from latent_atlas.provenance import provenance_record
 from latent_atlas.stats import DEFAULT_REPLICATES
@@ -84,22 +93,44 @@ def train_tuned_lens_on_store(
     lens = TunedLens(unembed, loaded.n_layers, loaded.d_model)
     with ActivationStore(store_path, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
         layers = lens_layers(settings, store)
-        tokens = evaluation_tokens(
-            store,
-            tuned_settings.get("split", "train"),
-            tuned_settings.get("train_tokens"),
-            settings.get("skip_first_position", True),
-            seed=training.seed,
-        )
-        final = torch.from_numpy(store.read("ln_final", tokens.rows))
+        split, skip_first = tuned_settings.get("split", "train"), settings.get("skip_first_position", True)
+        budget, seed = tuned_settings.get("train_tokens"), training.seed
         layers = [layer for layer in layers if layer < lens.n_layers]
-        batches = sampled_batches(
-            lambda layer: torch.from_numpy(store.read(layer, tokens.rows)), final, layers, training
-        )
-        losses = train_tuned_lens(lens, batches, layers, training, on_step)
-        extra = provenance_record(dict(settings), store=str(store_path), train_tokens=len(tokens.rows), losses=losses)
+        stopping = None
+        if training.validation_tokens:
+            every = evaluation_tokens(store, split, None, skip_first, seed=seed)
+            train_rows, held_rows = hold_out_documents(every.rows, every.docs, training.validation_tokens, seed)
+            train_rows = _sample_rows(train_rows, budget, seed)
+            stopping = HeldOutStopping(
+                _stored_batch(store, held_rows, layers), training.eval_every, training.patience,
+                training.min_improvement,
+            )  # fmt: skip
+        else:
+            train_rows = evaluation_tokens(store, split, budget, skip_first, seed).rows
+        final = torch.from_numpy(store.read("ln_final", train_rows))
+        batches = sampled_batches(lambda k: torch.from_numpy(store.read(k, train_rows)), final, layers, training)
+        losses = train_tuned_lens(lens, batches, layers, training, on_step, stopping)
+        extra = provenance_record(
+            dict(settings), store=str(store_path), train_tokens=len(train_rows), losses=losses, steps_run=len(losses),
+            tokens_seen=len(losses) * min(training.tokens_per_step, len(train_rows)),
+            validation_tokens=0 if stopping is None else len(stopping.batch.final),
+            validation_curve=[] if stopping is None else stopping.curve,
+        )  # fmt: skip
     lens.save(out_path, extra=extra)
     return lens
+
+
+def _sample_rows(rows: np.ndarray, count: int | None, seed: int) -> np.ndarray:
+    """At most ``count`` of ``rows``, sampled without replacement by ``seed``, sorted (all when None)."""
+    if not count or len(rows) <= count:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, size=count, replace=False))
+
+
+def _stored_batch(store: ActivationStore, rows: np.ndarray, layers: Sequence[int]) -> TrainingBatch:
+    """The stored states of ``rows`` at ``layers`` and after the final norm, as one batch."""
+    states = {layer: torch.from_numpy(store.read(layer, rows)) for layer in layers}
+    return TrainingBatch(states, torch.from_numpy(store.read("ln_final", rows)))
 
 
 def evaluate_lenses_on_store(
