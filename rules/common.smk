@@ -388,13 +388,17 @@ def get_tokenizer_source(wildcards):
 
 
 def get_corpus_spec(wildcards):
-    """The config entry of a corpus."""
-    return config["corpora"][wildcards.corpus]
+    """The config entry of a corpus (format training: with the family corpus's path)."""
+    name = wildcards.corpus
+    return resolve_corpus_spec(name, config["corpora"][name], config.get("training"))
 
 
 def get_corpus_source(wildcards):
-    """The corpus file on disk, so that editing it re-runs preparation (none for hub datasets)."""
-    spec = config["corpora"][wildcards.corpus]
+    """The corpus file on disk, so that editing it re-runs preparation (none for hub datasets).
+
+    Format training reads results/training/{family}/corpus.parquet: assemble_training_corpus runs upstream.
+    """
+    spec = get_corpus_spec(wildcards)
     return [] if spec["format"] == "hf" else [spec["path"]]
 
 

@@ -3,7 +3,7 @@ localrules:
 
 
 rule prepare_corpus:
-    """Read a corpus into the documents table (doc_id, text, label, split, source)."""
+    """Read a corpus (a file, a hub dataset or the training family's unseen splits) into the documents table."""
     input:
         get_corpus_source,
     output:
