@@ -56,7 +56,8 @@ def plot_lens_comparison(
         else:
             axis.set_yscale(scale)
     sns.move_legend(axes[0, 0], "upper left", bbox_to_anchor=(0, -1.37), ncol=3, frameon=False, title=None)
-    documents = int(table["n"].max()) if "n" in table.columns else 0
+    with_unit = table.filter(pl.col("unit") == "document") if "unit" in table.columns else table.clear()
+    documents = int(with_unit["n"].max()) if with_unit.height else 0  # the median rank's n counts tokens
     band = f"; bands: 95 % bootstrap over {documents} held-out documents" if documents else ""
     figure.suptitle(
         f"Vocabulary lenses and the identity patchscope by layer — {title}\n"
