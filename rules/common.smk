@@ -206,6 +206,7 @@ def get_steering_output(models):
     tables = expand(
         "results/steering/{model}/{method}.parquet", model=models, method=methods
     )
+    tables += expand("results/steering/{model}/summary.parquet", model=models)
     figures = expand(
         "results/figures/steering/{model}.{figure}.{ext}",
         model=models,
@@ -247,11 +248,18 @@ def get_steering_inputs(wildcards):
     }
 
 
+def get_steering_method_tables(wildcards):
+    """The steering table of every configured method (what summarise_steering reads)."""
+    return {
+        method: f"results/steering/{wildcards.model}/{method}.parquet"
+        for method in config["steering"]["methods"]
+    }
+
+
 def get_steering_tables(wildcards):
-    """Every steering table the figures draw on."""
-    tables = {}
-    for method in config["steering"]["methods"]:
-        tables[method] = f"results/steering/{wildcards.model}/{method}.parquet"
+    """Every steering table the figures draw on, with the summary's intervals."""
+    tables = get_steering_method_tables(wildcards)
+    tables["summary"] = f"results/steering/{wildcards.model}/summary.parquet"
     if "iti" in config["steering"]["methods"]:
         tables["iti_probes"] = f"results/steering/{wildcards.model}/iti.probes.parquet"
     return tables

@@ -55,3 +55,21 @@ rule optimise_steering_vectors:
         settings=steering_settings("optimised"),
     script:
         "../scripts/optimise_steering_vectors.py"
+
+
+rule summarise_steering:
+    """Per setting: mean sentiment, perplexity, truth accuracy, recovery, each with a 95% bootstrap interval
+    over prompts, items or target sentences, and paired changes from the unsteered model.
+    """
+    input:
+        unpack(get_steering_method_tables),
+    output:
+        summary="results/steering/{model}/summary.parquet",
+    log:
+        "logs/steering/{model}/summary.log",
+    conda:
+        ENV
+    params:
+        seed=config["steering"]["seed"],
+    script:
+        "../scripts/summarise_steering.py"

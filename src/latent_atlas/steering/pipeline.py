@@ -315,8 +315,10 @@ def run_iti(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """ITI: heads chosen on train/validation (:func:`select_iti_heads`), then measured on the test items only.
 
-    Returns the per-strength table (truth accuracy on test items, off-target KL, relative norm) and the
-    per-head probe table (validation accuracy, which ranked the heads; test accuracy, for the heat-map).
+    Returns the per-strength table (truth accuracy on test items, off-target KL, relative norm, and each test
+    item's log-probability margin in ``test_item_margins``, the items in one order in every row, so that
+    accuracy can be resampled by item and paired across strengths) and the per-head probe table (validation
+    accuracy, which ranked the heads; test accuracy, for the heat-map).
     """
     options = section.get("iti", {})
     strengths = [float(s) for s in options["strengths"]]
@@ -329,7 +331,8 @@ def run_iti(
     norms = typical_norms(store, [head.layer for head in selection.heads])
     setting = _setting_columns(loaded, intervention, data.off_target_texts, norms, len(strengths))
     names = {"truth_accuracy": "test_truth_accuracy", "mean_log_prob_margin": "test_mean_log_prob_margin"}
-    truth = truth_accuracy(loaded, test, intervention, strengths).rename(names | {"items": "test_items"})
+    names |= {"items": "test_items", "item_margins": "test_item_margins"}
+    truth = truth_accuracy(loaded, test, intervention, strengths).rename(names)
     table = pl.DataFrame({"coefficient": strengths, **setting}).join(truth, on="coefficient")
     return table.with_columns(method=pl.lit("iti"), heads=pl.lit(len(selection.heads))), probe_table
 
@@ -343,6 +346,9 @@ def truth_accuracy(
     batch_items: int = 16,
 ) -> pl.DataFrame:
     """Per strength: how often the true object is more probable than the false one, over every item given.
+
+    ``item_margins`` keeps each item's margin log p(true) − log p(false) (a list, in the order of the items;
+    the item is correct when its margin is positive), for intervals that resample items.
 
     Each completion is scored by teacher forcing with the shift applied from the prompt's last token on,
     which is what generation would have done; ``batch_items`` items (x strengths x 2 completions) per pass.
@@ -371,7 +377,9 @@ def truth_accuracy(
             "truth_accuracy": (margins > 0).mean(0),
             "mean_log_prob_margin": margins.mean(0),
             "items": n_items,
-        }
+            "item_margins": [margins[:, column].tolist() for column in range(len(strengths))],
+        },
+        schema_overrides={"item_margins": pl.List(pl.Float64)},
     )
 
 
