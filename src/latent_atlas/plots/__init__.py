@@ -39,8 +39,11 @@ def draw_interval(
     *,
     kind: str = "band",
     estimate: Sequence[float] | np.ndarray | None = None,
+    horizontal: bool = False,
 ) -> None:
     """Draw a 95% interval: a shaded band along a line, or error bars around ``estimate`` (``kind="bars"``).
+
+    ``horizontal`` (bars only): the interval is of the x value ``estimate`` at height ``x``.
 
     NaN bounds (fewer units than a bootstrap needs) draw nothing, so a missing interval stays visibly missing.
     """
@@ -56,7 +59,8 @@ def draw_interval(
             raise ValueError("draw_interval(kind='bars') needs the estimate the bars surround")
         centre = np.asarray(estimate, dtype=np.float64)
         below, above = np.clip(centre - low, 0, None), np.clip(high - centre, 0, None)
-        axis.errorbar(x[finite], centre[finite], yerr=[below[finite], above[finite]], fmt="none", ecolor=colour,
-                      elinewidth=1, capsize=2)  # fmt: skip
+        spread = {"xerr" if horizontal else "yerr": [below[finite], above[finite]]}
+        at = (centre[finite], x[finite]) if horizontal else (x[finite], centre[finite])
+        axis.errorbar(*at, **spread, fmt="none", ecolor=colour, elinewidth=1, capsize=2)
     else:
         raise ValueError(f"draw_interval: kind must be 'band' or 'bars', got {kind!r}")

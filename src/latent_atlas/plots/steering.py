@@ -8,7 +8,9 @@ import numpy as np
 import polars as pl
 import seaborn as sns
 
-from latent_atlas.plots import apply_style, save_figure
+from latent_atlas.claims.steering import KL_BOUND
+from latent_atlas.plots import apply_style, draw_interval, save_figure
+from latent_atlas.steering.summary import DIFFERENCE, GEOMETRIC_MEAN, MEAN, generation_summary, iti_summary
 
 METHOD_ORDER = ("actadd", "mean_difference", "icv")
 METHOD_LABELS = {
@@ -16,6 +18,9 @@ METHOD_LABELS = {
     "mean_difference": "mean difference (every position)",
     "icv": "in-context vector (every block)",
 }
+
+
+DECODING_STYLES = {"greedy": "-", "sampled": "--"}
 
 
 def _methods(table: pl.DataFrame) -> list[str]:
@@ -27,77 +32,187 @@ def _stamp(table: pl.DataFrame, title: str) -> str:
     return f"{title} · {decodings}"
 
 
-def plot_effect(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str) -> None:
-    """Mean sentiment of continuations (VADER compound) against strength, one panel per method.
+def _where(method: str, layer: int) -> str:
+    return "all blocks" if method == "icv" else f"resid.{layer:02d}"
 
-    Lines are layers; solid greedy, dashed sampled; bands are ± one standard error over prompts.
+
+def _generation(summary: pl.DataFrame | None, table: pl.DataFrame) -> pl.DataFrame:
+    """The generation methods' rows of the steering summary (computed from ``table`` when not given)."""
+    if summary is None:
+        summary = generation_summary(table)
+    return summary.filter(pl.col("method").is_in(METHOD_ORDER))
+
+
+def _decoding_label(decodings: list[str]) -> str:
+    return ", ".join(decodings)
+
+
+def _interval_note(rows: pl.DataFrame) -> str:
+    n = sorted(set(rows["n"].to_list()))
+    units = f"n = {n[0]} {rows['unit'][0]}s" if len(n) == 1 else f"n = {n[0]}–{n[-1]} {rows['unit'][0]}s"
+    return f"95% percentile bootstrap over {units}"
+
+
+def plot_effect(
+    table: pl.DataFrame,
+    pdf: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+    title: str,
+    summary: pl.DataFrame | None = None,
+) -> None:
+    """Sentiment (VADER compound) against strength, one column per method.
+
+    Top: mean sentiment; bottom: the paired change from the unsteered continuation of the same prompt, sample
+    and decoding. Colour: layer; line style: decoding (solid greedy, dashed sampled); bands: 95% intervals
+    resampling prompts (``summary``: :func:`latent_atlas.steering.summary.steering_summary`'s table). The legend
+    names only the layers and decodings that ran.
     """
     apply_style()
-    methods = _methods(table)
-    figure, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False, sharey=True)
-    data = table.with_columns(layer=pl.format("resid.{}", pl.col("layer")))
-    for axis, method in zip(axes[0], methods, strict=True):
-        subset = data.filter(pl.col("method") == method)
-        if method == "icv":
-            subset = subset.with_columns(layer=pl.lit("all blocks"))
-        sns.lineplot(
-            data=subset.to_pandas(), x="coefficient", y="sentiment", hue="layer", style="decoding",
-            style_order=["greedy", "sampled"], errorbar="se", marker="o", markersize=4, ax=axis,
-        )  # fmt: skip
-        axis.set(title=METHOD_LABELS[method], xlabel="strength (λ for ICV)", ylabel="sentiment (VADER compound)")
-        axis.axhline(0, color="0.6", linewidth=0.8)
-        axis.legend(fontsize=7, frameon=False)
-    figure.suptitle(f"Steering towards positive sentiment — {title}")
+    rows = _generation(summary, table).filter(pl.col("measure") == "sentiment")
+    methods = _methods(rows)
+    decodings = [d for d in DECODING_STYLES if d in set(rows["decoding"])]
+    figure, axes = plt.subplots(2, len(methods), figsize=(5 * len(methods), 7.5), squeeze=False, sharex="col")
+    for column, method in enumerate(methods):
+        subset = rows.filter(pl.col("method") == method)
+        layers = sorted(set(subset["layer"]))
+        colours = dict(zip(layers, sns.color_palette("colorblind", len(layers)), strict=True))
+        for row, statistic in enumerate((MEAN, DIFFERENCE)):
+            axis = axes[row][column]
+            for (layer, decoding), group in subset.filter(pl.col("statistic") == statistic).group_by(
+                "layer", "decoding", maintain_order=True
+            ):
+                group = group.sort("coefficient")
+                label = _where(method, layer) + (f" · {decoding}" if len(decodings) > 1 else "")
+                axis.plot(
+                    group["coefficient"],
+                    group["estimate"],
+                    marker="o",
+                    markersize=4,
+                    color=colours[layer],
+                    linestyle=DECODING_STYLES[decoding],
+                    label=label,
+                )
+                draw_interval(axis, group["coefficient"], group["ci_low"], group["ci_high"], colours[layer])
+            axis.axhline(0, color="0.6", linewidth=0.8)
+            if row == 0:
+                axis.set(title=METHOD_LABELS[method], ylabel="mean sentiment (VADER compound)")
+                axis.legend(fontsize=7, frameon=False)
+            else:
+                axis.set(xlabel="strength (λ for ICV)", ylabel="Δ sentiment vs unsteered (paired)")
+    for row in range(2):
+        shared = [axes[row][c] for c in range(len(methods))]
+        low, high = min(a.get_ylim()[0] for a in shared), max(a.get_ylim()[1] for a in shared)
+        for axis in shared:
+            axis.set_ylim(low, high)
+    figure.suptitle(
+        f"Steering towards positive sentiment — {title}\n{_decoding_label(decodings)} decoding; bands: "
+        f"{_interval_note(rows)}"
+    )
     save_figure(figure, pdf, png, _stamp(table, title))
 
 
-def plot_frontier(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str) -> None:
-    """Effect against fluency: each point a (method, layer, strength), greedy continuations averaged.
+def plot_frontier(
+    table: pl.DataFrame,
+    pdf: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+    title: str,
+    summary: pl.DataFrame | None = None,
+) -> None:
+    """Effect against fluency: each point a (method, layer, strength), greedy continuations (else sampled).
 
-    x: median perplexity of the continuations under the unsteered model (log scale); y: mean sentiment.
-    Points of one method and layer are joined in order of strength; the unsteered setting is starred.
+    x: geometric-mean perplexity of the continuations under the unsteered model (log scale); y: mean
+    sentiment; bars: 95% intervals of both, resampling prompts. Points of one method and layer are joined in
+    order of strength; the unsteered setting is starred.
     """
     apply_style()
-    greedy = table.filter(pl.col("decoding") == "greedy")
-    points = (
-        greedy.group_by("method", "layer", "coefficient")
-        .agg(pl.col("sentiment").mean(), pl.col("perplexity").median(), pl.col("off_target_kl").first())
-        .sort("method", "layer", "coefficient")
-    )
+    rows = _generation(summary, table)
+    decoding = "greedy" if "greedy" in set(rows["decoding"]) else sorted(set(rows["decoding"]))[0]
+    rows = rows.filter(pl.col("decoding") == decoding, pl.col("statistic").is_in([MEAN, GEOMETRIC_MEAN]))
+    keys = ["method", "layer", "coefficient"]
+    sentiment = rows.filter(pl.col("measure") == "sentiment").select(*keys, "estimate", "ci_low", "ci_high")
+    perplexity = rows.filter(pl.col("measure") == "perplexity").select(*keys, "estimate", "ci_low", "ci_high")
+    points = sentiment.join(perplexity, on=keys, suffix="_perplexity").sort(keys)
     figure, axis = plt.subplots(figsize=(7.5, 5))
     palette = dict(zip(METHOD_ORDER, sns.color_palette("colorblind", len(METHOD_ORDER)), strict=True))
     markers = ["o", "s", "^", "D", "v", "P"]
     for (method, layer), group in points.group_by("method", "layer", maintain_order=True):
         layers = sorted(set(points.filter(pl.col("method") == method)["layer"]))
         marker = markers[layers.index(layer) % len(markers)]
-        label = f"{method} · all blocks" if method == "icv" else f"{method} · resid.{layer}"
-        axis.plot(group["perplexity"], group["sentiment"], marker=marker, color=palette[method], label=label)
+        colour = palette[method]
+        axis.plot(
+            group["estimate_perplexity"],
+            group["estimate"],
+            marker=marker,
+            color=colour,
+            label=f"{method} · {_where(method, layer)}",
+        )
+        draw_interval(
+            axis,
+            group["estimate_perplexity"],
+            group["ci_low"],
+            group["ci_high"],
+            colour,
+            kind="bars",
+            estimate=group["estimate"],
+        )
+        draw_interval(
+            axis,
+            group["estimate"],
+            group["ci_low_perplexity"],
+            group["ci_high_perplexity"],
+            colour,
+            kind="bars",
+            estimate=group["estimate_perplexity"],
+            horizontal=True,
+        )
     baseline = points.filter(pl.col("coefficient") == 0)
     if baseline.height:
-        axis.scatter(baseline["perplexity"], baseline["sentiment"], marker="*", s=250, color="black", zorder=3)
-        axis.annotate("unsteered", (baseline["perplexity"][0], baseline["sentiment"][0]), xytext=(6, -12),
-                      textcoords="offset points", fontsize=8)  # fmt: skip
-    axis.set(xscale="log", xlabel="median perplexity under the unsteered model (log)", ylabel="mean sentiment")
+        axis.scatter(baseline["estimate_perplexity"], baseline["estimate"], marker="*", s=250, color="black", zorder=3)
+        axis.annotate(
+            "unsteered",
+            (baseline["estimate_perplexity"][0], baseline["estimate"][0]),
+            xytext=(6, -12),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    axis.set(
+        xscale="log",
+        xlabel="perplexity under the unsteered model (geometric mean, log scale)",
+        ylabel="mean sentiment (VADER compound)",
+    )
     axis.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
-    figure.suptitle(f"Effect against fluency (greedy) — {title}")
+    note = _interval_note(rows) if rows.height else ""
+    figure.suptitle(f"Effect against fluency ({decoding}) — {title}\nbars: {note}")
     save_figure(figure, pdf, png, _stamp(table, title))
 
 
 def plot_iti(
-    sweep: pl.DataFrame, probes: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str
+    sweep: pl.DataFrame,
+    probes: pl.DataFrame,
+    pdf: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+    title: str,
+    summary: pl.DataFrame | None = None,
 ) -> None:
     """Left: test-split probe accuracy of every head (layer x head), the heads chosen on validation boxed.
 
-    Right: truth accuracy on the test items and off-target KL against the shift strength α. Every number drawn
-    is from the test split; the heads were fitted on train and ranked on validation.
+    Right: truth accuracy on the test items (bars: 95% intervals resampling items) and off-target KL against
+    the shift strength α, with the KL bound within which the ITI claim picks α. Every number drawn is from the
+    test split; the heads were fitted on train and ranked on validation.
     """
     apply_style()
     figure, (heat, curves) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
     n_heads = int(probes["head"].max()) + 1
     grid = probes.sort("layer", "head")["test_accuracy"].to_numpy().reshape(-1, n_heads)
     n_test = int(probes["test_statements"][0])
-    sns.heatmap(grid, cmap="viridis", vmin=0.5, vmax=max(0.75, float(grid.max())), ax=heat,
-                cbar_kws={"label": f"probe accuracy on the test split (n = {n_test} statements)"})  # fmt: skip
+    sns.heatmap(
+        grid,
+        cmap="viridis",
+        vmin=0.5,
+        vmax=max(0.75, float(grid.max())),
+        ax=heat,
+        cbar_kws={"label": f"probe accuracy on the test split (n = {n_test} statements)"},
+    )
     for row in probes.filter(pl.col("selected")).iter_rows(named=True):
         heat.add_patch(plt.Rectangle((row["head"], row["layer"] - 1), 1, 1, fill=False, edgecolor="red", lw=1.5))
     layers = sorted(set(probes["layer"]))
@@ -107,15 +222,29 @@ def plot_iti(
     boxed = f"boxed: top by validation accuracy (n = {n_validation}); shuffled labels: {chance:.2f}"
     heat.set(xlabel="head", ylabel="block")
     heat.set_title(boxed, fontsize=9)
+    if summary is None or not summary.filter(pl.col("method") == "iti").height:
+        summary = iti_summary(sweep)
+    accuracy = summary.filter(pl.col("measure") == "truth_accuracy", pl.col("statistic") == MEAN).sort("coefficient")
     n_items = int(sweep["test_items"][0])
-    curves.plot(sweep["coefficient"], sweep["test_truth_accuracy"], marker="o", label="truth accuracy (test items)")
+    curves.plot(accuracy["coefficient"], accuracy["estimate"], marker="o", label="truth accuracy (test items)")
+    draw_interval(
+        curves,
+        accuracy["coefficient"],
+        accuracy["ci_low"],
+        accuracy["ci_high"],
+        "C0",
+        kind="bars",
+        estimate=accuracy["estimate"],
+    )
     curves.set(xlabel="α (shift in units of the activation std)", ylabel="truth accuracy (test)", ylim=(0, 1.02))
     twin = curves.twinx()
     twin.plot(sweep["coefficient"], sweep["off_target_kl"], marker="s", color="C3", label="off-target KL")
-    twin.set_ylabel("off-target KL [nats]", color="C3")
+    twin.axhline(KL_BOUND, color="C3", linestyle=":", linewidth=1)
+    twin.set_ylabel(f"off-target KL [nats] (dotted: claim's bound, {KL_BOUND:g})", color="C3")
     twin.grid(False)
     curves.legend(loc="lower left", fontsize=8, frameon=False)
-    curves.set_title(f"top {sweep['heads'][0]} heads, {n_items} test items")
+    bars = _interval_note(accuracy) if np.isfinite(accuracy["ci_low"].to_numpy()).any() else "no per-item rows"
+    curves.set_title(f"top {sweep['heads'][0]} heads, {n_items} test items; bars: {bars}", fontsize=9)
     figure.suptitle(f"Inference-time intervention on true/false statements — {title}")
     save_figure(figure, pdf, png, title)
 
@@ -146,13 +275,13 @@ def plot_examples(
             for layer in sorted(set(greedy.filter(pl.col("method") == method)["layer"])):
                 setting = greedy.filter(pl.col("method") == method, pl.col("layer") == layer)
                 top = setting.filter(pl.col("coefficient") == setting["coefficient"].max())
-                where = "all blocks" if method == "icv" else f"resid.{layer}"
+                where = _where(method, layer)
                 label = f"{method} · {where} · {top['coefficient'][0]:g}"
                 rows.append((label, f"{prompt} ▸ {top['continuation'][0]}  [sentiment {top['sentiment'][0]:+.2f}]"))
     if optimised is not None:
         for row in optimised.iter_rows(named=True):
             status = "exact" if row["exact_match"] else f"BLEU {row['bleu']:.0f}"
-            rows.append((f"optimised · resid.{row['layer']}", f"{row['target']} → {row['recovered']} ({status})"))
+            rows.append((f"optimised · resid.{row['layer']:02d}", f"{row['target']} → {row['recovered']} ({status})"))
     wrapped = [(label, _wrap(text)) for label, text in rows]
     height = 0.8 + sum(0.22 * (text.count("\n") + 1) + 0.12 for _, text in wrapped)
     figure, axis = plt.subplots(figsize=(11, max(2.0, height)))
