@@ -10,7 +10,17 @@ import seaborn as sns
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from latent_atlas.plots import apply_style, save_figure
+from latent_atlas.plots import apply_style, draw_interval, save_figure
+from latent_atlas.readers.uncertainty import (
+    PAPER_INPUT,
+    PASSAGE_UNIT,
+    accuracy_intervals,
+    elm_controls,
+    elm_intervals,
+    has_items,
+    paper_comparisons,
+)
+from latent_atlas.stats import summarise
 
 METHOD_LABELS = {
     "clustering_all_bases": "semantic clustering\n(all bases)",
@@ -24,18 +34,6 @@ METHOD_LABELS = {
 }
 INPUTS = ("raw", "template")
 INPUT_LABELS = {"raw": "raw text's last state", "template": "template's answer position"}
-# The input each method's paper reads (Gu et al. build on in-context prompts and kNN prompting; Xu et al. read
-# the answer position of the prompt; a linear probe has no paper of its own here).
-PAPER_INPUT = {
-    "clustering_all_bases": "template",
-    "clustering_gt_only": "template",
-    "semantic_bases": "template",
-    "zero_shot": "template",
-    "in_context": "template",
-    "knn_prompting": "template",
-    "linear_probe": "either",
-    "lora": "template",
-}
 CONDITIONS = ("true", "shuffled", "none")
 CONDITION_LABELS = {"true": "its own embedding", "shuffled": "another passage's", "none": "no embedding"}
 
@@ -48,7 +46,9 @@ def _require(table: pl.DataFrame, name: str) -> None:
 def method_summary(table: pl.DataFrame) -> pl.DataFrame:
     """Mean and standard deviation over seeds of each (task, method, input), methods in the figure's order.
 
-    A table without an ``input`` column (written before both inputs were read) counts as ``raw`` for the state
+    With per-item correctness (``doc_id``, ``correct``) it also gives ``accuracy`` over items × seeds and its
+    95 % item-bootstrap interval (``ci_low``, ``ci_high``, ``n`` items, ``unit``); without, those are null. A
+    table without an ``input`` column (written before both inputs were read) counts as ``raw`` for the state
     readers and ``template`` for the prompted ones.
     """
     _require(table, "clustering")
@@ -56,7 +56,7 @@ def method_summary(table: pl.DataFrame) -> pl.DataFrame:
         prompted = pl.col("method").is_in(["zero_shot", "in_context", "lora"])
         table = table.with_columns(input=pl.when(prompted).then(pl.lit("template")).otherwise(pl.lit("raw")))
     order = {method: i for i, method in enumerate(METHOD_LABELS)}
-    return (
+    summary = (
         table.group_by("task", "method", "input")
         .agg(
             pl.col("balanced_accuracy").mean().alias("mean"),
@@ -73,20 +73,33 @@ def method_summary(table: pl.DataFrame) -> pl.DataFrame:
         )
         .sort("task", "order", "input_order")
     )
+    keys = ["task", "method", "input"]
+    if has_items(table):
+        intervals = accuracy_intervals(table).select(*keys, "accuracy", "ci_low", "ci_high", "n", "unit")
+        return summary.join(intervals, on=keys, how="left", maintain_order="left")
+    return summary.with_columns(
+        accuracy=pl.lit(None, pl.Float64), ci_low=pl.lit(None, pl.Float64), ci_high=pl.lit(None, pl.Float64),
+        n=pl.lit(None, pl.Int64), unit=pl.lit(None, pl.String),
+    )  # fmt: skip
 
 
 def plot_clustering(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str) -> None:
-    """Balanced accuracy per method and input, one panel per task.
+    """Accuracy per method and input, one panel per task.
 
     Each method has a bar per input it read: the raw text's last state (hatched) and the template's answer
-    position (solid); under each method, the input its paper reads. Bars are means over seeds, error bars one
-    standard deviation across seeds (methods without randomness run once); dots: macro F1; dashed line: chance.
+    position (solid); under each method, the input its paper reads. Bars are accuracy over test items × seeds,
+    error bars its 95 % percentile bootstrap interval over test items (seeds kept together); dots: macro F1;
+    dashed line: chance. In each panel, Gu et al.'s paired comparisons (clustering − in-context learning and
+    − kNN prompting, each on its paper's input) with their intervals. A table without per-item correctness
+    draws mean balanced accuracy over seeds and no interval.
     """
     apply_style()
     summary = method_summary(table)
+    itemised = has_items(table)
+    comparisons = paper_comparisons(table) if itemised else None
     tasks = list(dict.fromkeys(summary["task"]))
     methods_per_task = max(summary.filter(pl.col("task") == task)["method"].n_unique() for task in tasks)
-    figure, axes = plt.subplots(1, len(tasks), figsize=(1.5 * methods_per_task * len(tasks) + 1, 4.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(1.5 * methods_per_task * len(tasks) + 1, 4.8), squeeze=False)
     palette = [colour for i, colour in enumerate(sns.color_palette("colorblind", 10)) if i != 7]  # 7 is grey
     colours = dict(zip(METHOD_LABELS, palette, strict=False))
     width = 0.4
@@ -99,10 +112,14 @@ def plot_clustering(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str |
             for offset, row in zip(offsets, bars.iter_rows(named=True), strict=True):
                 x = position + offset
                 raw = row["input"] == "raw"
+                height = row["accuracy"] if itemised else row["mean"]
                 axis.bar(
-                    x, row["mean"], width=width, yerr=row["std"], capsize=2, color=colours.get(method, "0.5"),
-                    alpha=0.55 if raw else 1.0, hatch="///" if raw else None, edgecolor="0.25", linewidth=0.4,
+                    x, height, width=width, color=colours.get(method, "0.5"), alpha=0.55 if raw else 1.0,
+                    hatch="///" if raw else None, edgecolor="0.25", linewidth=0.4,
                 )  # fmt: skip
+                if itemised:
+                    draw_interval(axis, [x], [row["ci_low"]], [row["ci_high"]], "black", kind="bars",
+                                  estimate=[height])  # fmt: skip
                 axis.scatter([x], [row["macro_f1"]], color="black", s=12, zorder=3)
         axis.axhline(1.0 / rows["n_classes"][0], color="0.4", linestyle="--", linewidth=0.9)
         labels = [f"{METHOD_LABELS.get(m, m)}\npaper: {PAPER_INPUT.get(m, '?')}" for m in methods]
@@ -110,15 +127,31 @@ def plot_clustering(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str |
         runs = ", ".join(sorted({str(r) for r in rows["runs"]}))
         axis.set(
             ylim=(0, 1.02),
-            ylabel="balanced accuracy",
-            title=f"{task} · {rows['n_classes'][0]} classes · {rows['n_test'][0]} held-out texts · runs {runs}",
+            ylabel="accuracy (items × seeds)" if itemised else "balanced accuracy (mean over seeds)",
+            title=f"{task} · {rows['n_classes'][0]} classes · {rows['n_test'][0]} held-out texts · seeds {runs}",
         )
         axis.title.set_fontsize(9)
-    figure.legend(handles=_legend_handles(), fontsize=8, frameon=False, loc="upper center", ncol=4,
+        if comparisons is not None:
+            _comparison_text(axis, comparisons.filter(pl.col("task") == task))
+    figure.legend(handles=_legend_handles(), fontsize=8, frameon=False, loc="upper center", ncol=5,
                   bbox_to_anchor=(0.5, 0.95))  # fmt: skip
     figure.suptitle(f"Reading a text's state: semantic clustering against its baselines, on both inputs — {title}")
     figure.subplots_adjust(top=0.8)
     save_figure(figure, pdf, png, title)
+
+
+def _comparison_text(axis: plt.Axes, comparisons: pl.DataFrame) -> None:
+    """Gu et al.'s paired accuracy differences with their intervals, in the panel's lower left corner."""
+    if comparisons.is_empty():
+        return
+    lines = [
+        f"{METHOD_LABELS.get(r['method'], r['method']).splitlines()[0]} − {r['baseline'].replace('_', ' ')}: "
+        f"{r['difference']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+        for r in comparisons.iter_rows(named=True)
+    ]
+    lines.append(f"paired over {comparisons['n'][0]} test items, 95 % bootstrap")
+    axis.text(0.01, 0.02, "\n".join(lines), transform=axis.transAxes, fontsize=6, va="bottom",
+              bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7", "linewidth": 0.4})  # fmt: skip
 
 
 def _legend_handles() -> list[Patch | Line2D]:
@@ -126,6 +159,7 @@ def _legend_handles() -> list[Patch | Line2D]:
     return [
         Patch(facecolor="white", hatch="///", edgecolor="0.25", label=INPUT_LABELS["raw"]),
         Patch(facecolor="0.45", edgecolor="0.25", label=INPUT_LABELS["template"]),
+        Line2D([], [], color="black", linewidth=1, label="95 % interval over test items"),
         Line2D([], [], marker="o", color="black", linestyle="", markersize=4, label="macro F1"),
         Line2D([], [], color="0.4", linestyle="--", label="chance"),
     ]
@@ -173,23 +207,52 @@ def plot_elm(
     axes[0].legend(fontsize=7, frameon=False)
     colours = sns.color_palette("colorblind", len(CONDITIONS))
     labels = [CONDITION_LABELS[c] for c in summary["condition"]]
+    intervals = elm_intervals(evaluation)
+    if judged:
+        judged_rows = evaluation.filter(pl.col("consistency").is_not_null())
+        intervals["consistency"] = _by_condition(summarise(judged_rows, "consistency", ["condition"], "doc_id",
+                                                           unit=PASSAGE_UNIT))  # fmt: skip
     x = np.arange(summary.height)
     metrics = [
-        ("reconstruction_nll", "reconstruction_nll_std", "held-out reconstruction loss\n(nats/token, lower is better)"),
-        ("register_accuracy", None, "generated register correct\n(fraction)"),
+        ("reconstruction_nll", "held-out reconstruction loss\n(nats/token, lower is better)"),
+        ("register_correct", "generated register correct\n(fraction)"),
     ]
     if judged:
-        metrics.append(("consistency", "consistency_std", "semantic consistency\n(cosine in the judge's space)"))
-    for axis, (metric, spread, label) in zip(axes[1:], metrics, strict=True):
-        errors = summary[spread].fill_null(0.0) if spread else None
-        axis.bar(x, summary[metric].fill_null(0.0), yerr=errors, capsize=3, color=colours[: summary.height])
+        metrics.append(("consistency", "semantic consistency\n(cosine in the judge's space)"))
+    for axis, (metric, label) in zip(axes[1:], metrics, strict=True):
+        table = _by_condition(intervals[metric]).join(summary.select("condition"), on="condition", how="right")
+        values = table[metric].fill_null(0.0).to_numpy()
+        axis.bar(x, values, color=colours[: summary.height])
+        draw_interval(axis, x, table["ci_low"].fill_null(np.nan), table["ci_high"].fill_null(np.nan), "black",
+                      kind="bars", estimate=values)  # fmt: skip
         axis.set_xticks(x, labels, fontsize=7, rotation=15)
         axis.set_title(label, fontsize=8)
+    _control_text(axes[1], elm_controls(evaluation))
     figure.suptitle(
-        f"ELM adapter (stage 1, model frozen) and its controls on {summary['n'][0]} held-out passages — {title}",
+        f"ELM adapter (stage 1, model frozen) and its controls on {summary['n'][0]} held-out passages "
+        f"(95 % bootstrap intervals over passages) — {title}",
         y=1.05,
     )
     save_figure(figure, pdf, png, title)
+
+
+def _by_condition(table: pl.DataFrame) -> pl.DataFrame:
+    """A per-condition table in the order own, shuffled, none."""
+    order = {condition: i for i, condition in enumerate(CONDITIONS)}
+    return table.sort(pl.col("condition").replace_strict(order, default=len(order)))
+
+
+def _control_text(axis: plt.Axes, controls: pl.DataFrame) -> None:
+    """The paired reconstruction-loss differences (control − own) with their intervals, inside the panel."""
+    rows = controls.filter(pl.col("measure") == "reconstruction_nll")
+    lines = [
+        f"{r['condition']} − own: {r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        for r in rows.iter_rows(named=True)
+    ]
+    if lines:
+        lines.append(f"paired over {rows['n'][0]} passages")
+        axis.text(0.02, 0.02, "\n".join(lines), transform=axis.transAxes, fontsize=6, va="bottom",
+                  bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7", "linewidth": 0.4})  # fmt: skip
 
 
 def _wrap(text: str | None, width: int) -> str:

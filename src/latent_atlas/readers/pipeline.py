@@ -73,7 +73,8 @@ def compare_readers(
     Returns:
         One row per (method, input, seed): ``task``, ``method``, ``input`` (``raw``/``template``), ``seed`` (null
         for methods without randomness), ``balanced_accuracy``, ``macro_f1``, ``accuracy``, ``n_train``,
-        ``n_test``, ``n_classes``, ``split_hash``.
+        ``n_test``, ``n_classes``, ``split_hash``, and per test item (lists in test order) ``doc_id`` and
+        ``correct``, which :mod:`latent_atlas.readers.uncertainty` resamples.
     """
     raw = task_split(store, task_name, task, max_tokens)
     template = templated_split(loaded, corpus, raw, task["template"], max_tokens, settings["batch_size_icl"])
@@ -95,7 +96,9 @@ def compare_readers(
 
     def record(method: str, read: str, seed: int | None, predictions: torch.Tensor) -> None:
         scores = clustering.classification_scores(raw.test_y, predictions, len(raw.labels))
-        rows.append({"method": method, "input": read, "seed": seed, **scores})
+        correct = (torch.as_tensor(predictions).cpu().long() == raw.test_y.cpu().long()).tolist()
+        items = {"doc_id": list(raw.test_ids), "correct": correct}  # per test item, for the item bootstrap
+        rows.append({"method": method, "input": read, "seed": seed, **scores, **items})
         log.info(
             "%-22s %-8s seed %-4s balanced accuracy %.3f  macro F1 %.3f",
             method,
