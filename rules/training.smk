@@ -70,12 +70,14 @@ if FAMILY:
             "../scripts/train_member.py"
 
     rule evaluate_on_training_corpus:
-        """Perplexity and bits-per-byte of a member (or pretrained model) on each register's test split."""
+        """Perplexity and bits-per-byte of a member (or pretrained model) on each register's test split, and
+        per document (the unit the family's intervals resample)."""
         input:
             manifest="results/models/{model}/manifest.json",
             corpus=f"results/training/{FAMILY}/corpus.parquet",
         output:
             table=f"results/training/{FAMILY}/performance/{{model}}.parquet",
+            documents=f"results/training/{FAMILY}/documents/{{model}}.parquet",
         log:
             f"logs/training/{FAMILY}/performance/{{model}}.log",
         conda:
@@ -91,11 +93,18 @@ if FAMILY:
             "../scripts/evaluate_on_training_corpus.py"
 
     rule summarise_family:
-        """The family's tables: performance matrix, specialisation check, geometry, lenses, losses, relations."""
+        """The family's tables: performance matrix, specialisation check, geometry, lenses, losses, relations;
+        document-bootstrap intervals on performance and specialisation, point-bootstrap ones on relations.
+        """
         input:
             unpack(get_family_tables),
+            documents=lambda wildcards: [
+                f"results/training/{FAMILY}/documents/{model}.parquet"
+                for model in family_scored_models()
+            ],
         output:
             performance=f"results/training/{FAMILY}/performance.parquet",
+            documents=f"results/training/{FAMILY}/documents.parquet",
             specialisation=f"results/training/{FAMILY}/specialisation.parquet",
             relations=f"results/training/{FAMILY}/relations.parquet",
             geometry=f"results/training/{FAMILY}/geometry.parquet",

@@ -6,11 +6,11 @@ import polars as pl
 import torch
 
 from latent_atlas.corpus import load_corpus_table
-from latent_atlas.evaluation import context_token, evaluate_corpus
+from latent_atlas.evaluation import context_token
 from latent_atlas.joblog import job_log
 from latent_atlas.models import load_model
 from latent_atlas.provenance import provenance_record, write_parquet_with_provenance
-from latent_atlas.training.evaluate import scored_documents
+from latent_atlas.training.evaluate import evaluate_documents, scored_documents
 
 with job_log(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
@@ -20,7 +20,7 @@ with job_log(snakemake.log[0]) as log:
     documents = scored_documents(
         corpus, snakemake.params.registers, settings["split"], settings["max_documents_per_register"]
     )
-    table = evaluate_corpus(loaded, documents, settings["split"], settings["max_length"])
+    table, per_document = evaluate_documents(loaded, documents, settings["split"], settings["max_length"])
     overall = table.filter(pl.col("register") == "all")
     log.info(
         "%s: %.3f bits/byte over %d documents", snakemake.wildcards.model, overall["bits_per_byte"][0], documents.height
@@ -34,6 +34,6 @@ with job_log(snakemake.log[0]) as log:
         context_token=context_token(loaded.tokenizer)[1],
         doc_ids=documents["doc_id"].to_list(),
     )
-    write_parquet_with_provenance(
-        table.with_columns(model=pl.lit(snakemake.wildcards.model)), snakemake.output.table, meta
-    )
+    model = pl.lit(snakemake.wildcards.model, pl.String).alias("model")
+    write_parquet_with_provenance(table.select(model, pl.all()), snakemake.output.table, meta)
+    write_parquet_with_provenance(per_document.select(model, pl.all()), snakemake.output.documents, meta)

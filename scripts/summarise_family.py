@@ -13,6 +13,7 @@ from latent_atlas.training.evaluate import (
     lens_depths,
     performance_matrix,
     specialisation,
+    specialisation_intervals,
     tag_models,
 )
 
@@ -20,8 +21,11 @@ with job_log(snakemake.log[0]) as log:
     mixtures = snakemake.params.mixtures
     members = list(mixtures)
     inputs, out = snakemake.input, snakemake.output
+    documents = tag_models(read_tables(inputs.documents), members)
     matrix = performance_matrix([pl.read_parquet(path) for path in inputs.performance], mixtures)
-    checks = specialisation(matrix, mixtures)
+    checks = specialisation(matrix, mixtures).join(
+        specialisation_intervals(documents, mixtures), on="register", how="full", coalesce=True
+    )
     manifests = [json.loads(Path(path).read_text()) for path in inputs.manifests]
     n_layers = {manifest["name"]: manifest["n_layers"] for manifest in manifests}
     widths = {manifest["name"]: manifest["d_model"] for manifest in manifests}
@@ -32,6 +36,7 @@ with job_log(snakemake.log[0]) as log:
     meta = provenance_record({"training": snakemake.params.training}, members=members)
     for table, path in [
         (matrix, out.performance),
+        (documents, out.documents),
         (checks, out.specialisation),
         (geometry, out.geometry),
         (lenses, out.lenses),
@@ -50,3 +55,9 @@ with job_log(snakemake.log[0]) as log:
             row["unseen_perplexity"],
             verdict,
         )
+    for row in checks.filter(pl.col("own_member").is_not_null()).iter_rows(named=True):
+        log.info(
+            "%s: best other (%s) − own (%s) = %+.3f bits/byte [%.3f, %.3f] over %d documents",
+            row["register"], row["best_other_member"], row["own_member"], row["delta_bits_per_byte"],
+            row["ci_low"], row["ci_high"], row["n"],
+        )  # fmt: skip

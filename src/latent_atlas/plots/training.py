@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from latent_atlas.geometry.relations import band_means
-from latent_atlas.plots import PALETTE, apply_style, save_figure
+from latent_atlas.plots import PALETTE, apply_style, draw_interval, save_figure
 from latent_atlas.plots.geometry import METRIC_LABELS, _grid, _present
 
 Path = str | os.PathLike[str]
@@ -40,6 +40,7 @@ LENS_PANELS = (
     ("logit", "top1_agreement", "top-1 agreement with final", "linear"),
 )
 RELATION_BAND = "late"
+BPB_LOW, BPB_HIGH = "bits_per_byte_ci_low", "bits_per_byte_ci_high"  # latent_atlas.evaluation's document bootstrap
 _PRETRAINED_COLOURS = ("0.0", "0.45")
 _PRETRAINED_DASHES = ("--", "-.", ":")
 _PRETRAINED_MARKERS = ("s", "D", "^", "v", "P")
@@ -176,19 +177,39 @@ def own_registers(matrix: pl.DataFrame, rows: list[str], columns: list[str]) -> 
     return own
 
 
+def _cell_texts(matrix: pl.DataFrame, rows: list[str], columns: list[str], values: np.ndarray) -> np.ndarray:
+    """Each heat-map cell's text: the value, and its 95 % interval below it when the matrix has one."""
+    texts = np.array([[f"{v:.2f}" if np.isfinite(v) else "" for v in line] for line in values], dtype=object)
+    if not {BPB_LOW, BPB_HIGH} <= set(matrix.columns):
+        return texts
+    _, _, low = performance_grid(matrix, BPB_LOW)
+    _, _, high = performance_grid(matrix, BPB_HIGH)
+    for i, j in zip(*np.nonzero(np.isfinite(values) & np.isfinite(low) & np.isfinite(high)), strict=True):
+        texts[i, j] = f"{values[i, j]:.2f}\n[{low[i, j]:.2f}, {high[i, j]:.2f}]"
+    return texts
+
+
 def plot_family_performance(matrix: pl.DataFrame, pdf: Path, png: Path, title: str) -> None:
-    """Bits per byte of every model on every register's test documents; each member's own registers outlined."""
+    """Bits per byte of every model on every register's test documents; each member's own registers outlined.
+
+    Where the matrix has ``bits_per_byte_ci_low``/``_ci_high`` (a document bootstrap), each cell gives the
+    interval below its value.
+    """
     apply_style()
     rows, columns, values = performance_grid(matrix)
+    texts = _cell_texts(matrix, rows, columns, values)
+    intervals = any("\n" in text for text in texts.ravel())
     own = own_registers(matrix, rows, columns)
     members, _ = _models(matrix)
     labels = columns
     if "documents" in matrix.columns:
         documents = dict(matrix.group_by("register").agg(pl.col("documents").max()).iter_rows())
         labels = [f"{register}\n({documents[register]} docs)" for register in columns]
-    figure, axis = plt.subplots(figsize=(1.0 * len(columns) + 3.0, 0.42 * len(rows) + 1.8))
+    scale = 1.4 if intervals else 1.0
+    figure, axis = plt.subplots(figsize=(scale * len(columns) + 3.0, scale * 0.42 * len(rows) + 1.8))
     sns.heatmap(
-        values, ax=axis, annot=True, fmt=".2f", annot_kws={"fontsize": 7}, cmap="rocket_r", mask=np.isnan(values),
+        values, ax=axis, annot=texts, fmt="", annot_kws={"fontsize": 6.5 if intervals else 7}, cmap="rocket_r",
+        mask=np.isnan(values),
         xticklabels=labels, yticklabels=rows, linewidths=0.5, linecolor="white",
         cbar_kws={"label": "bits per byte (lower is better)"},
     )  # fmt: skip
@@ -202,7 +223,10 @@ def plot_family_performance(matrix: pl.DataFrame, pdf: Path, png: Path, title: s
     axis.tick_params(axis="y", labelsize=8, rotation=0)
     axis.set(xlabel="register of the test documents", ylabel="")
     below = f", {_count(len(rows) - len(members), 'pretrained model')} below" if len(rows) > len(members) else ""
-    axis.set_title(f"{_count(len(members), 'member')} (outlined: in the member's training mixture){below}", fontsize=8)
+    bracket = "; [95 % document-bootstrap interval]" if intervals else ""
+    axis.set_title(
+        f"{_count(len(members), 'member')} (outlined: in the member's training mixture){below}{bracket}", fontsize=8
+    )
     figure.suptitle(f"Bits per byte by register — {title}")
     figure.tight_layout()
     save_figure(figure, pdf, png, title)
@@ -332,7 +356,10 @@ def _family_relation_title(relations: pl.DataFrame, metric: str, points: int) ->
     rho, n = rows["spearman"][0], int(rows["n"][0])
     if rho is None or not np.isfinite(rho):
         return f"{label}\nn = {n}, too few points"
-    return f"{label}\nSpearman ρ = {rho:+.2f} (n = {n} models)"
+    low, high = (rows[c][0] if c in rows.columns else None for c in ("ci_low", "ci_high"))
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return f"{label}\nSpearman ρ = {rho:+.2f} (n = {n} models, no interval)"
+    return f"{label}\nSpearman ρ = {rho:+.2f} [{low:+.2f}, {high:+.2f}] (n = {n} models)"
 
 
 def plot_family_relations(
@@ -348,7 +375,8 @@ def plot_family_relations(
     apply_style()
     data = _raw_all(geometry)
     _require(matrix, "performance")
-    scores = matrix.filter(pl.col("register") == "all").select("model", "bits_per_byte")
+    bounds = [column for column in (BPB_LOW, BPB_HIGH) if column in matrix.columns]
+    scores = matrix.filter(pl.col("register") == "all").select("model", "bits_per_byte", *bounds)
     if scores.is_empty():
         raise ValueError("the performance table has no rows for register 'all'")
     bands = band_means(data).filter(pl.col("band") == RELATION_BAND)
@@ -363,7 +391,10 @@ def plot_family_relations(
     figure, axes = _grid(len(names), columns=min(len(names), 3), size=(4.4, 3.6))
     for axis, metric in zip(axes, names, strict=False):
         subset = points.filter(pl.col("metric") == metric)
-        for model, x, y in subset.select("model", "value", "bits_per_byte").iter_rows():
+        for model, x, y, *interval in subset.select("model", "value", "bits_per_byte", *bounds).iter_rows():
+            if len(interval) == 2 and None not in interval:  # bits per byte's document-bootstrap interval
+                draw_interval(axis, [x], [interval[0]], [interval[1]], colours.get(model, "black"), kind="bars",
+                              estimate=[y])  # fmt: skip
             if model in colours:
                 axis.scatter(x, y, s=40, color=colours[model], edgecolor="white", zorder=3)
             else:

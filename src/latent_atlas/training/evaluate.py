@@ -7,15 +7,27 @@ compare across tokenizers; perplexity is per token of each model's own tokenizer
 
 :func:`specialisation` checks the family's basic sanity property: a member trained on a register has a
 lower perplexity on that register's test split than every member that never saw it.
+
+Uncertainty. Every model is scored on the same documents, so the document is the resampling unit: each cell
+of the matrix carries the document-bootstrap interval of :func:`latent_atlas.evaluation.summarise_performance`
+(``bits_per_byte_ci_low``/``_ci_high``), and :func:`specialisation_intervals` gives the paired difference
+"best other member − own member" on a register's documents, the best other chosen anew in every resample.
 """
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import polars as pl
 
 from latent_atlas.errors import ConfigError
+from latent_atlas.evaluation import score_documents, summarise_performance
+from latent_atlas.stats import DEFAULT_REPLICATES, bootstrap_statistic
+
+DOCUMENT_UNIT = "document"
 
 
 def _rank(doc_id: str) -> str:
@@ -117,3 +129,78 @@ def add_rank_fraction(geometry: pl.DataFrame, d_model: Mapping[str, int]) -> pl.
     scaled = [column for column in ("value", "ci_low", "ci_high") if column in ranks.columns]  # the interval too
     fraction = ranks.with_columns(metric=pl.lit("effective_rank_fraction"), **{c: pl.col(c) / width for c in scaled})
     return pl.concat([geometry, fraction])
+
+
+# -- uncertainty -----------------------------------------------------------------------------------------------
+
+
+def evaluate_documents(
+    loaded: Any, documents: pl.DataFrame, split: str, max_length: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Score ``documents`` once: the per-register summary and one row per document.
+
+    The summary is :func:`latent_atlas.evaluation.summarise_performance`'s (``split`` in front); the
+    document rows are ``split, doc_id, register, tokens, bytes, nll, bits_per_byte``.
+    """
+    scores = score_documents(loaded.model, loaded.tokenizer, documents["text"].to_list(), max_length)
+    labels = documents["label"].to_list()
+    summary = summarise_performance(scores, labels).select(pl.lit(split, pl.String).alias("split"), pl.all())
+    rows = pl.concat(
+        [documents.select(pl.lit(split, pl.String).alias("split"), "doc_id", pl.col("label").alias("register")),
+         scores], how="horizontal",
+    )  # fmt: skip
+    return summary, rows.with_columns(bits_per_byte=pl.col("nll") / (math.log(2) * pl.col("bytes")))
+
+
+def _bits_per_byte(rows: pl.DataFrame) -> float:
+    """Bits per byte of a set of documents: summed nats over summed bytes (the matrix's ratio of sums)."""
+    return float(rows["nll"].sum() / (math.log(2) * rows["bytes"].sum()))
+
+
+def single_register_members(mixtures: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+    """Register -> the member trained on it alone (registers without one are absent)."""
+    return {next(iter(weights)): member for member, weights in mixtures.items() if len(weights) == 1}
+
+
+def specialisation_intervals(
+    documents: pl.DataFrame,
+    mixtures: Mapping[str, Mapping[str, float]],
+    *,
+    replicates: int = DEFAULT_REPLICATES,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Per register with a single-register member: bits per byte of the best other member − the own member.
+
+    Paired on the register's test documents (every member scores the same ones): the statistic is
+    min over the other members of (their bits per byte − the own member's), each a ratio of sums, so the best
+    other member is chosen anew in every resample. Positive: the own member is best. Columns: register,
+    own_member, own_bits_per_byte, best_other_member (at the estimate), delta_bits_per_byte, ci_low, ci_high,
+    n (documents), unit.
+    """
+    members = documents.filter(pl.col("model").is_in(list(mixtures)))
+    records = []
+    for register, own in single_register_members(mixtures).items():
+        rows = members.filter(pl.col("register") == register)
+        others = [m for m in rows["model"].unique(maintain_order=True).to_list() if m != own]
+        if own not in set(rows["model"]) or not others:
+            continue
+        wide = rows.pivot(on="model", index=["doc_id", "bytes"], values="nll")
+
+        def gaps(table: pl.DataFrame, own: str = own, others: list[str] = others) -> np.ndarray:
+            scale = math.log(2) * table["bytes"].sum()
+            return np.array([(table[m].sum() - table[own].sum()) / scale for m in others])
+
+        estimate = gaps(wide)
+        interval = bootstrap_statistic(
+            wide, lambda table, gaps=gaps: float(gaps(table).min()), "doc_id", unit=DOCUMENT_UNIT,
+            replicates=replicates, seed=seed,
+        )  # fmt: skip
+        records.append({
+            "register": register, "own_member": own, "own_bits_per_byte": _bits_per_byte(
+                rows.filter(pl.col("model") == own)), "best_other_member": others[int(np.argmin(estimate))],
+            "delta_bits_per_byte": interval.estimate, **interval.columns(),
+        })  # fmt: skip
+    schema = {"register": pl.String, "own_member": pl.String, "own_bits_per_byte": pl.Float64,
+              "best_other_member": pl.String, "delta_bits_per_byte": pl.Float64, "ci_low": pl.Float64,
+              "ci_high": pl.Float64, "n": pl.Int64, "unit": pl.String}  # fmt: skip
+    return pl.DataFrame(records, schema=schema)
