@@ -4,6 +4,7 @@ rule steer_with_vectors:
         unpack(get_steering_inputs),
     output:
         table="results/steering/{model}/{method}.parquet",
+        states="results/steering/{model}/{method}.states.h5",
     log:
         "logs/steering/{model}/{method}.log",
     conda:

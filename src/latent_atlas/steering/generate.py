@@ -2,19 +2,35 @@
 
 One batch is one prompt continued under every strength of a sweep (rows differ only in their
 coefficient), so no row is padded and positions line up, as position-indexed interventions need
-(METHODS §0.4). Sampling draws each row from its own generator, seeded by the caller independently of the
-batch, so a batched sweep and the same settings run one by one give the same tokens.
+(METHODS §0.4). Several prompts may share a batch too (one row each, left-padded, positions counted from
+each row's first real token) under an intervention that does not index positions. Sampling draws each row
+from its own generator, seeded by the caller independently of the batch, so a batched sweep and the same
+settings run one by one give the same tokens.
+
+A :class:`StateCapture` keeps, at no extra forward pass, the residual states of the generated tokens at a few
+layers: the state at each new token's position, read where the next block reads it (after the intervention's
+edit), which is what a re-run of the whole sequence under the same intervention computes.
 """
 
 import contextlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+import h5py
+import numpy as np
+import polars as pl
 import torch
 from torch.nn import functional
 
+from latent_atlas.addresses import resid_address
+from latent_atlas.hooks import capture_residuals
 from latent_atlas.models import LoadedModel
-from latent_atlas.steering.interventions import Intervention
+from latent_atlas.provenance import atomic_output
+from latent_atlas.steering.interventions import Intervention, ResidualAddition
 
 
 @dataclass(frozen=True)
@@ -44,38 +60,154 @@ def _choose(logits: torch.Tensor, decoding: Decoding, generators: Sequence[torch
     return order.gather(1, torch.tensor(draws)[:, None])[:, 0].to(logits.device)
 
 
+@dataclass
+class StateCapture:
+    """Residual states of generated tokens at ``layers``, gathered over :func:`generate` calls.
+
+    Each call adds one record per (row, new token): the row's coefficient, the token, the model's own top-1
+    next token read from that state's position (for greedy decoding the next generated token), whether the
+    token lies after the row's first EOS, and whatever ``context`` holds at the time (the caller's labels:
+    prompt, decoding, sample, steered layer). ``states[layer]`` holds one float32 ``(n_new, d)`` block per call.
+    """
+
+    layers: tuple[int, ...]
+    context: dict[str, Any] = field(default_factory=dict)
+    states: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    records: list[pl.DataFrame] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def passes(self, loaded: LoadedModel, n_rows: int) -> Iterator[dict[int, list[torch.Tensor]]]:
+        """Hook the layers; yield per layer the list of each pass's last-position states ``(n_rows, d)``."""
+        by_address = {resid_address(layer): layer for layer in self.layers}
+        seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+
+        def sink(address: str, states: torch.Tensor) -> None:
+            seen[by_address[address]].append(states[:, -1].float().cpu())
+
+        with capture_residuals(loaded.parts, self.layers, sink, final_norm=False):
+            yield seen
+
+    def add(
+        self,
+        seen: Mapping[int, list[torch.Tensor]],
+        tokens: torch.Tensor,
+        top1: torch.Tensor,
+        coefficients: Sequence[float],
+        eos_id: int | None,
+    ) -> None:
+        """Keep the states of the new tokens (passes 1..n: pass 0 is the prompt's) with their record rows."""
+        n_rows, n_new = tokens.shape
+        for layer in self.layers:
+            block = torch.stack(seen[layer][1 : n_new + 1], 1)  # (rows, n_new, d)
+            self.states.setdefault(layer, []).append(block.reshape(n_rows * n_new, -1).numpy())
+        after_eos = torch.zeros_like(tokens, dtype=torch.bool)
+        if eos_id is not None:
+            is_eos = (tokens == eos_id).long()
+            after_eos = (is_eos.cumsum(1) - is_eos) > 0
+        record = pl.DataFrame(
+            {
+                "row": np.repeat(np.arange(n_rows), n_new),
+                "coefficient": np.repeat(np.asarray(coefficients, dtype=np.float64), n_new),
+                "step": np.tile(np.arange(n_new), n_rows),
+                "token_id": tokens.reshape(-1).numpy(),
+                "model_top1_id": top1.reshape(-1).numpy(),
+                "after_eos": after_eos.reshape(-1).numpy(),
+            }
+        )
+        self.records.append(record.with_columns(**{key: pl.lit(value) for key, value in self.context.items()}))
+
+    def table(self) -> pl.DataFrame:
+        """Every record, in the order of the stored states (``state`` = the row index into them)."""
+        table = pl.concat(self.records, how="diagonal_relaxed") if self.records else pl.DataFrame()
+        return table.with_row_index("state").with_columns(pl.col("state").cast(pl.Int64))
+
+    def arrays(self) -> dict[int, np.ndarray]:
+        """Per layer, every kept state ``(n_states, d)`` float32."""
+        return {layer: np.concatenate(blocks) for layer, blocks in self.states.items()}
+
+
+def capture_layers(section: Mapping[str, Any]) -> tuple[int, ...]:
+    """The layers a sweep keeps states at: the steered layers and ``steering.capture_layers``."""
+    return tuple(sorted({*section.get("layers", [6]), *section.get("capture_layers", [])}))
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to one length: ids and attention mask, both ``(rows, T)``."""
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt))
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def _indexes_positions(intervention: Intervention | None) -> bool:
+    """Whether an intervention edits by position (ActAdd's front, or a start after a prefix)."""
+    return isinstance(intervention, ResidualAddition) and (intervention.positions == "front" or intervention.start > 0)
+
+
 @torch.no_grad()
 def generate(
     loaded: LoadedModel,
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | Sequence[Sequence[int]],
     intervention: Intervention | None,
     n_rows: int,
     max_new_tokens: int,
     decoding: Decoding = Decoding(),
     row_seeds: Sequence[int] | None = None,
+    capture: StateCapture | None = None,
 ) -> torch.Tensor:
     """Continue ``prompt`` (text, or token ids) ``n_rows`` times under ``intervention`` (one coefficient per row).
 
+    ``prompt`` may also be one list of token ids per row (``n_rows`` of them, left-padded into one batch; not
+    with a position-indexed intervention). ``capture`` keeps the new tokens' states (:class:`StateCapture`).
     Returns the new token ids, ``(n_rows, max_new_tokens)`` (generation does not stop at EOS; callers cut).
     """
-    prompt_ids = loaded.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
-    ids = torch.tensor([prompt_ids], device=loaded.device).expand(n_rows, -1)
+    if isinstance(prompt, str):
+        prompts = [loaded.tokenizer(prompt)["input_ids"]]
+    elif len(prompt) and not isinstance(prompt[0], int):
+        prompts = [list(p) for p in prompt]  # type: ignore[arg-type]
+    else:
+        prompts = [list(prompt)]  # type: ignore[arg-type]
+    padded = len(prompts) > 1 and len({len(p) for p in prompts}) > 1
+    if len(prompts) > 1 and len(prompts) != n_rows:
+        raise ValueError(f"{len(prompts)} prompts for {n_rows} rows; give one prompt, or one per row")
+    if padded and _indexes_positions(intervention):
+        raise ValueError("a position-indexed intervention needs unpadded rows: batch one prompt at a time")
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    ids, mask = _left_padded(prompts, pad)
+    ids, mask = ids.to(loaded.device).expand(n_rows, -1), mask.to(loaded.device).expand(n_rows, -1)
+    # unpadded rows run exactly as before (no mask, default positions); padded ones count from the first real token
+    extra = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp_min(0)} if padded else {}
     generators = None
     if decoding.sampled:
         seeds = row_seeds if row_seeds is not None else range(n_rows)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     hooks = intervention.attach(loaded.parts) if intervention is not None else contextlib.nullcontext()
-    new_tokens = []
-    with hooks:
+    new_tokens, top1 = [], []
+    with hooks, capture.passes(loaded, n_rows) if capture is not None else contextlib.nullcontext() as seen:
         if intervention is not None:
             intervention.prompt_pass = True
-        output = loaded.model(input_ids=ids, use_cache=True)
+        output = loaded.model(input_ids=ids, use_cache=True, **extra)
         if intervention is not None:
             intervention.prompt_pass = False
         for _ in range(max_new_tokens):
+            top1.append(output.logits[:, -1].argmax(-1))
             token = _choose(output.logits[:, -1], decoding, generators)
             new_tokens.append(token)
-            output = loaded.model(input_ids=token[:, None], past_key_values=output.past_key_values, use_cache=True)
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(n_rows, 1)], 1)
+                extra = {"attention_mask": mask, "position_ids": extra["position_ids"][:, -1:] + 1}
+            output = loaded.model(
+                input_ids=token[:, None], past_key_values=output.past_key_values, use_cache=True, **extra
+            )
+        if capture is not None:
+            top1.append(output.logits[:, -1].argmax(-1))  # the last new token's own next-token choice
+            coefficients = intervention.coefficients.expand(n_rows) if intervention is not None else [0.0] * n_rows
+            tokens = torch.stack(new_tokens, 1).cpu()
+            next_top1 = torch.stack(top1[1:], 1).cpu()
+            capture.add(seen, tokens, next_top1, list(map(float, coefficients)), loaded.tokenizer.eos_token_id)
     return torch.stack(new_tokens, 1).cpu()
 
 
@@ -144,3 +276,28 @@ def off_target_kl(
         totals += kl.sum(-1).double().cpu()
         count += ids.shape[1]
     return (totals / count).clamp_min(0.0)
+
+
+def write_states(path: str | os.PathLike[str], capture: StateCapture, meta: Mapping[str, Any]) -> None:
+    """Write captured states atomically: ``resid/LL`` float16 ``(n, d)``, the records, and ``meta`` as JSON.
+
+    The records (one per state, in row order) go in as parquet bytes under ``records``; ``meta`` (the
+    provenance) under the ``latent_atlas`` attribute.
+    """
+    buffer = io.BytesIO()
+    capture.table().write_parquet(buffer)
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as file:
+        for layer, states in capture.arrays().items():
+            file.create_dataset(f"resid/{layer:02d}", data=states.astype(np.float16))
+        file.create_dataset("records", data=np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+        file.attrs["latent_atlas"] = json.dumps(dict(meta), default=str)
+        file.attrs["layers"] = list(capture.layers)
+
+
+def read_states(path: str | os.PathLike[str]) -> tuple[pl.DataFrame, dict[int, np.ndarray], dict[str, Any]]:
+    """The records, the float32 states per layer and the provenance of a file :func:`write_states` wrote."""
+    with h5py.File(path, "r") as file:
+        records = pl.read_parquet(io.BytesIO(file["records"][()].tobytes()))
+        states = {int(name): file["resid"][name][()].astype(np.float32) for name in file.get("resid", {})}
+        meta = json.loads(file.attrs["latent_atlas"])
+    return records, states, meta

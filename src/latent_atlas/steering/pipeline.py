@@ -32,6 +32,7 @@ from latent_atlas.provenance import provenance_record, sha256_file
 from latent_atlas.steering.data import Statements, SteeringData
 from latent_atlas.steering.generate import (
     Decoding,
+    StateCapture,
     continuation_log_probs,
     cut_at_eos,
     generate,
@@ -140,11 +141,13 @@ def continuations_table(
     settings: SweepSettings,
     sentiment: Callable[[str], float] | None = None,
     prefix: Sequence[int] | None = None,
+    capture: StateCapture | None = None,
 ) -> pl.DataFrame:
     """Continue every prompt under every strength (one batch per prompt, decoding and sample).
 
     ``prefix``: token ids put before every prompt in place of the tokenizer's own special tokens (ActAdd's
-    start token); ``None`` tokenises prompts with the tokenizer's defaults.
+    start token); ``None`` tokenises prompts with the tokenizer's defaults. ``capture`` keeps the generated
+    tokens' states, labelled with prompt, decoding and sample.
     """
     sentiment = sentiment or _Sentiment()
     tables = []
@@ -156,9 +159,10 @@ def continuations_table(
         for decoding in settings.decodings:
             for sample in range(settings.samples if decoding.sampled else 1):
                 seeds = [_row_seed(settings.seed, prompt_index, sample)] * len(coefficients)
-                tokens = generate(
-                    loaded, prompt_ids, intervention, len(coefficients), settings.max_new_tokens, decoding, seeds
-                )
+                if capture is not None:
+                    capture.context.update(prompt_id=prompt_index, decoding=decoding.name, sample=sample)
+                n_new = settings.max_new_tokens
+                tokens = generate(loaded, prompt_ids, intervention, len(coefficients), n_new, decoding, seeds, capture)
                 rows = cut_at_eos(tokens, loaded.tokenizer.eos_token_id)
                 scores = continuation_log_probs(loaded, prompt_ids, rows)
                 texts = [loaded.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
@@ -200,8 +204,12 @@ def sweep(
     data: SteeringData,
     section: Mapping[str, Any],
     store: ActivationStore,
+    capture: StateCapture | None = None,
 ) -> pl.DataFrame:
-    """The layer x strength sweep of one generation method (``actadd``, ``mean_difference`` or ``icv``)."""
+    """The layer x strength sweep of one generation method (``actadd``, ``mean_difference`` or ``icv``).
+
+    ``capture`` keeps the generated tokens' states (its records name the steered ``layer``).
+    """
     settings = SweepSettings.from_config(section)
     options = section.get(method, {})
     coefficients = [float(c) for c in options["coefficients"]]
@@ -234,7 +242,11 @@ def sweep(
         intervention = builders[method](layer)
         setting = _setting_columns(loaded, intervention, data.off_target_texts, norms, len(coefficients), prefix)
         prompts = data.neutral_prompts[: section.get("max_prompts") or None]
-        table = continuations_table(loaded, intervention, coefficients, prompts, settings, prefix=prefix)
+        if capture is not None:
+            capture.context["layer"] = layer
+        table = continuations_table(
+            loaded, intervention, coefficients, prompts, settings, prefix=prefix, capture=capture
+        )
         per_setting = pl.DataFrame({"coefficient": coefficients, **setting})
         tables.append(table.join(per_setting, on="coefficient").with_columns(layer=pl.lit(layer)))
     label = "all blocks (MLP outputs)" if method == "icv" else "resid"
