@@ -452,10 +452,16 @@ def pair_weights(draws: np.ndarray, first: np.ndarray, second: np.ndarray) -> np
 
 
 def pair_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Per replicate, the weighted mean of per-pair ``values`` (``(pairs,)`` or ``(pairs, d)``)."""
+    """Per replicate, the weighted mean of per-pair ``values`` (``(pairs,)`` or ``(pairs, d)``).
+
+    A ``(pairs, d)`` product runs in float32 (the replicates × pairs × d matmul dominates the geometry job's
+    bootstrap; its rounding is far below the interval's width).
+    """
     total = weights.sum(1)
     total = np.where(total > 0, total, np.nan)
-    return (weights @ values) / (total[:, None] if values.ndim == 2 else total)
+    if values.ndim == 1:
+        return (weights @ values) / total
+    return (weights.astype(np.float32) @ values.astype(np.float32)).astype(np.float64) / total[:, None]
 
 
 def top_shares(cosine_share: np.ndarray, k: int = 3) -> np.ndarray:
