@@ -283,7 +283,54 @@ def get_neighbourhood_output(models, corpora):
         path=list(section["paths"]),
         ext=["pdf", "png"],
     )
-    return points + paths
+    return points + paths + get_steered_states_output()
+
+
+def steered_methods():
+    """The configured steering methods that generate (and so keep their tokens' states)."""
+    return [m for m in config["steering"]["methods"] if m in GENERATION_METHODS]
+
+
+def get_steered_states_output():
+    """Where steered continuations' states sit: table, summary and figure per steering model (steering's store)."""
+    if not steered_methods():
+        return []
+    wildcards = {
+        "model": analysis_models(config, "steering"),
+        "corpus": config["run"]["corpora"][0],
+    }
+    tables = expand(
+        "results/neighbourhood/{model}/{corpus}/steered-states.parquet", **wildcards
+    )
+    figures = expand(
+        "results/figures/neighbourhood/{model}.{corpus}.steered-states.{ext}",
+        ext=["pdf", "png"],
+        **wildcards,
+    )
+    return tables + figures
+
+
+def get_steered_states_inputs(wildcards):
+    """The model, the store and tuned lens of the corpus, and every generation method's captured states."""
+    model, corpus = wildcards.model, wildcards.corpus
+    states = {
+        method: f"results/steering/{model}/{method}.states.h5"
+        for method in steered_methods()
+    }
+    inputs = states | {
+        "manifest": f"results/models/{model}/manifest.json",
+        "store": f"results/activations/{model}/{corpus}.h5",
+    }
+    if model in analysis_models(config, "lenses"):  # a tuned lens is trained for it
+        inputs["tuned"] = f"results/lenses/{model}/{corpus}.tuned-lens.pt"
+    return inputs
+
+
+STEERED_STATES_SETTINGS = {
+    key: config["neighbourhood"][key]
+    for key in ("block_rows", "skip_first_position", "context_tokens", "seed")
+    if key in config["neighbourhood"]
+}
 
 
 def get_model_spec(wildcards):
