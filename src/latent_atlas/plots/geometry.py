@@ -17,7 +17,7 @@ import seaborn as sns
 from latent_atlas.geometry.measure import POST_PROCESSINGS, WITH_MASSIVE
 from latent_atlas.geometry.metrics import SPECTRUM_METRICS
 from latent_atlas.geometry.relations import band_means
-from latent_atlas.plots import apply_style, save_figure
+from latent_atlas.plots import apply_style, draw_interval, save_figure
 
 Path = str | os.PathLike[str]
 
@@ -282,9 +282,7 @@ def _performance_bars(axis: plt.Axes, per_register: pl.DataFrame, models: list[s
         y = np.array([position[r] for r in rows["register"]]) - 0.4 + width * (index + 0.5)
         values, low, high = (rows[c].to_numpy() for c in ("bits_per_byte", "bits_per_byte_ci_low",
                                                           "bits_per_byte_ci_high"))  # fmt: skip
-        finite = np.isfinite(low) & np.isfinite(high)
-        axis.errorbar(values[finite], y[finite], xerr=[values[finite] - low[finite], high[finite] - values[finite]],
-                      fmt="none", ecolor="0.2", elinewidth=1, capsize=2)  # fmt: skip
+        draw_interval(axis, y, low, high, "0.2", kind="bars", estimate=values, horizontal=True)
 
 
 def plot_performance(
