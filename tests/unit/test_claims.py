@@ -1,6 +1,8 @@
 """The claims' verdict rule, their gathering over areas, and how they are rendered (table, README, figure)."""
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -122,3 +124,11 @@ def test_html_page_and_figure_show_every_claim(tmp_path: Path) -> None:
     plot_claims(_table(), tmp_path / "c.pdf", tmp_path / "c.png", "m · c")
     plot_claims(_table().clear(), tmp_path / "e.pdf", tmp_path / "e.png", "m · c")
     assert all((tmp_path / name).stat().st_size > 1000 for name in ("c.pdf", "c.png", "e.pdf", "e.png"))
+
+
+def test_claims_inputs_import_no_torch_so_a_dry_run_stays_fast() -> None:
+    code = (
+        "import sys\nfrom latent_atlas.claims import AREAS, area\n"
+        "[area(name) for name in AREAS]\nassert 'torch' not in sys.modules, 'an area module imports torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

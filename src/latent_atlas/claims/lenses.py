@@ -14,7 +14,6 @@ from typing import Any
 import polars as pl
 
 from latent_atlas.claims import Claim
-from latent_atlas.lenses.evaluate import paired_lens_difference
 
 PAPER = "Belrose et al. 2023 (tuned lens)"
 LAST_LAYER_BOUND = 1e-6
@@ -61,7 +60,8 @@ def last_layer_claim(curves: pl.DataFrame) -> list[Claim]:
             threshold=LAST_LAYER_BOUND,
             holds_when="below",
             detail=f"layer {row['layer']}",
-            note="stored float16 states round the final norm's input; KL is 0 only in exact arithmetic",
+            note="KL is 0 only in exact arithmetic: states stored in float16 round the final norm's input "
+            "(extraction.dtype float32 removes that rounding)",
         )
     ]
 
@@ -74,6 +74,8 @@ def tuned_below_logit(documents: pl.DataFrame, replicates: int = 1000, seed: int
     read = documents.filter(pl.col("layer") != last)
     if read.is_empty():
         return []
+    from latent_atlas.lenses.evaluate import paired_lens_difference  # torch: not at DAG-building time
+
     table = paired_lens_difference(read, METRIC, "tuned", "logit", replicates, seed)
     result = []
     for row in table.iter_rows(named=True):
