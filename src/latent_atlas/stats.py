@@ -62,13 +62,26 @@ def _cluster_sums(values: np.ndarray, units: np.ndarray | None) -> tuple[np.ndar
     return sums, counts
 
 
-def _percentiles(estimate: float, draws: np.ndarray, confidence: float, n: int, unit: str) -> Interval:
+def percentile_interval(
+    estimate: float, draws: Sequence[float] | np.ndarray, *, n: int, unit: str, confidence: float = DEFAULT_CONFIDENCE
+) -> Interval:
+    """``estimate`` with the percentile interval of its bootstrap ``draws`` over ``n`` units of kind ``unit``.
+
+    The one place an interval is read off replicates: the ``(1 − confidence)/2`` and ``(1 + confidence)/2``
+    quantiles of the finite draws (non-finite ones, such as a replicate whose statistic is undefined, are
+    dropped). NaN bounds when ``n < MIN_UNITS`` or fewer than ``MIN_UNITS`` finite draws are left. For callers
+    that compute their own replicates (a maximum over layers, a vectorised correlation, pair-weighted means);
+    :func:`bootstrap_mean` and :func:`bootstrap_statistic` end here too.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    draws = np.asarray(draws, dtype=np.float64).ravel()
     draws = draws[np.isfinite(draws)]
-    if n < MIN_UNITS or len(draws) == 0:
-        return Interval(estimate, float("nan"), float("nan"), n, unit)
+    if n < MIN_UNITS or len(draws) < MIN_UNITS:
+        return Interval(float(estimate), float("nan"), float("nan"), n, unit)
     tail = (1 - confidence) / 2
     low, high = np.quantile(draws, [tail, 1 - tail])
-    return Interval(estimate, float(low), float(high), n, unit)
+    return Interval(float(estimate), float(low), float(high), n, unit)
 
 
 def bootstrap_mean(
@@ -98,7 +111,7 @@ def bootstrap_mean(
     rng = np.random.default_rng(seed)
     draws = rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
     replicate_means = (draws @ sums) / (draws @ counts)
-    return _percentiles(float(values.mean()), replicate_means, confidence, n, unit)
+    return percentile_interval(float(values.mean()), replicate_means, n=n, unit=unit, confidence=confidence)
 
 
 def bootstrap_statistic(
@@ -135,7 +148,7 @@ def bootstrap_statistic(
         fresh = np.repeat(np.arange(n), [len(positions[k]) for k in chosen])
         sample = rows[index].with_columns(pl.Series(unit_column, fresh))
         draws[replicate] = statistic(sample)
-    return _percentiles(estimate, draws, confidence, n, unit)
+    return percentile_interval(estimate, draws, n=n, unit=unit, confidence=confidence)
 
 
 def paired_differences(

@@ -8,6 +8,7 @@ from latent_atlas.stats import (
     bootstrap_mean,
     bootstrap_statistic,
     paired_differences,
+    percentile_interval,
     summarise,
     summarise_paired,
 )
@@ -56,6 +57,29 @@ def test_too_few_units_give_no_interval() -> None:
     interval = bootstrap_mean([1.0, 2.0], unit="seed")
     assert np.isnan(interval.low) and np.isnan(interval.high) and interval.n == 2
     assert not interval.excludes(100.0)
+
+
+def test_percentile_interval_reads_the_quantiles_of_the_finite_draws() -> None:
+    # 1001 planted draws 0, 0.001, ..., 1 (shuffled): numpy's linear quantile q of them is exactly q
+    draws = np.random.default_rng(4).permutation(np.arange(1001) / 1000)
+    interval = percentile_interval(0.5, draws, n=40, unit="document")
+    assert (interval.estimate, interval.n, interval.unit) == (0.5, 40, "document")
+    assert interval.low == pytest.approx(0.025) and interval.high == pytest.approx(0.975)
+    narrower = percentile_interval(0.5, draws, n=40, unit="document", confidence=0.9)
+    assert (narrower.low, narrower.high) == (pytest.approx(0.05), pytest.approx(0.95))
+    # undefined replicates (NaN, ±inf) are dropped, not ranked: the same interval as without them
+    polluted = np.concatenate([draws, [np.nan, np.inf, -np.inf, np.nan]])
+    assert percentile_interval(0.5, polluted, n=40, unit="document") == interval
+
+
+def test_percentile_interval_is_nan_with_too_few_units_or_finite_draws() -> None:
+    draws = np.linspace(0.0, 1.0, 101)
+    few_units = percentile_interval(0.5, draws, n=2, unit="seed")
+    assert np.isnan(few_units.low) and np.isnan(few_units.high) and few_units.n == 2 and few_units.estimate == 0.5
+    few_draws = percentile_interval(0.5, [0.1, np.nan, 0.9, np.inf], n=50, unit="seed")
+    assert np.isnan(few_draws.low) and np.isnan(few_draws.high)
+    with pytest.raises(ValueError, match="confidence"):
+        percentile_interval(0.5, draws, n=50, unit="seed", confidence=95)
 
 
 def test_paired_resampling_keeps_pairs() -> None:

@@ -49,7 +49,6 @@ from latent_atlas.geometry.metrics import (
     pair_means,
     pair_weights,
     pca_variances,
-    percentile_interval,
     post_processing_from_moments,
     random_pairs,
     rank_average,
@@ -59,6 +58,7 @@ from latent_atlas.geometry.metrics import (
     twonn,
     weighted_auc,
 )
+from latent_atlas.stats import percentile_interval
 from latent_atlas.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -809,8 +809,8 @@ def _set_interval(
 ) -> None:
     """Put the percentile interval of ``values`` on the first row of ``rows`` measuring ``metric``."""
     row = next(row for row in rows if row["metric"] == metric and row["processing"] == processing)
-    low, high = percentile_interval(values, confidence, n)
-    row.update(ci_low=low, ci_high=high, documents=n, unit="document")
+    interval = percentile_interval(row["value"], values, n=n, unit="document", confidence=confidence)
+    row.update(ci_low=interval.low, ci_high=interval.high, documents=interval.n, unit=interval.unit)
 
 
 def change_rows(
@@ -845,12 +845,12 @@ def change_rows(
             value = estimate(layer, processing, metric) - estimate(layer, "none", metric)
         else:
             continue
-        low, high = percentile_interval(values - reference, confidence, n_documents)
+        interval = percentile_interval(value, values - reference, n=n_documents, unit="document", confidence=confidence)
         rows.append(
             {key: None for key in METRIC_SCHEMA}
             | {"layer": layer, "register": ALL_REGISTERS, "processing": processing, "metric": change,
-               "value": value, "n": n_documents, "documents": n_documents, "ci_low": low, "ci_high": high,
-               "massive_tokens": "kept", "unit": "document"}
+               "value": value, "n": n_documents, "documents": n_documents, "ci_low": interval.low,
+               "ci_high": interval.high, "massive_tokens": "kept", "unit": interval.unit}
         )  # fmt: skip
     return rows
 

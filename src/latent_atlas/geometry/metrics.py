@@ -492,14 +492,3 @@ def weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray, 
         denominator = pos.sum(1) * negative.sum(1)
         result[start : start + block] = (pos * below).sum(1) / np.where(denominator > 0, denominator, np.nan)
     return result
-
-
-def percentile_interval(draws: np.ndarray, confidence: float = 0.95, n_units: int | None = None) -> tuple[float, float]:
-    """The percentile interval of bootstrap ``draws`` (NaN ones dropped; NaN below three units or draws)."""
-    draws = np.asarray(draws, dtype=np.float64)
-    draws = draws[np.isfinite(draws)]
-    if len(draws) < 3 or (n_units is not None and n_units < 3):
-        return float("nan"), float("nan")
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(draws, [tail, 1 - tail])
-    return float(low), float(high)

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from latent_atlas.geometry.metrics import rank_average
+from latent_atlas.stats import percentile_interval
 
 BANDS: tuple[tuple[str, float, float], ...] = (("early", 0.0, 1 / 3), ("middle", 1 / 3, 2 / 3), ("late", 2 / 3, 1.0))
 PERFORMANCE_MEASURES = ("bits_per_byte", "perplexity")
@@ -137,12 +138,8 @@ def spearman_interval(
     rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
     scale = np.sqrt((rx**2).sum(1) * (ry**2).sum(1))
     rho = (rx * ry).sum(1) / np.where(scale > 0, scale, np.nan)
-    rho = rho[np.isfinite(rho)]
-    if len(rho) < MIN_POINTS:
-        return float("nan"), float("nan")
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(rho, [tail, 1 - tail])
-    return float(low), float(high)
+    interval = percentile_interval(float("nan"), rho, n=n, unit="point", confidence=confidence)
+    return interval.low, interval.high
 
 
 def read_benchmarks(path: str | None, models: Sequence[str]) -> pl.DataFrame | None:

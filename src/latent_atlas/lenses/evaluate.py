@@ -24,7 +24,14 @@ from torch.nn import functional
 from latent_atlas.addresses import resid_address
 from latent_atlas.errors import ConfigError
 from latent_atlas.lenses.base import Lens, Unembed
-from latent_atlas.stats import DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, MIN_UNITS, Interval, bootstrap_mean
+from latent_atlas.stats import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_REPLICATES,
+    MIN_UNITS,
+    Interval,
+    bootstrap_mean,
+    percentile_interval,
+)
 from latent_atlas.store import ActivationStore
 
 UNIT = "document"
@@ -213,13 +220,12 @@ def max_over_layers(differences: pl.DataFrame, replicates: int = DEFAULT_REPLICA
         sums[row, columns], counts[row, columns] = part["sum"].to_numpy(), part["count"].to_numpy()
     estimate = float((sums.sum(1) / counts.sum(1)).max())
     n = len(doc_ids)
-    if n < MIN_UNITS:
-        return {"value": estimate, "ci_low": float("nan"), "ci_high": float("nan"), "n": n, "unit": UNIT}
-    draws = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
-    replicate_max = ((draws @ sums.T) / (draws @ counts.T)).max(1)
-    tail = (1 - DEFAULT_CONFIDENCE) / 2
-    low, high = np.quantile(replicate_max, [tail, 1 - tail])
-    return {"value": estimate, "ci_low": float(low), "ci_high": float(high), "n": n, "unit": UNIT}
+    replicate_max = np.empty(0)
+    if n >= MIN_UNITS:
+        draws = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
+        replicate_max = ((draws @ sums.T) / (draws @ counts.T)).max(1)
+    interval = percentile_interval(estimate, replicate_max, n=n, unit=UNIT, confidence=DEFAULT_CONFIDENCE)
+    return {"value": interval.estimate, **interval.columns()}
 
 
 def evaluate_lenses(
