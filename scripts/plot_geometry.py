@@ -10,5 +10,5 @@ with job_log(snakemake.log[0]):
     title = f"{snakemake.wildcards.model} · {snakemake.wildcards.corpus}"
     out = snakemake.output
     plot_processing(metrics, out.processing_pdf, out.processing_png, title)
-    plot_rogue(rogue, out.rogue_pdf, out.rogue_png, title)
+    plot_rogue(rogue, out.rogue_pdf, out.rogue_png, title, metrics)
     plot_registers(metrics, out.registers_pdf, out.registers_png, title)

@@ -3,7 +3,9 @@
 Metrics by layer per post-processing, rogue dimensions, registers by layer, models by relative depth, and
 geometry against performance. Spectrum-based metrics (IsoScore, effective rank) are shown without the
 layer's massive tokens, with their bootstrap interval where measured (a band, or ± in a heat-map cell), and
-under-powered values (n < power_ratio · d) are greyed: hollow markers, hatched cells, faded points.
+under-powered values (n < power_ratio · d) are greyed: hollow markers, hatched cells, faded points. The pair
+statistics (mean cosine, its top-3 share, the passage register AUC) and their paired changes draw their
+percentile bootstrap over documents as a band wherever the table carries one.
 """
 
 import os
@@ -32,6 +34,8 @@ METRIC_LABELS = {
     "self_similarity_adjusted": "self-similarity − baseline",
     "mev_adjusted": "MEV − baseline",
     "passage_register_auc": "register AUC of passage cosine",
+    "mean_cosine_change": "mean cosine − first measured layer's",
+    "passage_register_auc_change": "register AUC − raw states'",
     "passage_mean_cosine": "mean cosine of passages",
     "position_probe_accuracy": "position probe accuracy",
     "register_probe_accuracy": "register probe accuracy",
@@ -46,7 +50,11 @@ PROCESSING_METRICS = (
     "self_similarity_adjusted",
     "mev_adjusted",
     "passage_register_auc",
+    "mean_cosine_change",
+    "passage_register_auc_change",
 )
+CHANGE_METRICS = ("mean_cosine_change", "passage_register_auc_change")  # paired differences: a zero line
+SHARE_PROCESSINGS = ("none", "standardise")  # where the rogue figure's top-3 share has an interval
 REGISTER_METRICS = ("mean_cosine", "isoscore", "effective_rank", "twonn", "intra_similarity_adjusted", "norm_mean")
 MODEL_METRICS = (
     "mean_cosine",
@@ -71,19 +79,40 @@ def _has(table: pl.DataFrame, column: str) -> bool:
     return column in table.columns and table[column].drop_nulls().len() > 0
 
 
+def _bands(axis: plt.Axes, subset: pl.DataFrame, x: str, hue: str, colours: dict[str, Any]) -> set[int]:
+    """Each line's interval as a band (rows without one are skipped); returns the document counts behind them."""
+    units: set[int] = set()
+    for name, colour in colours.items():
+        rows = subset.filter(pl.col(hue) == name).sort(x)
+        if not _has(rows, "ci_low"):
+            continue
+        band = rows.drop_nulls("ci_low")
+        draw_interval(axis, band[x], band["ci_low"], band["ci_high"], colour, kind="band")
+        if _has(band, "documents"):
+            units |= set(band["documents"].drop_nulls().to_list())
+    return units
+
+
+def _percentile_bands(axis: plt.Axes, subset: pl.DataFrame, x: str, hue: str, colours: dict[str, Any]) -> str:
+    """Bands of a pair statistic (percentile bootstrap over documents); returns a title line saying so ('' if none)."""
+    documents = sorted(_bands(axis, subset, x, hue, colours))
+    if not documents:
+        return ""
+    count = f"{documents[0]}" if len(documents) == 1 else f"{documents[0]}–{documents[-1]}"
+    return f"\nband: percentile bootstrap over {count} documents"
+
+
 def _decorate_spectrum(axis: plt.Axes, subset: pl.DataFrame, x: str, hue: str, colours: dict[str, Any]) -> None:
     """Bootstrap bands (where measured) and hollow white markers over the under-powered points of each line."""
     axis.text(
         0.99, 0.02, "band: bootstrap interval (bias-corrected)\nhollow: n < power_ratio·d", transform=axis.transAxes,
         ha="right", va="bottom", fontsize=6, color="0.35",
     )  # fmt: skip
+    _bands(axis, subset, x, hue, colours)
     for name, colour in colours.items():
         rows = subset.filter(pl.col(hue) == name).sort(x)
         if rows.is_empty():
             continue
-        if _has(rows, "ci_low"):
-            band = rows.drop_nulls("ci_low")
-            axis.fill_between(band[x], band["ci_low"], band["ci_high"], color=colour, alpha=0.2, linewidth=0)
         if "powered" in rows.columns:
             weak = rows.filter(pl.col("powered").not_())
             axis.scatter(weak[x], weak["value"], s=22, facecolor="white", edgecolor=colour, linewidth=1.0, zorder=5)
@@ -106,7 +135,8 @@ def plot_processing(metrics: pl.DataFrame, pdf: Path, png: Path, title: str) -> 
     """One panel per metric against layer, one line per post-processing (all registers together).
 
     Spectrum-based panels show the value without massive tokens, its bootstrap band where measured, hollow
-    markers where under-powered, and the raw states' value with the massive tokens kept (dashed black).
+    markers where under-powered, and the raw states' value with the massive tokens kept (dashed black). The
+    pair statistics and their changes (a dotted zero line) show their percentile bands over documents.
     """
     apply_style()
     data = metrics.filter(pl.col("register") == "all")
@@ -130,7 +160,11 @@ def plot_processing(metrics: pl.DataFrame, pdf: Path, png: Path, title: str) -> 
                     0.01, 0.98, "dashed: none, massive tokens kept", transform=axis.transAxes, ha="left", va="top",
                     fontsize=6, color="0.2",
                 )  # fmt: skip
-        axis.set(title=_spectrum_title(metric), xlabel="layer", ylabel="")
+        note = "" if metric in SPECTRUM_METRICS else _percentile_bands(axis, subset, "layer", "processing", colours)
+        if metric in CHANGE_METRICS:
+            axis.axhline(0.0, color="0.4", linestyle=":", linewidth=0.8)
+        axis.set_title(_spectrum_title(metric) + note, fontsize=10 if note else None)
+        axis.set(xlabel="layer", ylabel="")
     if names:
         axes[0].legend(fontsize=7, frameon=False, title="post-processing", title_fontsize=7)
     figure.suptitle(f"Geometry by layer, before and after post-processing — {title}")
@@ -145,12 +179,21 @@ def _spread_layers(layers: list[int], count: int = 4) -> list[int]:
     return [layers[round(i * (len(layers) - 1) / (count - 1))] for i in range(count)]
 
 
-def plot_rogue(rogue: pl.DataFrame, pdf: Path, png: Path, title: str) -> None:
-    """The ten dimensions with the largest share of cosine (top) and of squared distance (bottom), raw states."""
+def plot_rogue(rogue: pl.DataFrame, pdf: Path, png: Path, title: str, metrics: pl.DataFrame | None = None) -> None:
+    """The ten dimensions with the largest share of cosine (top) and of squared distance (bottom), raw states.
+
+    With the geometry table (``metrics``), a last column draws the top-3 dimensions' share of the cosine by
+    layer, raw and standardised, with its percentile bootstrap over documents (the bars' first three, summed).
+    """
     apply_style()
     data = rogue.filter(pl.col("processing") == "none")
     layers = _spread_layers(sorted(set(data["layer"])))
-    figure, axes = plt.subplots(2, len(layers), figsize=(3.6 * len(layers), 6), squeeze=False)
+    shares = _top3_shares(metrics)
+    extra = int(not shares.is_empty())
+    figure, axes = plt.subplots(2, len(layers) + extra, figsize=(3.6 * (len(layers) + extra), 6), squeeze=False)
+    if extra:
+        _top3_panel(axes[0, -1], shares)
+        axes[1, -1].set_visible(False)
     for column, layer in enumerate(layers):
         for row, kind in enumerate(("cosine", "euclidean")):
             subset = data.filter((pl.col("layer") == layer) & (pl.col("kind") == kind)).sort("rank")
@@ -161,6 +204,29 @@ def plot_rogue(rogue: pl.DataFrame, pdf: Path, png: Path, title: str) -> None:
     figure.suptitle(f"Rogue dimensions (Timkey & van Schijndel) — {title}")
     figure.tight_layout()
     save_figure(figure, pdf, png, title)
+
+
+def _top3_shares(metrics: pl.DataFrame | None) -> pl.DataFrame:
+    """The all-register top-3 cosine share rows of the processings it is bootstrapped for (empty without them)."""
+    if metrics is None or "cosine_top3_share" not in set(metrics["metric"]):
+        return pl.DataFrame()
+    return metrics.filter(
+        (pl.col("metric") == "cosine_top3_share") & (pl.col("register") == "all")
+        & pl.col("processing").is_in(list(SHARE_PROCESSINGS))
+    ).sort("layer")  # fmt: skip
+
+
+def _top3_panel(axis: plt.Axes, shares: pl.DataFrame) -> None:
+    """Top-3 share of cosine by layer per processing, with its percentile band over documents."""
+    order = [name for name in SHARE_PROCESSINGS if name in set(shares["processing"])]
+    colours = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
+    for name, colour in colours.items():
+        rows = shares.filter(pl.col("processing") == name)
+        axis.plot(rows["layer"], rows["value"], color=colour, marker="o", markersize=3, label=name)
+    note = _percentile_bands(axis, shares, "layer", "processing", colours)
+    axis.set_title("top-3 dimensions' share of cosine by layer" + note, fontsize=10 if note else None)
+    axis.set(xlabel="layer", ylabel="share of cosine", ylim=(0, 1.05))
+    axis.legend(fontsize=7, frameon=False, title="post-processing", title_fontsize=7, loc="center right")
 
 
 def plot_registers(metrics: pl.DataFrame, pdf: Path, png: Path, title: str) -> None:
@@ -238,8 +304,11 @@ def plot_models(geometry: pl.DataFrame, readout: pl.DataFrame, pdf: Path, png: P
             data=subset.to_pandas(), x="relative_depth", y="value", hue="model", hue_order=models, palette=colours,
             marker="o", markersize=3, ax=axis, legend=index == 0,
         )  # fmt: skip
+        note = ""
         if metric in SPECTRUM_METRICS:
             _decorate_spectrum(axis, subset, "relative_depth", "model", colours)
+        else:
+            note = _percentile_bands(axis, subset, "relative_depth", "model", colours)
         shuffled = metric.replace("_accuracy", "_shuffled")
         if metric.endswith("_probe_accuracy") and shuffled in set(geometry["metric"]):
             control = geometry.filter(pl.col("metric") == shuffled).sort("model", "layer")
@@ -249,7 +318,7 @@ def plot_models(geometry: pl.DataFrame, readout: pl.DataFrame, pdf: Path, png: P
             )  # fmt: skip
             axis.set_title(f"{METRIC_LABELS[metric]} (dotted: shuffled labels)")
         else:
-            axis.set_title(_spectrum_title(metric))
+            axis.set_title(_spectrum_title(metric) + note, fontsize=10 if note else None)
         axis.set(xlabel="relative depth (layer / L)", ylabel="")
     _readout_panel(axes[len(names)], readout)
     figure.suptitle(f"Geometry by relative depth, raw states — {title}")
