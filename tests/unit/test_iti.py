@@ -236,3 +236,64 @@ def test_run_iti_reports_on_the_test_split_only(iti_setup):
     )
     assert table.filter(pl.col("coefficient") == 0)["off_target_kl"][0] < 1e-6
     assert not table["test_mean_log_prob_margin"].equals(garbled_table["test_mean_log_prob_margin"])
+
+
+def _probe_rows(correct: list[list[bool]], shuffled: list[list[bool]]) -> pl.DataFrame:
+    heads = len(correct)
+    return pl.DataFrame(
+        {"layer": [1] * heads, "head": list(range(heads)), "selected": [True] * heads,
+         "validation_rank": list(range(1, heads + 1)), "test_accuracy": [float(np.mean(c)) for c in correct],
+         "shuffled_test_accuracy": [float(np.mean(c)) for c in shuffled], "test_statements": [len(correct[0])] * heads,
+         "test_correct": correct, "shuffled_test_correct": shuffled},
+        schema_overrides={"test_correct": pl.List(pl.Boolean), "shuffled_test_correct": pl.List(pl.Boolean)},
+    )  # fmt: skip
+
+
+def test_probe_accuracy_intervals_resample_test_items_with_both_statements():
+    from latent_atlas.stats import bootstrap_mean
+    from latent_atlas.steering.summary import ITEM, iti_probe_intervals
+
+    rng = np.random.default_rng(5)
+    items = rng.random(30) < 0.7  # 30 items: both statements right (70 %) or both wrong
+    paired = np.repeat(items, 2).tolist()
+    noisy = (rng.random(60) < 0.5).tolist()
+    probes = iti_probe_intervals(_probe_rows([paired, [True] * 60], [noisy, noisy]), replicates=2000, seed=3)
+    first = probes.row(0, named=True)
+    # an item's two statements always agree here, so resampling items is the bootstrap of the 30 item values
+    expected = bootstrap_mean(items.astype(float), unit=ITEM, replicates=2000, seed=3)
+    assert (first["ci_low"], first["ci_high"]) == pytest.approx((expected.low, expected.high))
+    assert first["test_accuracy"] == pytest.approx(items.mean())
+    assert first["ci_low"] < first["test_accuracy"] < first["ci_high"]
+    assert (first["n"], first["unit"]) == (30, ITEM)
+    # and it is wider than a bootstrap that took the 60 statements as independent
+    statements = bootstrap_mean(np.repeat(items, 2).astype(float), unit="statement", replicates=2000, seed=3)
+    assert first["ci_high"] - first["ci_low"] > 1.2 * (statements.high - statements.low)
+    control = bootstrap_mean(np.asarray(noisy, float), np.arange(60) // 2, unit=ITEM, replicates=2000, seed=3)
+    assert (first["shuffled_ci_low"], first["shuffled_ci_high"]) == pytest.approx((control.low, control.high))
+    always = probes.row(1, named=True)
+    assert (always["ci_low"], always["ci_high"]) == (1.0, 1.0)  # a head right on every item has no spread
+
+
+def test_a_probe_table_without_per_statement_rows_gets_nan_bounds():
+    from latent_atlas.steering.summary import iti_probe_intervals
+
+    probes = _probe_rows([[True, False] * 5], [[True, True] * 5]).drop("test_correct", "shuffled_test_correct")
+    row = iti_probe_intervals(probes).row(0, named=True)
+    assert np.isnan(row["ci_low"]) and np.isnan(row["shuffled_ci_high"]) and row["n"] == 5
+
+
+def test_run_iti_keeps_each_heads_test_correctness_and_its_interval(iti_setup):
+    from latent_atlas.steering.pipeline import run_iti
+    from latent_atlas.store import ActivationStore
+
+    loaded, root, data = iti_setup
+    statements = load_statements(root / "facts.csv", 0.4, 0.2, seed=0)
+    with ActivationStore(root / "s.h5") as store:
+        _, probes = run_iti(loaded, statements, data, {"iti": {"strengths": [0], "heads": 3}}, store)
+    for row in probes.iter_rows(named=True):
+        assert len(row["test_correct"]) == len(row["shuffled_test_correct"]) == row["test_statements"] == 18
+        assert np.mean(row["test_correct"]) == pytest.approx(row["test_accuracy"])
+        assert np.mean(row["shuffled_test_correct"]) == pytest.approx(row["shuffled_test_accuracy"])
+        assert (row["n"], row["unit"]) == (9, "statement item")
+        assert row["ci_low"] <= row["test_accuracy"] <= row["ci_high"]
+        assert row["shuffled_ci_low"] <= row["shuffled_test_accuracy"] <= row["shuffled_ci_high"]

@@ -10,7 +10,14 @@ import seaborn as sns
 
 from latent_atlas.claims.steering import KL_BOUND
 from latent_atlas.plots import apply_style, draw_interval, save_figure
-from latent_atlas.steering.summary import DIFFERENCE, GEOMETRIC_MEAN, MEAN, generation_summary, iti_summary
+from latent_atlas.steering.summary import (
+    DIFFERENCE,
+    GEOMETRIC_MEAN,
+    MEAN,
+    generation_summary,
+    iti_probe_intervals,
+    iti_summary,
+)
 
 METHOD_ORDER = ("actadd", "mean_difference", "icv")
 METHOD_LABELS = {
@@ -196,12 +203,15 @@ def plot_iti(
 ) -> None:
     """Left: test-split probe accuracy of every head (layer x head), the heads chosen on validation boxed.
 
+    Middle: the chosen heads' test probe accuracy and their shuffled-label controls, in validation rank order,
+    with 95% intervals resampling test items (a table without per-statement correctness draws no bars).
+
     Right: truth accuracy on the test items (bars: 95% intervals resampling items) and off-target KL against
     the shift strength α, with the KL bound within which the ITI claim picks α. Every number drawn is from the
     test split; the heads were fitted on train and ranked on validation.
     """
     apply_style()
-    figure, (heat, curves) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
+    figure, (heat, chosen, curves) = plt.subplots(1, 3, figsize=(17, 5.5), gridspec_kw={"width_ratios": [1.1, 0.75, 1]})
     n_heads = int(probes["head"].max()) + 1
     grid = probes.sort("layer", "head")["test_accuracy"].to_numpy().reshape(-1, n_heads)
     n_test = int(probes["test_statements"][0])
@@ -219,9 +229,10 @@ def plot_iti(
     heat.set_yticks(np.arange(len(layers)) + 0.5, [str(layer) for layer in layers], fontsize=6, rotation=0)
     chance = float(probes["shuffled_test_accuracy"].mean())
     n_validation = int(probes["validation_statements"][0])
-    boxed = f"boxed: top by validation accuracy (n = {n_validation}); shuffled labels: {chance:.2f}"
+    boxed = f"boxed: top by validation accuracy (n = {n_validation})\nshuffled labels, mean over heads: {chance:.2f}"
     heat.set(xlabel="head", ylabel="block")
     heat.set_title(boxed, fontsize=9)
+    _chosen_heads(chosen, probes)
     if summary is None or not summary.filter(pl.col("method") == "iti").height:
         summary = iti_summary(sweep)
     accuracy = summary.filter(pl.col("measure") == "truth_accuracy", pl.col("statistic") == MEAN).sort("coefficient")
@@ -244,9 +255,33 @@ def plot_iti(
     twin.grid(False)
     curves.legend(loc="lower left", fontsize=8, frameon=False)
     bars = _interval_note(accuracy) if np.isfinite(accuracy["ci_low"].to_numpy()).any() else "no per-item rows"
-    curves.set_title(f"top {sweep['heads'][0]} heads, {n_items} test items; bars: {bars}", fontsize=9)
+    curves.set_title(f"top {sweep['heads'][0]} heads, {n_items} test items\nbars: {bars}", fontsize=9)
     figure.suptitle(f"Inference-time intervention on true/false statements — {title}")
     save_figure(figure, pdf, png, title)
+
+
+def _chosen_heads(axis: plt.Axes, probes: pl.DataFrame) -> None:
+    """The selected heads' test probe accuracy (dots) and shuffled-label control (grey), with item-bootstrap bars."""
+    if "ci_low" not in probes.columns:
+        probes = iti_probe_intervals(probes)
+    rows = probes.filter(pl.col("selected"))
+    rows = rows.sort("validation_rank") if "validation_rank" in rows.columns else rows.sort("layer", "head")
+    x = np.arange(rows.height)
+    for column, low, high, colour, label in (
+        ("test_accuracy", "ci_low", "ci_high", "C0", "probe"),
+        ("shuffled_test_accuracy", "shuffled_ci_low", "shuffled_ci_high", "0.5", "shuffled labels"),
+    ):
+        offset = -0.12 if colour == "C0" else 0.12
+        axis.plot(x + offset, rows[column], "o", color=colour, markersize=4, label=label)
+        draw_interval(axis, x + offset, rows[low], rows[high], colour, kind="bars", estimate=rows[column])
+    axis.axhline(0.5, color="0.6", linestyle=":", linewidth=1)
+    labels = [f"{layer}.{head}" for layer, head in zip(rows["layer"], rows["head"], strict=True)]
+    axis.set_xticks(x, labels, rotation=90, fontsize=7)
+    axis.set(xlabel="chosen head (block.head), by validation rank", ylabel="probe accuracy (test)", ylim=(0, 1.02))
+    finite = rows.height and np.isfinite(rows["ci_low"].to_numpy()).any()
+    bars = _interval_note(rows) if finite else "no per-statement rows"
+    axis.set_title(f"chosen heads' probes on the test split\nbars: {bars}", fontsize=9)
+    axis.legend(loc="lower right", fontsize=8, frameon=False)
 
 
 def _wrap(text: str, width: int = 70) -> str:

@@ -40,6 +40,7 @@ from latent_atlas.steering.generate import (
     perplexity,
 )
 from latent_atlas.steering.interventions import HeadDirection, HeadShift, Intervention, MlpShift, ResidualAddition
+from latent_atlas.steering.summary import iti_probe_intervals
 from latent_atlas.steering.vectors import (
     HeadProbes,
     actadd_vector,
@@ -293,7 +294,12 @@ def select_iti_heads(loaded: LoadedModel, statements: Statements, k: int, seed: 
 
 
 def _probe_table(selection: HeadSelection, test_x: torch.Tensor, test_y: torch.Tensor) -> pl.DataFrame:
-    """One row per head: validation accuracy (what ranks it), test accuracy (what is reported), their n."""
+    """One row per head: validation accuracy (what ranks it), test accuracy (what is reported), their n.
+
+    Each head also keeps its probe's (and its shuffled twin's) correctness on every test statement
+    (``test_correct``, ``shuffled_test_correct``: lists in the order of the statements, two per item), from
+    which :func:`iti_probe_intervals` adds the item-bootstrap interval of both accuracies.
+    """
     n_layers, n_heads = selection.validation_accuracy.shape
     rank = torch.empty(n_layers * n_heads, dtype=torch.long)
     rank[[layer * n_heads + head for layer, head in top_heads(selection.validation_accuracy, n_layers * n_heads)]] = (
@@ -301,7 +307,9 @@ def _probe_table(selection: HeadSelection, test_x: torch.Tensor, test_y: torch.T
     )
     selected = {(head.layer, head.head) for head in selection.heads}
     layers, heads = np.repeat(np.arange(1, n_layers + 1), n_heads), np.tile(np.arange(n_heads), n_layers)
-    return pl.DataFrame(
+    correct = (selection.probes.correct(test_x, test_y, shuffled=shuffled) for shuffled in (False, True))
+    test_correct, shuffled_correct = (c.reshape(len(test_y), -1).T.numpy().tolist() for c in correct)
+    table = pl.DataFrame(
         {
             "layer": layers,
             "head": heads,
@@ -314,8 +322,12 @@ def _probe_table(selection: HeadSelection, test_x: torch.Tensor, test_y: torch.T
             "train_statements": selection.statements["train"],
             "validation_statements": selection.statements["validation"],
             "test_statements": len(test_y),
-        }
+            "test_correct": test_correct,
+            "shuffled_test_correct": shuffled_correct,
+        },
+        schema_overrides={"test_correct": pl.List(pl.Boolean), "shuffled_test_correct": pl.List(pl.Boolean)},
     )
+    return iti_probe_intervals(table)
 
 
 def run_iti(

@@ -6,8 +6,9 @@ layer) of the same prompt, sample and decoding, which shares its sampling seed. 
 is summarised on the log scale (a geometric mean, and the steered/unsteered ratio of the pair), because one
 collapsed continuation's perplexity in the thousands would otherwise be the whole arithmetic mean.
 
-ITI: the unit is the test statement item (its true and false completions), paired across strengths. Optimised
-vectors: the unit is the target sentence.
+ITI: the unit is the test statement item (its true and false completions), paired across strengths; each head's
+probe accuracy on the test statements resamples the same items (an item's true and false statement together,
+:func:`iti_probe_intervals`). Optimised vectors: the unit is the target sentence.
 
 :func:`steering_summary` writes the long table ``results/steering/{model}/summary.parquet``: one row per
 (method, layer, decoding, coefficient, measure, statistic) with ``estimate``, ``ci_low``, ``ci_high``, ``n`` and
@@ -16,9 +17,10 @@ vectors: the unit is the target sentence.
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import polars as pl
 
-from latent_atlas.stats import DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, summarise, summarise_paired
+from latent_atlas.stats import DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, bootstrap_mean, summarise, summarise_paired
 
 GENERATION_METHODS = ("actadd", "mean_difference", "icv")
 PAIR_ON = ("prompt_id", "sample", "decoding")
@@ -131,6 +133,42 @@ def iti_summary(
     change = summarise_paired(items, "correct", "coefficient", 0.0, [], "item", ["item"], **options)
     parts = [_long(accuracy, "correct", "truth_accuracy", MEAN), _long(change, "correct", "truth_accuracy", DIFFERENCE)]
     return pl.concat(parts, how="diagonal_relaxed").join(settings, on="coefficient", how="left")
+
+
+PROBE_INTERVAL_COLUMNS = ("ci_low", "ci_high", "shuffled_ci_low", "shuffled_ci_high", "n", "unit")
+
+
+def iti_probe_intervals(
+    probes: pl.DataFrame,
+    *,
+    replicates: int = DEFAULT_REPLICATES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Each head's test probe accuracy with its item-bootstrap interval, and its shuffled-label control's.
+
+    Adds ``ci_low``, ``ci_high`` (of ``test_accuracy``), ``shuffled_ci_low``, ``shuffled_ci_high`` (of
+    ``shuffled_test_accuracy``), ``n`` test items and ``unit``.
+    ``test_correct`` / ``shuffled_test_correct`` list each test statement's correctness in the order of
+    :meth:`Statements.texts` (item ``i`` is statements ``2i`` and ``2i + 1``); the item is resampled, both its
+    statements together, with one seed for every head and both probes (the same item draws throughout). A
+    table written before the lists were kept gets NaN bounds.
+    """
+    if "test_correct" not in probes.columns:
+        nan = pl.lit(float("nan"))
+        return probes.with_columns(ci_low=nan, ci_high=nan, shuffled_ci_low=nan, shuffled_ci_high=nan,
+                                   n=pl.col("test_statements").cast(pl.Int64) // 2, unit=pl.lit(ITEM))  # fmt: skip
+    options = {"unit": ITEM, "replicates": replicates, "confidence": confidence, "seed": seed}
+    records = []
+    for correct, shuffled in probes.select("test_correct", "shuffled_test_correct").iter_rows():
+        items = np.arange(len(correct)) // 2
+        level = bootstrap_mean(np.asarray(correct, dtype=np.float64), items, **options)
+        control = bootstrap_mean(np.asarray(shuffled, dtype=np.float64), items, **options)
+        records.append({**level.columns(), "shuffled_ci_low": control.low, "shuffled_ci_high": control.high})
+    schema = {"ci_low": pl.Float64, "ci_high": pl.Float64, "n": pl.Int64, "unit": pl.String,
+              "shuffled_ci_low": pl.Float64, "shuffled_ci_high": pl.Float64}  # fmt: skip
+    intervals = pl.DataFrame(records, schema=schema).select(PROBE_INTERVAL_COLUMNS)
+    return pl.concat([probes.drop(PROBE_INTERVAL_COLUMNS, strict=False), intervals], how="horizontal")
 
 
 def optimised_summary(

@@ -205,12 +205,16 @@ class HeadProbes:
     shuffled_weights: torch.Tensor
     shuffled_bias: torch.Tensor
 
-    def accuracy(self, activations: torch.Tensor, labels: torch.Tensor, shuffled: bool = False) -> torch.Tensor:
-        """Accuracy ``(L, H)`` of every head's probe on ``activations`` ``(n, L, H, d_h)`` with ``labels`` ``(n,)``."""
+    def correct(self, activations: torch.Tensor, labels: torch.Tensor, shuffled: bool = False) -> torch.Tensor:
+        """Per row and head, whether the probe reads the row right: ``(n, L, H)`` booleans."""
         weights, bias = (self.shuffled_weights, self.shuffled_bias) if shuffled else (self.weights, self.bias)
         standard = (activations.double() - self.mean) / self.std
         predictions = torch.einsum("nlhf,lhf->nlh", standard, weights) + bias > 0
-        return (predictions == labels.bool()[:, None, None]).double().mean(0).float()
+        return predictions == labels.bool()[:, None, None]
+
+    def accuracy(self, activations: torch.Tensor, labels: torch.Tensor, shuffled: bool = False) -> torch.Tensor:
+        """Accuracy ``(L, H)`` of every head's probe on ``activations`` ``(n, L, H, d_h)`` with ``labels`` ``(n,)``."""
+        return self.correct(activations, labels, shuffled).double().mean(0).float()
 
 
 def _fit_logistic(
