@@ -15,7 +15,7 @@ CONFIG ?= config/config.yaml
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPU_CAP := --resources gpu=$(if $(filter 0,$(GPUS)),1000,$(GPUS))
 
-.PHONY: install run test test-slurm lint report dry-run benchmark clean
+.PHONY: install run test test-slurm lint report dry-run benchmark findings study clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,16 @@ lint: install
 	$(BIN)/ruff format --check src scripts tests benchmarks
 	$(BIN)/snakefmt --check workflow/Snakefile rules/
 	$(BIN)/snakemake --lint --configfile $(CONFIG)
+
+# The CPU study (config/study.yaml: about 2 hours on 2 cores), then its claims copied to docs/study/claims/ and
+# the README's findings section regenerated from them.
+study: install
+	$(BIN)/snakemake --cores $(CORES) --configfile config/study.yaml $(GPU_CAP)
+	mkdir -p docs/study/claims && cp results/claims/*.parquet docs/study/claims/
+	$(MAKE) findings
+
+findings: install
+	$(BIN)/latent-atlas findings $(sort $(wildcard docs/study/claims/*.parquet)) --write README.md --full docs/findings.md
 
 benchmark: install
 	$(BIN)/python benchmarks/extraction.py

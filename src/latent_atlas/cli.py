@@ -72,12 +72,13 @@ def _neighbours(args: argparse.Namespace) -> None:
 
 
 def _findings(args: argparse.Namespace) -> None:
-    """Render claims tables as the findings section; print it, or write it between a file's findings markers."""
+    """Render claims tables: print the full table, or write it (--full) and a summary into a file's section."""
+    import os
     from pathlib import Path
 
     import polars as pl
 
-    from latent_atlas.claims.report import findings_markdown, replace_section
+    from latent_atlas.claims.report import findings_markdown, findings_summary, replace_section
     from latent_atlas.errors import ConfigError
     from latent_atlas.provenance import atomic_output
 
@@ -85,15 +86,20 @@ def _findings(args: argparse.Namespace) -> None:
     if missing:
         raise ConfigError(f"no claims table at {', '.join(missing)}: run the workflow first (rule decide_claims)")
     table = pl.concat([pl.read_parquet(path) for path in args.tables], how="diagonal_relaxed")
-    body = findings_markdown(table, args.source or ", ".join(args.tables))
+    full = findings_markdown(table, args.source or ", ".join(args.tables))
     if not args.write:
-        print(body, end="")
+        print(full, end="")
         return
+    if not args.full:
+        raise ConfigError("--write needs --full FILE: the summary it writes points to the full table there")
     target = Path(args.write)
+    link = os.path.relpath(args.full, target.parent)
     try:
-        text = replace_section(target.read_text(), body)
+        text = replace_section(target.read_text(), findings_summary(table, link))
     except ValueError as error:
         raise ConfigError(f"{target}: {error}") from None
+    with atomic_output(args.full) as tmp:
+        tmp.write_text(f"# Findings\n\n{full}")
     with atomic_output(target) as tmp:
         tmp.write_text(text)
 
@@ -140,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     findings = commands.add_parser("findings", help="render claims tables (results/claims/*.parquet) as Markdown")
     findings.add_argument("tables", nargs="+", help="claims tables, e.g. results/claims/smollm2-135m.registers.parquet")
-    findings.add_argument("--write", help="a Markdown file whose findings section (between markers) to replace")
+    findings.add_argument("--write", help="a Markdown file whose findings section (between markers) gets a summary")
+    findings.add_argument("--full", help="with --write: the Markdown file the full table is written to")
     findings.add_argument("--source", help="how the text names where the tables came from (default: their paths)")
     findings.set_defaults(handler=_findings)
     return parser

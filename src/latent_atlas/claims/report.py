@@ -54,6 +54,39 @@ def findings_markdown(table: pl.DataFrame, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _verdict_cell(rows: pl.DataFrame) -> str:
+    """One cell of the summary: the verdict when every row agrees, else the count of each."""
+    counts = dict(rows.group_by("verdict").len().iter_rows())
+    if len(counts) == 1:
+        verdict, count = next(iter(counts.items()))
+        return VERDICT_MARK.get(verdict, verdict) + (f" ({count}/{count})" if count > 1 else "")
+    return " · ".join(f"{counts[name]} {name}" for name in VERDICT_MARK if name in counts)
+
+
+def findings_summary(table: pl.DataFrame, full: str) -> str:
+    """Markdown: one line per claim and one column per model × corpus, pointing to the full table ``full``.
+
+    A cell is the claim's verdict there, or the count of each verdict over the claim's rows (layers, methods,
+    registers) when they differ; '–' where the claim is not decided for that model and corpus.
+    """
+    columns = table.select("model", "corpus").unique(maintain_order=True).rows()
+    header = ["finding (paper)", *(f"{model} · {corpus}" for model, corpus in columns)]
+    lines = [
+        f"{verdict_counts(table)} over {table.height} rows; every statistic, interval and `n` is in [{full}]({full}).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for _, rows in table.group_by(["claim"], maintain_order=True):
+        first = rows.row(0, named=True)
+        cells = [f"{first['finding']} ({first['paper']})"]
+        for model, corpus in columns:
+            mine = rows.filter((pl.col("model") == model) & (pl.col("corpus") == corpus))
+            cells.append(_verdict_cell(mine) if mine.height else "–")
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def replace_section(text: str, body: str) -> str:
     """``text`` with everything between the findings markers replaced by ``body``."""
     pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), flags=re.DOTALL)
