@@ -8,7 +8,8 @@ import polars as pl
 import seaborn as sns
 from matplotlib.gridspec import GridSpec
 
-from latent_atlas.plots import apply_style, save_figure
+from latent_atlas.neighbourhood.pipeline import stability_summary
+from latent_atlas.plots import PALETTE, apply_style, draw_interval, save_figure
 
 DECODER_ORDER = ("logit", "tuned", "semantic_basis", "inverse_embedding_transpose", "inverse_embedding_pinv", "model")
 FAMILY_ORDER = ("isotropic", "local_pca", "rogue", "ordinary")
@@ -18,6 +19,7 @@ STABILITY_PANELS = (
     ("kl_to_reference", "KL(p_centre ‖ p) [nats]", "symlog"),
 )
 _TOKEN_COLOURS = 8
+_LAYER_DASHES = ("-", "--", ":", "-.")
 
 
 def _decoders(table: pl.DataFrame) -> list[str]:
@@ -33,51 +35,73 @@ def _token_label(token: str) -> str:
     return repr(token)[1:-1][:10]
 
 
+def _stability_lines(
+    axis: plt.Axes, summary: pl.DataFrame, metric: str, colours: dict[str, object], dashes: dict[int, str]
+) -> None:
+    """One line per (family, layer) of ``metric`` against radius, with its 95 % interval over directions as a band."""
+    for family, colour in colours.items():
+        for layer, dash in dashes.items():
+            rows = summary.filter(
+                pl.col("metric") == metric, pl.col("family") == family, pl.col("layer") == layer
+            ).sort("radius")
+            if rows.is_empty():
+                continue
+            label = family if len(dashes) == 1 else f"{family} · resid.{layer}"
+            axis.plot(rows["radius"], rows["value"], color=colour, linestyle=dash, marker="o", markersize=3,
+                      label=label)  # fmt: skip
+            draw_interval(axis, rows["radius"], rows["ci_low"], rows["ci_high"], colour)
+
+
+def _directions_text(summary: pl.DataFrame) -> str:
+    """'16 directions per family' or '4–16 directions per family' (the model decoder reads fewer)."""
+    low, high = int(summary["n"].min()), int(summary["n"].max())
+    return f"{low} directions per family" if low == high else f"{low}–{high} directions per family"
+
+
 def plot_stability(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str) -> None:
     """Metric against radius, one line per direction family (and style per layer), one row per decoder.
 
-    The right-hand panel shows how far the samples are from real data: the distance to the nearest stored
-    state, against the local spacing of the data (the median nearest-other distance among the centre's
-    stored neighbours, dashed).
+    Each point is the mean over the family's sampled directions, its band the 95 % percentile bootstrap over
+    those directions (:func:`latent_atlas.neighbourhood.pipeline.stability_summary`). The right-hand panel
+    shows how far the samples are from real data: the distance to the nearest stored state, against the local
+    spacing of the data (the median nearest-other distance among the centre's stored neighbours, dashed).
     """
     apply_style()
-    samples = table.filter(pl.col("kind") == "sample").with_columns(layer=pl.format("resid.{}", pl.col("layer")))
+    samples = table.filter(pl.col("kind") == "sample")
+    summary = stability_summary(samples)
     decoders = _decoders(samples)
     families = [family for family in FAMILY_ORDER if family in set(samples["family"])]
-    style = "layer" if samples["layer"].n_unique() > 1 else None
+    colours = dict(zip(families, sns.color_palette(PALETTE, n_colors=len(families)), strict=True))
+    dashes = {layer: _LAYER_DASHES[i % len(_LAYER_DASHES)] for i, layer in enumerate(sorted(set(samples["layer"])))}
     figure = plt.figure(figsize=(4.2 * (len(STABILITY_PANELS) + 1), 2.6 * len(decoders) + 0.8))
     grid = GridSpec(len(decoders), len(STABILITY_PANELS) + 1, figure=figure, hspace=0.45, wspace=0.3)
     for row, decoder in enumerate(decoders):
-        data = samples.filter(pl.col("decoder") == decoder).to_pandas()
+        data = summary.filter(pl.col("decoder") == decoder)
         for column, (metric, label, scale) in enumerate(STABILITY_PANELS):
             axis = figure.add_subplot(grid[row, column])
-            legend = row == 0 and column == 0
-            sns.lineplot(
-                data=data, x="radius", y=metric, hue="family", hue_order=families, style=style,
-                errorbar="se", marker="o", markersize=3, ax=axis, legend=legend,
-            )  # fmt: skip
+            _stability_lines(axis, data, metric, colours, dashes)
             axis.set(xlabel="radius / typical norm" if row == len(decoders) - 1 else "", ylabel=label)
-            axis.set_title(f"{decoder}", fontsize=9, loc="left")
+            axis.set_title(f"{decoder} (n = {_directions_text(data)})", fontsize=9, loc="left")
             if scale == "symlog":
                 axis.set_yscale("symlog", linthresh=1e-2)
                 axis.set_ylim(bottom=0)
             else:
                 axis.set_ylim(-0.03, 1.03)
-            if legend:
-                sns.move_legend(axis, "lower left", bbox_to_anchor=(0, 1.12), ncol=6, frameon=False, title=None)
+            if row == 0 and column == 0:
+                axis.legend(loc="lower left", bbox_to_anchor=(0, 1.12), ncol=6, frameon=False)
     axis = figure.add_subplot(grid[:, -1])
-    distances = samples.filter(pl.col("decoder") == decoders[0]).to_pandas()
-    sns.lineplot(
-        data=distances, x="radius", y="nn_distance", hue="family", hue_order=families, style=style,
-        errorbar="se", marker="o", markersize=3, ax=axis, legend=False,
-    )  # fmt: skip
+    _stability_lines(axis, summary.filter(pl.col("decoder") == decoders[0]), "nn_distance", colours, dashes)
     spacing = table.filter(pl.col("kind") == "data", pl.col("decoder") == decoders[0])["nn_distance"].median()
     if spacing is not None:
         axis.axhline(spacing, color="0.4", linestyle="--", linewidth=1)
         axis.annotate("local data spacing", (0, spacing), xytext=(2, 3), textcoords="offset points", fontsize=7)
     axis.set(xlabel="radius / typical norm", ylabel="distance to nearest stored state / typical norm")
     axis.set_title("distance to real data", fontsize=9, loc="left")
-    figure.suptitle(f"Does meaning hold around the point? — {title}", y=1.02)
+    figure.suptitle(
+        f"Does meaning hold around the point? — {title}\n"
+        f"mean over directions; bands: 95 % bootstrap over the {_directions_text(summary)}",
+        y=1.04,
+    )
     save_figure(figure, pdf, png, _stamp(table))
 
 

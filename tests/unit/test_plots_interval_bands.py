@@ -1,0 +1,101 @@
+"""The neighbourhood, lens-agreement and family figures carry their 95 % intervals: summarised, then drawn."""
+
+import numpy as np
+import polars as pl
+import pytest
+from matplotlib.collections import PolyCollection
+
+from latent_atlas.neighbourhood.pipeline import stability_summary
+from latent_atlas.stats import bootstrap_mean
+
+FAMILIES = ("isotropic", "rogue")
+RADII = (0.0, 0.1, 0.4)
+DIRECTIONS = 8
+MODEL_DIRECTIONS = 3
+
+
+def _bands_of(axis) -> list[tuple[float, float]]:
+    """(lowest, highest) y of each filled band on an axis."""
+    found = []
+    for collection in axis.collections:
+        if isinstance(collection, PolyCollection) and collection.get_paths():
+            y = np.concatenate([path.vertices[:, 1] for path in collection.get_paths()])
+            y = y[np.isfinite(y)]
+            found.append((float(y.min()), float(y.max())))
+    return found
+
+
+def _captured(monkeypatch, module) -> dict:
+    drawn: dict = {}
+    monkeypatch.setattr(module, "save_figure", lambda figure, *args: drawn.__setitem__("figure", figure))
+    return drawn
+
+
+# -- neighbourhood stability ---------------------------------------------------------------------------------
+
+
+def _neighbourhood() -> pl.DataFrame:
+    """A point's table: per (decoder, family, radius, direction) metrics, the model reading fewer directions."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for decoder, directions in (("logit", DIRECTIONS), ("model", MODEL_DIRECTIONS)):
+        for family in FAMILIES:
+            for radius in RADII:
+                for sample in range(directions):
+                    rows.append({
+                        "kind": "sample", "layer": 9, "decoder": decoder, "family": family, "radius": radius,
+                        "sample": sample, "top1_retained": float(radius == 0 or rng.random() < 0.6),
+                        "jaccard_topk": 1.0 - radius * rng.random(), "kl_to_reference": radius * rng.random(),
+                        "nn_distance": 0.3 + radius * rng.random(),
+                    })  # fmt: skip
+    data = [{"kind": "data", "layer": 9, "decoder": decoder, "family": "data", "radius": 0.5, "sample": k,
+             "top1_retained": 0.0, "jaccard_topk": 0.0, "kl_to_reference": 1.0, "nn_distance": 0.35}
+            for decoder in ("logit", "model") for k in range(4)]  # fmt: skip
+    identity = {"model": "m", "corpus": "c", "point": "p", "seed": 0}
+    return pl.DataFrame(rows + data).with_columns(**{key: pl.lit(value) for key, value in identity.items()})
+
+
+def test_stability_summary_is_the_direction_bootstrap():
+    table = _neighbourhood()
+    summary = stability_summary(table)
+    assert summary.height == 2 * len(FAMILIES) * len(RADII) * 4  # decoders x families x radii x metrics
+    samples = table.filter(pl.col("kind") == "sample")
+    for decoder, family, radius, metric in [
+        ("logit", "rogue", 0.4, "top1_retained"),
+        ("model", "isotropic", 0.1, "kl_to_reference"),
+        ("logit", "isotropic", 0.1, "nn_distance"),
+    ]:
+        planted = samples.filter(pl.col("decoder") == decoder, pl.col("family") == family, pl.col("radius") == radius)
+        expected = bootstrap_mean(planted[metric].to_numpy(), planted["sample"].to_numpy(), unit="direction")
+        row = summary.filter(pl.col("decoder") == decoder, pl.col("family") == family, pl.col("radius") == radius,
+                             pl.col("metric") == metric).row(0, named=True)  # fmt: skip
+        assert row["value"] == pytest.approx(planted[metric].mean())
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((expected.low, expected.high))
+        assert row["n"] == (DIRECTIONS if decoder == "logit" else MODEL_DIRECTIONS) and row["unit"] == "direction"
+    at_centre = summary.filter(pl.col("radius") == 0.0, pl.col("metric") == "top1_retained")
+    assert (at_centre["ci_low"] == 1.0).all() and (at_centre["ci_high"] == 1.0).all()
+
+
+def test_stability_summary_refuses_a_direction_counted_twice():
+    table = _neighbourhood()
+    with pytest.raises(ValueError, match="several rows"):
+        stability_summary(pl.concat([table, table.filter(pl.col("kind") == "sample").head(1)]))
+
+
+def test_stability_figure_draws_each_familys_band(monkeypatch, tmp_path):
+    import latent_atlas.plots.neighbourhood as plots
+
+    drawn = _captured(monkeypatch, plots)
+    table = _neighbourhood()
+    plots.plot_stability(table, tmp_path / "s.pdf", tmp_path / "s.png", "p")
+    summary = stability_summary(table)
+    axis = next(axis for axis in drawn["figure"].axes if axis.get_ylabel() == "top-1 retained"
+                and axis.get_title(loc="left").startswith("logit"))  # fmt: skip
+    assert axis.get_title(loc="left") == f"logit (n = {DIRECTIONS} directions per family)"
+    bands = _bands_of(axis)
+    assert len(bands) == len(FAMILIES)
+    for family in FAMILIES:
+        rows = summary.filter(pl.col("decoder") == "logit", pl.col("family") == family,
+                              pl.col("metric") == "top1_retained")  # fmt: skip
+        assert (rows["ci_low"].min(), rows["ci_high"].max()) == pytest.approx(bands[FAMILIES.index(family)])
+    assert "95 % bootstrap" in drawn["figure"]._suptitle.get_text()
