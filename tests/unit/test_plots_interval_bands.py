@@ -99,3 +99,46 @@ def test_stability_figure_draws_each_familys_band(monkeypatch, tmp_path):
                               pl.col("metric") == "top1_retained")  # fmt: skip
         assert (rows["ci_low"].min(), rows["ci_high"].max()) == pytest.approx(bands[FAMILIES.index(family)])
     assert "95 % bootstrap" in drawn["figure"]._suptitle.get_text()
+
+
+# -- lens agreement ------------------------------------------------------------------------------------------
+
+
+def _agreement_tokens() -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Per (lens, layer): each held-out token's agreement with the logit lens (0/1) and its document."""
+    rng = np.random.default_rng(5)
+    docs = np.repeat(np.arange(12), rng.integers(3, 9, 12))
+    return {
+        (lens, layer): (rng.random(len(docs)) < 0.3 + 0.15 * layer, docs)
+        for lens in ("logit", "tuned", "semantic_basis")
+        for layer in range(4)
+    }
+
+
+def test_lens_agreement_carries_the_document_bootstrap_and_draws_it(monkeypatch, tmp_path):
+    import latent_atlas.plots.lenses as plots
+    from latent_atlas.lenses.evaluate import DOCUMENT_SCHEMA, curves_from_documents
+
+    tokens = _agreement_tokens()
+    documents = pl.DataFrame(
+        [{"lens": lens, "layer": layer, "metric": "agreement_with_logit", "doc": int(doc),
+          "sum": float(agree[docs == doc].sum()), "count": int((docs == doc).sum())}
+         for (lens, layer), (agree, docs) in tokens.items() for doc in np.unique(docs)],
+        schema=DOCUMENT_SCHEMA,
+    )  # fmt: skip
+    curves = curves_from_documents(documents).with_columns(model=pl.lit("m"), corpus=pl.lit("c"), split=pl.lit("s"))
+    for (lens, layer), (agree, docs) in tokens.items():
+        expected = bootstrap_mean(agree.astype(float), docs, unit="document")
+        row = curves.filter(pl.col("lens") == lens, pl.col("layer") == layer).row(0, named=True)
+        assert row["value"] == pytest.approx(agree.mean())
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((expected.low, expected.high))
+        assert row["n"] == 12 and row["unit"] == "document"
+    drawn = _captured(monkeypatch, plots)
+    plots.plot_lens_agreement(curves, tmp_path / "a.pdf", tmp_path / "a.png", "m")
+    (axis,) = drawn["figure"].axes
+    bands = _bands_of(axis)
+    assert len(bands) == 2  # tuned and semantic_basis; the logit lens agrees with itself and is not drawn
+    for band, lens in zip(bands, ("tuned", "semantic_basis"), strict=True):
+        rows = curves.filter(pl.col("lens") == lens)
+        assert band == pytest.approx((rows["ci_low"].min(), rows["ci_high"].max()))
+    assert "95 % bootstrap over 12 held-out documents" in drawn["figure"]._suptitle.get_text()

@@ -38,6 +38,13 @@ def _lines(axis: plt.Axes, data: pl.DataFrame, metric: str, legend: bool) -> Non
         draw_interval(axis, rows["layer"], rows["ci_low"], rows["ci_high"], COLOURS[lens])
 
 
+def _band_note(table: pl.DataFrame) -> str:
+    """'bands: 95 % bootstrap over N held-out documents', or '' when the table has no document intervals."""
+    with_unit = table.filter(pl.col("unit") == "document") if "unit" in table.columns else table.clear()
+    documents = int(with_unit["n"].max()) if with_unit.height else 0  # the median rank's n counts tokens
+    return f"bands: 95 % bootstrap over {documents} held-out documents" if documents else ""
+
+
 def plot_lens_comparison(
     table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str
 ) -> None:
@@ -56,9 +63,7 @@ def plot_lens_comparison(
         else:
             axis.set_yscale(scale)
     sns.move_legend(axes[0, 0], "upper left", bbox_to_anchor=(0, -1.37), ncol=3, frameon=False, title=None)
-    with_unit = table.filter(pl.col("unit") == "document") if "unit" in table.columns else table.clear()
-    documents = int(with_unit["n"].max()) if with_unit.height else 0  # the median rank's n counts tokens
-    band = f"; bands: 95 % bootstrap over {documents} held-out documents" if documents else ""
+    band = f"; {note}" if (note := _band_note(table)) else ""
     figure.suptitle(
         f"Vocabulary lenses and the identity patchscope by layer — {title}\n"
         f"semantic-basis and inverse-embedding lenses at one temperature per layer, fitted on training tokens{band}"
@@ -69,13 +74,19 @@ def plot_lens_comparison(
 def plot_lens_agreement(
     table: pl.DataFrame, pdf: str | os.PathLike[str], png: str | os.PathLike[str], title: str
 ) -> None:
-    """Top-1 agreement of every lens with the ordinary logit lens, by layer (semantic bases vs logits)."""
+    """Top-1 agreement of every lens with the ordinary logit lens, by layer (semantic bases vs logits).
+
+    Where the table carries ``ci_low``/``ci_high`` (the document bootstrap of
+    :func:`latent_atlas.lenses.evaluate.curves_from_documents`), each line has its interval as a band.
+    """
     apply_style()
     figure, axis = plt.subplots(figsize=(6.5, 4))
-    _lines(axis, table.filter(pl.col("lens") != "logit"), "agreement_with_logit", legend=True)
+    agreement = table.filter(pl.col("lens") != "logit", pl.col("metric") == "agreement_with_logit")
+    _lines(axis, agreement, "agreement_with_logit", legend=True)
     axis.set(xlabel="layer (resid.LL)", ylabel="top-1 agreement with the logit lens", ylim=(-0.02, 1.02))
     sns.move_legend(axis, "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title=None)
-    figure.suptitle(f"Agreement with ordinary logits — {title}")
+    note = _band_note(agreement)
+    figure.suptitle(f"Agreement with ordinary logits — {title}" + (f"\n{note}" if note else ""))
     save_figure(figure, pdf, png, f"{table['model'][0]} · {table['corpus'][0]} · {table['split'][0]}")
 
 
