@@ -142,3 +142,117 @@ def test_lens_agreement_carries_the_document_bootstrap_and_draws_it(monkeypatch,
         rows = curves.filter(pl.col("lens") == lens)
         assert band == pytest.approx((rows["ci_low"].min(), rows["ci_high"].max()))
     assert "95 % bootstrap over 12 held-out documents" in drawn["figure"]._suptitle.get_text()
+
+
+# -- family geometry and lenses ------------------------------------------------------------------------------
+
+MEMBERS = ("fam-a", "fam-b")
+PRETRAINED = "pre"
+FAMILY_DOCUMENTS = 10
+
+
+def _per_document(model: str, layer: int, metric: str) -> np.ndarray:
+    """A planted per-document value of one (model, layer, metric): what a member's document bootstrap resamples."""
+    seed = (*MEMBERS, PRETRAINED).index(model) * 100 + layer * 10 + sum(map(ord, metric))
+    return np.random.default_rng(seed).normal(0.5 + 0.1 * layer, 0.2, FAMILY_DOCUMENTS)
+
+
+def _interval(model: str, layer: int, metric: str):
+    values = _per_document(model, layer, metric)
+    return bootstrap_mean(values, np.arange(FAMILY_DOCUMENTS), unit="document")
+
+
+def _member_geometry(model: str, depth: int, with_interval: bool) -> pl.DataFrame:
+    from latent_atlas.geometry.measure import METRIC_SCHEMA
+
+    rows = []
+    for layer in range(depth + 1):
+        for metric in ("mean_cosine", "effective_rank", "twonn"):
+            fixed = {"layer": layer, "register": "all", "processing": "none", "metric": metric, "n": 256}
+            row = {key: None for key in METRIC_SCHEMA} | fixed | {"massive_tokens": "removed"}
+            interval = _interval(model, layer, metric)
+            row["value"] = interval.estimate
+            if with_interval and metric != "twonn":  # TwoNN has no interval
+                row |= {"ci_low": interval.low, "ci_high": interval.high, "documents": interval.n, "unit": "document"}
+            rows.append(row)
+    table = pl.DataFrame(rows, schema=METRIC_SCHEMA)
+    if not with_interval:  # a table from before the bootstrap: no interval columns at all
+        table = table.drop("ci_low", "ci_high", "documents", "unit")
+    return table.with_columns(model=pl.lit(model), corpus=pl.lit("c"))
+
+
+def _member_lenses(model: str, depth: int) -> pl.DataFrame:
+    rows = []
+    for lens in ("logit", "tuned"):
+        for layer in range(depth + 1):
+            for metric in ("kl_to_final", "ce_next_token"):
+                interval = _interval(model, layer, f"{lens}{metric}")
+                rows.append({"model": model, "corpus": "c", "split": "heldout", "lens": lens,
+                             "address": f"resid.{layer:02d}", "layer": layer, "metric": metric,
+                             "value": interval.estimate, "n_tokens": 300} | interval.columns())  # fmt: skip
+    return pl.DataFrame(rows)
+
+
+def _gathered(tmp_path):
+    """The family tables as scripts/summarise_family.py gathers them from each model's own tables."""
+    from latent_atlas.provenance import read_tables
+    from latent_atlas.training.evaluate import add_rank_fraction, lens_depths, tag_models
+
+    depths = {"fam-a": 4, "fam-b": 4, PRETRAINED: 6}
+    geometry_paths, lens_paths = [], []
+    for model, depth in depths.items():
+        geometry_paths.append(tmp_path / f"{model}.geometry.parquet")
+        _member_geometry(model, depth, with_interval=model != PRETRAINED).write_parquet(geometry_paths[-1])
+        lens_paths.append(tmp_path / f"{model}.lenses.parquet")
+        _member_lenses(model, depth).write_parquet(lens_paths[-1])
+    widths = dict.fromkeys(depths, 64)
+    geometry = tag_models(add_rank_fraction(read_tables(geometry_paths), widths), list(MEMBERS))
+    geometry = geometry.with_columns(relative_depth=pl.col("layer") / pl.col("model").replace_strict(depths))
+    lenses = tag_models(lens_depths(read_tables(lens_paths), depths), list(MEMBERS))
+    return geometry, lenses
+
+
+def test_the_family_tables_keep_each_members_interval(tmp_path):
+    geometry, lenses = _gathered(tmp_path)
+    row = geometry.filter(pl.col("model") == "fam-b", pl.col("layer") == 3, pl.col("metric") == "mean_cosine").row(
+        0, named=True
+    )
+    expected = _interval("fam-b", 3, "mean_cosine")
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((expected.low, expected.high))
+    assert row["documents"] == FAMILY_DOCUMENTS and row["unit"] == "document"
+    fraction = geometry.filter(pl.col("model") == "fam-a", pl.col("layer") == 2,
+                               pl.col("metric") == "effective_rank_fraction").row(0, named=True)  # fmt: skip
+    expected = _interval("fam-a", 2, "effective_rank")
+    assert (fraction["ci_low"], fraction["ci_high"]) == pytest.approx((expected.low / 64, expected.high / 64))
+    assert geometry.filter(pl.col("model") == PRETRAINED)["ci_low"].null_count() == 7 * 4  # no interval: kept null
+    row = lenses.filter(pl.col("model") == PRETRAINED, pl.col("lens") == "tuned", pl.col("layer") == 5,
+                        pl.col("metric") == "kl_to_final").row(0, named=True)  # fmt: skip
+    expected = _interval(PRETRAINED, 5, "tunedkl_to_final")
+    assert (row["ci_low"], row["ci_high"], row["n"]) == pytest.approx((expected.low, expected.high, FAMILY_DOCUMENTS))
+
+
+def test_family_figures_draw_each_models_band(monkeypatch, tmp_path):
+    import latent_atlas.plots.training as plots
+
+    geometry, lenses = _gathered(tmp_path)
+    drawn = _captured(monkeypatch, plots)
+    plots.plot_family_geometry(geometry, tmp_path / "g.pdf", tmp_path / "g.png", "fam",
+                               metrics=("mean_cosine", "twonn"))  # fmt: skip
+    cosine, twonn = (axis for axis in drawn["figure"].axes if axis.get_visible() and axis.get_title())
+    bands = _bands_of(cosine)
+    assert len(bands) == len(MEMBERS)  # the pretrained table has no interval: its line alone
+    for band, model in zip(bands, MEMBERS, strict=True):
+        rows = geometry.filter(pl.col("model") == model, pl.col("metric") == "mean_cosine")
+        assert band == pytest.approx((rows["ci_low"].min(), rows["ci_high"].max()))
+    assert _bands_of(twonn) == []
+    assert f"bands: 95 % bootstrap over {FAMILY_DOCUMENTS} documents" in drawn["figure"]._suptitle.get_text()
+
+    plots.plot_family_lenses(lenses, tmp_path / "l.pdf", tmp_path / "l.png", "fam")
+    axes = [axis for axis in drawn["figure"].axes if axis.get_visible() and axis.get_title()]
+    kl_tuned = next(axis for axis in axes if axis.get_title() == "tuned lens" and "KL" in axis.get_ylabel())
+    bands = _bands_of(kl_tuned)
+    assert len(bands) == len(MEMBERS) + 1
+    for band, model in zip(bands, (*MEMBERS, PRETRAINED), strict=True):
+        rows = lenses.filter(pl.col("model") == model, pl.col("lens") == "tuned", pl.col("metric") == "kl_to_final")
+        assert band == pytest.approx((rows["ci_low"].min(), rows["ci_high"].max()))
+    assert f"bands: 95 % bootstrap over {FAMILY_DOCUMENTS} documents" in drawn["figure"]._suptitle.get_text()

@@ -114,6 +114,35 @@ def _depth_lines(axis: plt.Axes, data: pl.DataFrame, styles: dict[str, dict[str,
             axis.plot(line["relative_depth"], line["value"], marker="o", markersize=2.5, label=model, **style)
 
 
+def _depth_bands(axis: plt.Axes, data: pl.DataFrame, styles: dict[str, dict[str, object]], count: str) -> set[int]:
+    """Each model's 95 % interval against relative depth as a band, where its rows carry one.
+
+    Rows without a finite ``ci_low``/``ci_high`` (metrics without an interval, tables from before the
+    bootstrap) draw nothing. Returns the unit counts (column ``count``) behind the bands drawn.
+    """
+    if not {"ci_low", "ci_high"} <= set(data.columns):
+        return set()
+    units: set[int] = set()
+    finite = pl.col("ci_low").is_not_null() & pl.col("ci_high").is_not_null()
+    for model, style in styles.items():
+        rows = data.filter((pl.col("model") == model) & finite).sort("relative_depth")
+        rows = rows.filter(pl.col("ci_low").is_finite() & pl.col("ci_high").is_finite())
+        if rows.is_empty():
+            continue
+        draw_interval(axis, rows["relative_depth"], rows["ci_low"], rows["ci_high"], style["color"])
+        if count in rows.columns:
+            units |= {int(n) for n in rows[count].drop_nulls().to_list()}
+    return units
+
+
+def _band_text(units: set[int], noun: str) -> str:
+    """'; bands: 95 % bootstrap over 36 documents' (or '26–36 documents'), or '' when no band was drawn."""
+    if not units:
+        return ""
+    low, high = min(units), max(units)
+    return f"; bands: 95 % bootstrap over {low if low == high else f'{low}–{high}'} {noun}"
+
+
 def _model_legend(figure: plt.Figure, styles: dict[str, dict[str, object]]) -> None:
     """One legend for the figure, right of the panels."""
     handles = [Line2D([], [], marker="o", markersize=2.5, label=model, **style) for model, style in styles.items()]
@@ -298,12 +327,16 @@ def plot_family_geometry(
     members, pretrained = _models(data)
     styles = _line_styles(members, pretrained)
     figure, axes = _grid(len(names))
+    documents: set[int] = set()
     for axis, metric in zip(axes, names, strict=False):
-        _depth_lines(axis, data.filter(pl.col("metric") == metric), styles)
+        rows = data.filter(pl.col("metric") == metric)
+        _depth_lines(axis, rows, styles)
+        documents |= _depth_bands(axis, rows, styles, "documents")
         axis.set(title=_label(metric), xlabel=_DEPTH_LABEL, ylabel="", xlim=(-0.02, 1.02))
     figure.suptitle(
         f"Geometry by relative depth, raw states, {_count(len(members), 'member')} and "
-        f"{_count(len(pretrained), 'pretrained model')} ({_n_text(data['n'], 'states per point')}) — {title}"
+        f"{_count(len(pretrained), 'pretrained model')} ({_n_text(data['n'], 'states per point')}"
+        f"{_band_text(documents, 'documents')}) — {title}"
     )
     figure.tight_layout()
     _model_legend(figure, styles)
@@ -324,8 +357,11 @@ def plot_family_lenses(lenses: pl.DataFrame, pdf: Path, png: Path, title: str) -
     members, pretrained = _models(lenses)
     styles = _line_styles(members, pretrained)
     figure, axes = _grid(len(panels), columns=2 if len(panels) in (2, 4) else 3)
+    documents: set[int] = set()
     for axis, (lens, metric, label, scale) in zip(axes, panels, strict=False):
-        _depth_lines(axis, lenses.filter((pl.col("lens") == lens) & (pl.col("metric") == metric)), styles)
+        rows = lenses.filter((pl.col("lens") == lens) & (pl.col("metric") == metric))
+        _depth_lines(axis, rows, styles)
+        documents |= _depth_bands(axis, rows, styles, "n")
         axis.set(title=f"{lens} lens", xlabel=_DEPTH_LABEL, ylabel=label, xlim=(-0.02, 1.02))
         if scale == "symlog":  # KL is 0 at the last layer for the logit and tuned lenses: keep it on the axis
             axis.set_yscale("symlog", linthresh=1e-2)
@@ -334,7 +370,8 @@ def plot_family_lenses(lenses: pl.DataFrame, pdf: Path, png: Path, title: str) -
             axis.set_yscale(scale)
     figure.suptitle(
         f"Lenses by relative depth, {_count(len(members), 'member')} and "
-        f"{_count(len(pretrained), 'pretrained model')} ({_n_text(lenses['n_tokens'], 'tokens')}) — {title}"
+        f"{_count(len(pretrained), 'pretrained model')} ({_n_text(lenses['n_tokens'], 'tokens')}"
+        f"{_band_text(documents, 'documents')}) — {title}"
     )
     figure.tight_layout()
     _model_legend(figure, styles)
