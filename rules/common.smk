@@ -131,9 +131,21 @@ def get_claims_output(models, corpora):
     )
 
 
+CLAIMS_SECTIONS = [
+    "lenses",
+    "geometry",
+    "evaluation",
+    "steering",
+    "readers",
+    "training",
+]
+
+
 def claims_settings():
-    """What the claims read of the config: every analysis section (their models, layers and thresholds)."""
-    return {key: value for key, value in config.items() if key != "paths"}
+    """What the claims read of the config: the sections of the analyses they judge and run (without probes),
+    so that a changed probe or neighbourhood point re-decides nothing."""
+    run = {key: value for key, value in config["run"].items() if key != "probes"}
+    return {"run": run} | {key: config[key] for key in CLAIMS_SECTIONS if key in config}
 
 
 def get_claims_inputs(wildcards):

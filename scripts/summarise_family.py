@@ -23,8 +23,10 @@ with job_log(snakemake.log[0]) as log:
     inputs, out = snakemake.input, snakemake.output
     documents = tag_models(read_tables(inputs.documents), members)
     matrix = performance_matrix([pl.read_parquet(path) for path in inputs.performance], mixtures)
-    checks = specialisation(matrix, mixtures).join(
-        specialisation_intervals(documents, mixtures), on="register", how="full", coalesce=True
+    checks = (
+        specialisation(matrix, mixtures)
+        .join(specialisation_intervals(documents, mixtures), on="register", how="full", coalesce=True)
+        .sort("register")
     )
     manifests = [json.loads(Path(path).read_text()) for path in inputs.manifests]
     n_layers = {manifest["name"]: manifest["n_layers"] for manifest in manifests}

@@ -211,8 +211,29 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
     assert "Mickus et al.'s confound" in html and "registers.performance.png" in html  # geometry captions
     assert "debian.performance.png" in html and "differ only in" in html  # the training family's figures
     assert "smollm2-135m.clustering.png" in html and "so the model does not grade itself" in html  # readers
+    assert "smollm2-135m.registers.claims.png" in html and "A claim that fails is a result" in html  # claims
 
+    _check_claims(root)
     _check_reruns(args, root)
+
+
+def _check_claims(root: Path) -> None:
+    """Every area decided its claims on the real tables; verdicts follow the intervals; figures exist."""
+    import polars as pl
+
+    from latent_atlas.claims import verdict
+
+    claims = pl.read_parquet(root / "results/claims/smollm2-135m.registers.parquet")
+    assert set(claims["area"]) == {"lenses", "geometry", "steering", "readers", "training"}, claims["area"].unique()
+    assert set(claims["verdict"]) <= {"holds", "fails", "inconclusive"} and (claims["n"] >= 0).all()
+    for row in claims.iter_rows(named=True):
+        assert row["verdict"] == verdict(row["ci_low"], row["ci_high"], row["threshold"], row["holds_when"]), row
+    gemma = pl.read_parquet(root / "results/claims/gemma3-270m.registers.parquet")
+    assert set(gemma["area"]) <= {"geometry", "training"}  # ci.yaml runs lenses, steering and readers on SmolLM2
+    for ext, magic in (("pdf", b"%PDF"), ("png", b"\x89PNG")):
+        assert (root / f"results/figures/claims/smollm2-135m.registers.claims.{ext}").read_bytes()[:4] == magic
+        steered = root / f"results/figures/neighbourhood/smollm2-135m.registers.steered-states.{ext}"
+        assert steered.read_bytes()[:4] == magic
 
 
 def _planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
@@ -254,12 +275,12 @@ def _check_reruns(args: list[str], root: Path) -> None:
     judge = root / "changed-judge.yaml"
     judge.write_text(yaml.safe_dump({"readers": {"elm": {"judge": None, "max_new_tokens": 4}}}))
     jobs = _planned_jobs(snakemake(*args, str(judge), "--dry-run"))
-    assert set(jobs) == {"evaluate_elm", "plot_readers", "all"}, jobs
+    assert set(jobs) == {"evaluate_elm", "plot_readers", "decide_claims", "all"}, jobs  # the ELM's claims read it
     # comparing one task fewer re-draws the figure and re-runs no comparison
     tasks = root / "changed-tasks.yaml"
     tasks.write_text(yaml.safe_dump({"readers": {"clustering": {"tasks": ["registers"]}}}))
     jobs = _planned_jobs(snakemake(*args, str(tasks), "--dry-run"))
-    assert set(jobs) == {"plot_readers", "all"}, jobs
+    assert set(jobs) == {"plot_readers", "decide_claims", "all"}, jobs
 
 
 def _check_readers(root: Path, smollm2: dict) -> None:

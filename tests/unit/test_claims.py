@@ -1,6 +1,7 @@
 """The claims' verdict rule, their gathering over areas, and how they are rendered (table, README, figure)."""
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from latent_atlas import claims as claims_module
 from latent_atlas.claims import AREAS, CLAIM_SCHEMA, Claim, gather, verdict
-from latent_atlas.claims.report import END, START, claims_html, findings_markdown, replace_section
+from latent_atlas.claims.report import END, START, claims_html, findings_markdown, findings_summary, replace_section
 from latent_atlas.cli import main
 from latent_atlas.config import load_yaml, validate_config
 from latent_atlas.plots.claims import plot_claims
@@ -82,6 +83,9 @@ def test_every_area_reads_results_tables_and_nothing_for_an_unconfigured_model()
         assert module.inputs(config, "no-such-model", "registers") == {}, name
         paths = module.inputs(config, "smollm2-135m", "registers")
         assert paths and all(path.startswith("results/") for path in paths.values()), name
+    for section in ("lenses", "steering", "readers"):  # a null `models` means every model of run.models
+        everyone = {**config, section: {**config[section], "models": None}}
+        assert claims_module.area(section).inputs(everyone, "smollm2-135m", "registers"), section
 
 
 def _table() -> pl.DataFrame:
@@ -106,16 +110,34 @@ def test_replace_section_rewrites_only_between_the_markers() -> None:
         replace_section("no markers here", "x")
 
 
-def test_findings_command_writes_the_readme_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    table_path, readme = tmp_path / "m.c.parquet", tmp_path / "README.md"
+def test_findings_command_writes_the_summary_and_the_full_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table_path, readme, full = tmp_path / "m.c.parquet", tmp_path / "README.md", tmp_path / "docs" / "findings.md"
     _table().write_parquet(table_path)
     readme.write_text(f"# title\n{START}\n{END}\nend\n")
-    assert main(["findings", str(table_path), "--write", str(readme), "--source", "study.yaml"]) == 0
+    assert main(["findings", str(table_path), "--write", str(readme), "--full", str(full), "--source", "study"]) == 0
     written = readme.read_text()
     assert written.startswith("# title\n") and written.endswith(f"{END}\nend\n")
-    assert "Generated from `study.yaml`" in written and "finding b" in written
+    assert "1 holds, 1 fails, 2 inconclusive over 4 rows" in written and "(docs/findings.md)" in written
+    assert (
+        "| finding a (Doe et al. 2024) | holds |" in written
+        and "| finding d (Doe et al. 2024) | *inconclusive* |" in written
+    )
+    assert full.read_text().startswith("# Findings\n\nGenerated from `study`") and "finding b" in full.read_text()
+    assert main(["findings", str(table_path), "--write", str(readme)]) == 2
     assert main(["findings", str(tmp_path / "absent.parquet")]) == 2
     assert "run the workflow first" in capsys.readouterr().err
+
+
+def test_summary_counts_verdicts_over_a_claim_s_rows() -> None:
+    rows = [_claim("a", 0.3, 0.1, 0.5), _claim("a", -0.2, -0.4, -0.1), _claim("a", 0.2, 0.1, 0.3)]
+    table = pl.DataFrame([{"model": "m", "corpus": "c", "area": "x", **row.__dict__} for row in rows],
+                         schema=CLAIM_SCHEMA)  # fmt: skip
+    other = table.head(1).with_columns(corpus=pl.lit("d"))
+    text = findings_summary(pl.concat([table, other]), "f.md")
+    assert "| finding (paper) | m · c | m · d |" in text
+    assert "| finding a (Doe et al. 2024) | 2 holds · 1 fails | holds |" in text
 
 
 def test_html_page_and_figure_show_every_claim(tmp_path: Path) -> None:
@@ -132,3 +154,20 @@ def test_claims_inputs_import_no_torch_so_a_dry_run_stays_fast() -> None:
         "[area(name) for name in AREAS]\nassert 'torch' not in sys.modules, 'an area module imports torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_and_docs_findings_are_generated_from_the_study_claims(tmp_path: Path) -> None:
+    tables = sorted(str(path.relative_to(REPO)) for path in (REPO / "docs/study/claims").glob("*.parquet"))
+    if not tables:
+        pytest.skip("no claims tables in docs/study/claims/ yet (make study, or make findings after a run, puts them)")
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text())
+    cwd = Path.cwd()
+    try:
+        os.chdir(REPO)
+        assert main(["findings", *tables, "--write", str(readme), "--full", str(tmp_path / "docs/findings.md")]) == 0
+    finally:
+        os.chdir(cwd)
+    stale = "stale: run `make findings`"
+    assert readme.read_text() == (REPO / "README.md").read_text(), f"README's findings are {stale}"
+    assert (tmp_path / "docs/findings.md").read_text() == (REPO / "docs/findings.md").read_text(), stale

@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 
 from latent_atlas.claims import Claim
+from latent_atlas.config import analysis_models
 
 PAPER = "Belrose et al. 2023 (tuned lens)"
 LAST_LAYER_BOUND = 1e-6
@@ -22,7 +23,7 @@ METRIC = "kl_to_final"
 
 def inputs(config: Mapping[str, Any], model: str, corpus: str) -> dict[str, str]:
     """The lens curves and their per-document sums, when the lens section runs on ``model``."""
-    if model not in config.get("lenses", {}).get("models", []):
+    if model not in analysis_models(config, "lenses"):  # lenses.models null: every model of run.models
         return {}
     return {
         "curves": f"results/lenses/{model}/{corpus}.parquet",
