@@ -78,7 +78,7 @@ def _findings(args: argparse.Namespace) -> None:
 
     import polars as pl
 
-    from latent_atlas.claims.report import findings_markdown, findings_summary, replace_section
+    from latent_atlas.claims.report import findings_markdown, findings_summary, replace_section, table_source
     from latent_atlas.errors import ConfigError
     from latent_atlas.provenance import atomic_output
 
@@ -86,7 +86,7 @@ def _findings(args: argparse.Namespace) -> None:
     if missing:
         raise ConfigError(f"no claims table at {', '.join(missing)}: run the workflow first (rule decide_claims)")
     table = pl.concat([pl.read_parquet(path) for path in args.tables], how="diagonal_relaxed")
-    full = findings_markdown(table, args.source or ", ".join(args.tables))
+    full = findings_markdown(table, args.source or ", ".join(table_source(path) for path in args.tables))
     if not args.write:
         print(full, end="")
         return

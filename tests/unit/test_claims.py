@@ -15,6 +15,7 @@ from latent_atlas.claims.report import END, START, claims_html, findings_markdow
 from latent_atlas.cli import main
 from latent_atlas.config import load_yaml, validate_config
 from latent_atlas.plots.claims import plot_claims
+from latent_atlas.provenance import write_parquet_with_provenance
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,7 +125,10 @@ def test_findings_command_writes_the_summary_and_the_full_table(
         "| finding a (Doe et al. 2024) | holds |" in written
         and "| finding d (Doe et al. 2024) | *inconclusive* |" in written
     )
-    assert full.read_text().startswith("# Findings\n\nGenerated from `study`") and "finding b" in full.read_text()
+    assert full.read_text().startswith("# Findings\n\nGenerated from study") and "finding b" in full.read_text()
+    write_parquet_with_provenance(_table(), table_path, {"code_version": "0.1.0+gabc", "config_hash": "f00"})
+    assert main(["findings", str(table_path)]) == 0
+    assert f"Generated from `{table_path}` (code 0.1.0+gabc, config f00)" in capsys.readouterr().out
     assert main(["findings", str(table_path), "--write", str(readme)]) == 2
     assert main(["findings", str(tmp_path / "absent.parquet")]) == 2
     assert "run the workflow first" in capsys.readouterr().err

@@ -25,6 +25,19 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
+def table_source(path: str) -> str:
+    """``path (code <version>, config <hash>)`` from a claims table's provenance metadata (just ``path`` without)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_metadata(path).metadata or {}).get(b"latent_atlas")
+    if not raw:
+        return f"`{path}`"
+    meta = json.loads(raw)
+    return f"`{path}` (code {meta.get('code_version', '?')}, config {meta.get('config_hash', '?')})"
+
+
 def interval_text(row: dict) -> str:
     """``estimate [low, high]`` (or the exact value when the statistic has no sampling)."""
     if row["unit"] == "exact":
@@ -40,7 +53,7 @@ def verdict_counts(table: pl.DataFrame) -> str:
 
 def findings_markdown(table: pl.DataFrame, source: str) -> str:
     """Markdown: per model × corpus, one line per claim row with its statistic, interval, n and verdict."""
-    lines = [f"Generated from `{source}` by `latent-atlas findings`; 95 % bootstrap intervals over the named unit."]
+    lines = [f"Generated from {source} by `latent-atlas findings`; 95 % bootstrap intervals over the named unit."]
     for (model, corpus), rows in table.group_by(["model", "corpus"], maintain_order=True):
         lines += ["", f"**{model} on {corpus}** ({verdict_counts(rows)})", ""]
         lines += ["| finding (paper) | statistic | estimate [95 % CI] | n | verdict |", "|---|---|---|---|---|"]
