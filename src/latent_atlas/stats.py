@@ -23,7 +23,8 @@ import polars as pl
 MIN_UNITS = 3
 DEFAULT_REPLICATES = 1000
 DEFAULT_CONFIDENCE = 0.95
-INTERVAL_COLUMNS = ("ci_low", "ci_high", "n", "unit")
+INTERVAL_SCHEMA = {"ci_low": pl.Float64, "ci_high": pl.Float64, "n": pl.Int64, "unit": pl.String}
+INTERVAL_COLUMNS = tuple(INTERVAL_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -202,8 +203,7 @@ def summarise(
             replicates=replicates, confidence=confidence, seed=seed,
         )  # fmt: skip
         records.append({**dict(zip(by, key, strict=True)), value: interval.estimate, **interval.columns()})
-    schema = {**{name: rows.schema[name] for name in by}, value: pl.Float64, "ci_low": pl.Float64,
-              "ci_high": pl.Float64, "n": pl.Int64, "unit": pl.String}  # fmt: skip
+    schema = {**{name: rows.schema[name] for name in by}, value: pl.Float64, **INTERVAL_SCHEMA}
     return pl.DataFrame(records, schema=schema)
 
 
@@ -240,6 +240,6 @@ def summarise_paired(
             records.append(
                 {**dict(zip(by, key, strict=True)), condition: treated, value: interval.estimate, **interval.columns()}
             )
-    schema = {**{name: rows.schema[name] for name in by}, condition: rows.schema[condition], value: pl.Float64,
-              "ci_low": pl.Float64, "ci_high": pl.Float64, "n": pl.Int64, "unit": pl.String}  # fmt: skip
+    schema = {**{name: rows.schema[name] for name in by}, condition: rows.schema[condition], value: pl.Float64}
+    schema |= INTERVAL_SCHEMA
     return pl.DataFrame(records, schema=schema)

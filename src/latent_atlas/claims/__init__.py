@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import polars as pl
 
+from latent_atlas.stats import INTERVAL_SCHEMA
+
 AREAS = ("lenses", "geometry", "steering", "readers", "training")
 VERDICTS = ("holds", "fails", "inconclusive")
 
@@ -36,10 +38,7 @@ CLAIM_SCHEMA = {
     "finding": pl.String,
     "statistic": pl.String,
     "estimate": pl.Float64,
-    "ci_low": pl.Float64,
-    "ci_high": pl.Float64,
-    "n": pl.Int64,
-    "unit": pl.String,
+    **INTERVAL_SCHEMA,
     "threshold": pl.Float64,
     "holds_when": pl.String,
     "verdict": pl.String,

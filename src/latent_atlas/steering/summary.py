@@ -20,7 +20,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from latent_atlas.stats import DEFAULT_CONFIDENCE, DEFAULT_REPLICATES, bootstrap_mean, summarise, summarise_paired
+from latent_atlas.stats import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_REPLICATES,
+    INTERVAL_SCHEMA,
+    bootstrap_mean,
+    summarise,
+    summarise_paired,
+)
 
 GENERATION_METHODS = ("actadd", "mean_difference", "icv")
 PAIR_ON = ("prompt_id", "sample", "decoding")
@@ -37,10 +44,7 @@ SUMMARY_SCHEMA = {
     "measure": pl.String,
     "statistic": pl.String,
     "estimate": pl.Float64,
-    "ci_low": pl.Float64,
-    "ci_high": pl.Float64,
-    "n": pl.Int64,
-    "unit": pl.String,
+    **INTERVAL_SCHEMA,
     "off_target_kl": pl.Float64,
     "relative_norm": pl.Float64,
 }
