@@ -62,6 +62,19 @@ class _PlantedArea:
         return [_claim("planted", float(values.mean()), float(values.min()), float(values.max()))]
 
 
+def test_a_claim_from_an_interval_row_takes_its_bounds_and_reads_missing_ones_as_nan() -> None:
+    fields = {"claim": "c", "paper": "p", "finding": "f", "statistic": "s", "threshold": 0.0, "holds_when": "above"}
+    row = {"value": 0.4, "ci_low": 0.1, "ci_high": 0.7, "n": 12, "unit": "document"}
+    claim = Claim.from_row(row, **fields)
+    assert (claim.estimate, claim.ci_low, claim.ci_high, claim.n, claim.unit) == (0.4, 0.1, 0.7, 12, "document")
+    assert claim.verdict == "holds"
+    missing = Claim.from_row({**row, "ci_low": None, "ci_high": None}, **fields)
+    assert math.isnan(missing.ci_low) and math.isnan(missing.ci_high) and missing.verdict == "inconclusive"
+    renamed = Claim.from_row({"rho": -0.5, "ci_low": -0.9, "ci_high": -0.2, "n": 5.0, "unit": "x"}, estimate="rho",
+                             **{**fields, "unit": "register"})  # fmt: skip
+    assert (renamed.estimate, renamed.n, renamed.unit, renamed.verdict) == (-0.5, 5, "register", "fails")
+
+
 def test_gather_reads_each_area_s_tables_and_keeps_the_schema(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     path = tmp_path / "scores.parquet"
     pl.DataFrame({"value": [0.1, 0.2, 0.4]}).write_parquet(path)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import polars as pl
 
-from latent_atlas.stats import INTERVAL_SCHEMA
+from latent_atlas.stats import INTERVAL_SCHEMA, Interval
 
 AREAS = ("lenses", "geometry", "steering", "readers", "training")
 VERDICTS = ("holds", "fails", "inconclusive")
@@ -91,6 +91,32 @@ class Claim:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "verdict", verdict(self.ci_low, self.ci_high, self.threshold, self.holds_when))
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], estimate: str = "value", **fields: Any) -> "Claim":
+        """A claim whose estimate, bounds, n and unit are an interval table's row (missing bounds read as NaN).
+
+        ``fields`` give the rest of the claim and may override ``n`` or ``unit``.
+        """
+        interval = {
+            "estimate": _number(row.get(estimate)),
+            "ci_low": _number(row.get("ci_low")),
+            "ci_high": _number(row.get("ci_high")),
+            "n": row.get("n"),
+            "unit": row.get("unit"),
+        }
+        merged = interval | fields
+        return cls(**merged | {"n": int(merged["n"])})
+
+    @classmethod
+    def from_interval(cls, interval: Interval, **fields: Any) -> "Claim":
+        """A claim whose estimate, bounds, n and unit are a bootstrap :class:`~latent_atlas.stats.Interval`."""
+        return cls.from_row({"value": interval.estimate, **interval.columns()}, **fields)
+
+
+def _number(value: Any) -> float:
+    """A table cell as a float, None as NaN."""
+    return math.nan if value is None else float(value)
 
 
 def area(name: str) -> Any:

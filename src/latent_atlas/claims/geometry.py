@@ -59,9 +59,7 @@ def _row(metrics: pl.DataFrame, layer: int, processing: str, metric: str) -> dic
 def _claim(row: dict[str, Any], **fields: Any) -> Claim:
     """A claim whose estimate and interval are a metric row's (documents resampled)."""
     n = row.get("documents") if row.get("documents") is not None else row["n"]
-    low, high = (float("nan") if row[key] is None else row[key] for key in ("ci_low", "ci_high"))
-    return Claim(estimate=row["value"], ci_low=low, ci_high=high, n=int(n), unit=row.get("unit") or "document",
-                 **fields)  # fmt: skip
+    return Claim.from_row(row, n=n, unit=row.get("unit") or "document", **fields)
 
 
 def claims(tables: Mapping[str, pl.DataFrame], config: Mapping[str, Any], model: str, corpus: str) -> list[Claim]:
@@ -146,16 +144,13 @@ def relation_claims(relations: pl.DataFrame, model: str) -> list[Claim]:
         return []
     row = rows.row(0, named=True)
     return [
-        Claim(
+        Claim.from_row(
+            row,
+            estimate="spearman",
             claim="geometry_performance",
             paper="RQ3 (latent-atlas), after Cheng et al. 2025",
             finding="registers whose states have a higher intrinsic dimension are harder to predict",
             statistic="Spearman ρ(TwoNN at middle depth, bits per byte) over registers",
-            estimate=row["spearman"],
-            ci_low=row["ci_low"],
-            ci_high=row["ci_high"],
-            n=int(row["n"]),
-            unit=row["unit"],
             threshold=0.0,
             holds_when="above",
             detail=f"{model}, middle band",

@@ -48,16 +48,12 @@ def last_layer_claim(curves: pl.DataFrame) -> list[Claim]:
         return []
     row = rows.sort("layer").row(-1, named=True)
     return [
-        Claim(
+        Claim.from_row(
+            row,
             claim="logit_lens_last_layer",
             paper=PAPER,
             finding="the logit lens at the last layer reproduces the model's distribution (KL < 1e-6)",
             statistic="mean KL(p_final ‖ p_logit) at the last layer [nats]",
-            estimate=row["value"],
-            ci_low=row["ci_low"],
-            ci_high=row["ci_high"],
-            n=int(row["n"]),
-            unit=row["unit"],
             threshold=LAST_LAYER_BOUND,
             holds_when="below",
             detail=f"layer {row['layer']}",
@@ -82,7 +78,8 @@ def tuned_below_logit(documents: pl.DataFrame, replicates: int = 1000, seed: int
     for row in table.iter_rows(named=True):
         every = row["layer"] == -1
         result.append(
-            Claim(
+            Claim.from_row(
+                row,
                 claim="tuned_below_logit",
                 paper=PAPER,
                 finding="the tuned lens's KL to the final distribution is below the logit lens's at every layer",
@@ -90,11 +87,6 @@ def tuned_below_logit(documents: pl.DataFrame, replicates: int = 1000, seed: int
                     "max over layers of mean paired ΔKL (tuned − logit) [nats]" if every
                     else "mean paired ΔKL (tuned − logit) [nats]"
                 ),
-                estimate=row["value"],
-                ci_low=row["ci_low"],
-                ci_high=row["ci_high"],
-                n=int(row["n"]),
-                unit=row["unit"],
                 threshold=0.0,
                 holds_when="below",
                 detail="every layer" if every else f"layer {row['layer']}",

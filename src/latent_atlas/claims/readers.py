@@ -119,16 +119,13 @@ def elm_claims(evaluation: pl.DataFrame, task: str) -> list[Claim]:
     """Tennenholtz et al.: the own embedding's held-out loss is below each control's, paired Δ (control − own) > 0."""
     rows = elm_controls(evaluation).iter_rows(named=True)
     return [
-        Claim(
+        Claim.from_row(
+            r,
+            estimate="difference",
             claim=ELM_KEY,
             paper=TENNENHOLTZ,
             finding="the ELM's own embedding beats the shuffled and no-embedding controls",
             statistic=f"Δ held-out {LOSS_LABELS[r['measure']]} loss (control − own), nats/token, paired by passage",
-            estimate=r["difference"],
-            ci_low=r["ci_low"],
-            ci_high=r["ci_high"],
-            n=r["n"],
-            unit=r["unit"],
             threshold=0.0,
             holds_when="above",
             detail=f"{r['condition']} · {LOSS_LABELS[r['measure']]}",

@@ -99,17 +99,8 @@ def _strengths(rows: pl.DataFrame) -> list[float]:
 
 
 def _claim(key: str, method: str, finding: str, statistic: str, interval: Interval, **fields: Any) -> Claim:
-    return Claim(
-        claim=key,
-        paper=PAPERS[method],
-        finding=finding,
-        statistic=statistic,
-        estimate=interval.estimate,
-        ci_low=interval.low,
-        ci_high=interval.high,
-        n=interval.n,
-        unit=interval.unit,
-        **fields,
+    return Claim.from_interval(
+        interval, claim=key, paper=PAPERS[method], finding=finding, statistic=statistic, **fields
     )
 
 

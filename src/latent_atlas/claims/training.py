@@ -63,16 +63,13 @@ def specialisation_claims(table: pl.DataFrame, config: Mapping[str, Any]) -> lis
     claims = []
     for row in table.filter(pl.col("own_member").is_not_null()).iter_rows(named=True):
         claims.append(
-            Claim(
+            Claim.from_row(
+                row,
+                estimate="delta_bits_per_byte",
                 claim=SPECIALISATION_KEY,
                 paper="latent-atlas family (controlled RQ3 experiment)",
                 finding="each single-register member is best on its own register",
                 statistic="Δ bits per byte (best other member − own member), paired by test document",
-                estimate=row["delta_bits_per_byte"],
-                ci_low=row["ci_low"],
-                ci_high=row["ci_high"],
-                n=row["n"],
-                unit=row["unit"],
                 threshold=0.0,
                 holds_when="above",
                 detail=f"{row['register']} · {row['own_member']}",
