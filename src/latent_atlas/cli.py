@@ -4,8 +4,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from latent_atlas.errors import LatentAtlasError
+from latent_atlas.errors import ConfigError, LatentAtlasError
+
+if TYPE_CHECKING:
+    from latent_atlas.lenses.tuned import TunedLens
+    from latent_atlas.models import LoadedModel
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -32,17 +37,65 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    """Read one point with every lens and patchscope, and print a table (or JSON)."""
-    from latent_atlas.lenses.pipeline import read_probe
-    from latent_atlas.lenses.probe import format_reading
+    """Read texts (or a vector) at one or more layers with every lens and patchscope; print a table or JSON."""
+    from latent_atlas.lenses.pipeline import build_lenses
+    from latent_atlas.lenses.probe import (
+        format_point,
+        load_vector,
+        model_pinvs,
+        probe_layers,
+        probe_points,
+        read_point,
+        read_texts_file,
+    )
     from latent_atlas.models import load_model
 
+    texts = read_texts_file(args.texts_file) if args.texts_file else None
+    if args.text == "":
+        raise ConfigError("--text is empty: give a text of at least one token")
     loaded = load_model(args.model, device=args.device)
-    point = {"vector": args.vector} if args.vector else {"text": args.text, "position": args.position}
-    patchscope = {"targets": args.targets.split(","), "max_new_tokens": args.max_new_tokens}
-    settings = {"top_k": args.k, "patchscope": patchscope}
-    reading = read_probe(loaded, "command-line", {"command-line": {**point, "layer": args.layer}}, args.tuned, settings)
-    print(json.dumps(reading, indent=2) if args.json else format_reading(reading, args.k))
+    layers = probe_layers("all" if args.layers else args.layer, loaded.n_layers)
+    tuned, tuned_path, tuned_line = _probe_tuned_lens(args, loaded)
+    lenses = build_lenses(loaded, {}, tuned, pinvs=model_pinvs(loaded))
+    options = {"k": args.k, "targets": args.targets.split(","), "max_new_tokens": args.max_new_tokens}
+    if args.vector:
+        vector = load_vector(args.vector, loaded.d_model)
+        readings = [read_point(loaded, lenses, vector, layer, **options) for layer in layers]
+        points = [{"vector": args.vector, "readings": readings}]
+    else:
+        points = probe_points(loaded, lenses, texts or [args.text], layers, args.position, **options)
+    name, sha = loaded.manifest["name"], loaded.manifest["weights_sha256"]
+    if args.json:
+        header = {"model": name, "model_dir": str(args.model), "model_sha256": sha, "tuned_lens": tuned_path}
+        print(json.dumps({**header, "points": points}, indent=2, ensure_ascii=False))
+        return
+    print(f"{name}  weights sha256 {sha[:16]}…  {tuned_line}")
+    for point in points:
+        print(f"\n{format_point(point, args.k)}")
+
+
+def _probe_tuned_lens(args: argparse.Namespace, loaded: "LoadedModel") -> tuple["TunedLens | None", str | None, str]:
+    """The tuned lens to read: ``--tuned``, else the model's own trained one (none with ``--no-tuned``).
+
+    Returns the lens, its path and a line saying which lens is read (or why none is).
+    """
+    from latent_atlas.lenses.base import Unembed
+    from latent_atlas.lenses.probe import describe_tuned, find_tuned_lens
+    from latent_atlas.lenses.tuned import TunedLens
+
+    if args.no_tuned:
+        return None, None, "tuned lens: off (--no-tuned)"
+    unembed = Unembed.from_parts(loaded.parts)
+    if args.tuned:
+        return TunedLens.load(args.tuned, unembed), args.tuned, f"tuned lens: {args.tuned}"
+    chosen, candidates = find_tuned_lens(args.model)
+    if chosen is None:
+        return None, None, describe_tuned(None, [], "none trained beside the model; pass --tuned to read one")
+    try:
+        return TunedLens.load(chosen, unembed), str(chosen), describe_tuned(chosen, candidates)
+    except LatentAtlasError as error:
+        print(f"latent-atlas: not reading the tuned lens: {error}", file=sys.stderr)
+        return None, None, describe_tuned(None, [], f"{chosen} does not fit this model")
 
 
 def _neighbours(args: argparse.Namespace) -> None:
@@ -79,7 +132,6 @@ def _findings(args: argparse.Namespace) -> None:
     import polars as pl
 
     from latent_atlas.claims.report import findings_markdown, findings_summary, replace_section, table_source
-    from latent_atlas.errors import ConfigError
     from latent_atlas.provenance import atomic_output
 
     missing = [path for path in args.tables if not Path(path).is_file()]
@@ -122,10 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the provenance as JSON")
     inspect.set_defaults(handler=_inspect)
 
-    probe = commands.add_parser("probe", help="read a point of the latent space with every lens and patchscope")
+    probe = commands.add_parser("probe", help="read texts or a point at some layers with every lens and patchscope")
     probe.add_argument("--model", required=True, help="a model directory, e.g. results/models/smollm2-135m")
-    _add_point_arguments(probe, "residual layer: 0 = embeddings .. L = last block")
-    probe.add_argument("--tuned", help="a trained tuned lens (results/lenses/{model}/{corpus}.tuned-lens.pt)")
+    source = probe.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="read the state of this text ...")
+    source.add_argument("--texts-file", help="... or of each line of this file (one model load for all) ...")
+    source.add_argument("--vector", help="... or a saved state: a .npy file of shape (d,)")
+    depth = probe.add_mutually_exclusive_group(required=True)
+    depth.add_argument("--layer", type=int, nargs="+", help="residual layers: 0 = embeddings .. L = last block")
+    depth.add_argument("--layers", choices=["all"], help="all: every residual layer 0..L")
+    probe.add_argument("--position", type=int, default=-1, help="token position in each text (default: last)")
+    tuned = probe.add_mutually_exclusive_group()
+    tuned.add_argument(
+        "--tuned", help="a tuned lens (default: the model's own, {results}/lenses/{model}/*.tuned-lens.pt)"
+    )
+    tuned.add_argument("--no-tuned", action="store_true", help="read no tuned lens, even where one is trained")
     probe.add_argument("--k", type=int, default=8, help="tokens per lens")
     probe.add_argument("--targets", default="identity,entity_description", help="patchscope target prompts")
     probe.add_argument("--max-new-tokens", type=int, default=20, help="patchscope generation length")

@@ -1,6 +1,8 @@
 """Probes: resolving points from config, reading them with every lens and patchscope, and the CLI."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -8,8 +10,10 @@ import torch
 
 from latent_atlas.cli import main
 from latent_atlas.errors import ConfigError
+from latent_atlas.lenses.base import Unembed
 from latent_atlas.lenses.pipeline import read_probe
-from latent_atlas.lenses.probe import is_readable, probe_vector
+from latent_atlas.lenses.probe import cached_pinv, is_readable, probe_vector
+from latent_atlas.lenses.tuned import TunedLens
 from latent_atlas.models import load_model
 
 
@@ -97,17 +101,110 @@ def test_readable_tokens():
     assert not is_readable(" ") and not is_readable("->") and not is_readable(" café")
 
 
+def _probe(model_dir, *extra: str) -> list[str]:
+    return ["probe", "--model", str(model_dir), "--max-new-tokens", "2", "--device", "cpu", "--no-tuned", *extra]
+
+
 def test_cli_probe(tiny_model_dirs, capsys, tmp_path):
-    args = ["probe", "--model", str(tiny_model_dirs["llama"]), "--text", "the dog saw", "--layer", "1"]
-    assert main([*args, "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    model = tiny_model_dirs["llama"]
+    assert main(_probe(model, "--text", "the dog saw", "--layer", "1")) == 0
     out = capsys.readouterr().out
-    assert out.startswith("resid.01") and "patchscope[identity]" in out and "semantic_basis" in out
-    assert main([*args, "--json", "--targets", "identity", "--max-new-tokens", "2", "--device", "cpu"]) == 0
-    assert set(json.loads(capsys.readouterr().out)["patchscopes"]) == {"identity"}
+    assert out.startswith("tiny-llama  weights sha256") and "tuned lens: off (--no-tuned)" in out
+    assert "resid.01" in out and "patchscope[identity]" in out and "semantic_basis" in out
+    assert main(_probe(model, "--text", "the dog saw", "--layer", "1", "--json", "--targets", "identity")) == 0
+    reading = json.loads(capsys.readouterr().out)
+    assert set(reading["points"][0]["readings"][0]["patchscopes"]) == {"identity"}
     np.save(tmp_path / "v.npy", np.zeros(3, dtype=np.float32))
-    vector_args = ["probe", "--model", str(tiny_model_dirs["llama"]), "--vector", str(tmp_path / "v.npy")]
-    assert main([*vector_args, "--layer", "1", "--device", "cpu"]) == 2
+    assert main(_probe(model, "--vector", str(tmp_path / "v.npy"), "--layer", "1")) == 2
     assert "holds 3 values" in capsys.readouterr().err
+
+
+def test_cli_probe_shows_the_read_token_and_the_models_prediction(llama, tiny_model_dirs, capsys):
+    text = "the dog saw the cat"
+    assert main(_probe(tiny_model_dirs["llama"], "--text", text, "--layer", "2", "--position", "1", "--json")) == 0
+    reading = json.loads(capsys.readouterr().out)
+    ids = llama.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = llama.model(input_ids=ids).logits[0, 1]
+    probs, top = torch.softmax(logits, -1).topk(8)
+    point = reading["points"][0]
+    assert reading["model"] == "tiny-llama" and reading["model_sha256"] == llama.manifest["weights_sha256"]
+    assert point["position"] == 1 and point["n_tokens"] == ids.shape[1]
+    assert point["token"] == llama.tokenizer.decode([int(ids[0, 1])])
+    assert [token for token, _ in point["prediction"]] == [llama.tokenizer.decode([int(i)]) for i in top]
+    np.testing.assert_allclose([p for _, p in point["prediction"]], probs.numpy(), rtol=1e-5, atol=1e-7)
+    norm = float(_hidden_states(llama, text)[2][0, 1].norm())  # resid.02 is hidden_states[2] below the last layer
+    assert point["readings"][0]["norm"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_cli_probe_reads_several_layers_and_texts_in_one_call(tiny_model_dirs, capsys, tmp_path):
+    model = tiny_model_dirs["llama"]
+    texts = ["the dog saw", "a cat ran home"]
+    (tmp_path / "texts.txt").write_text(f"{texts[0]}\n\n{texts[1]}\n")
+    assert main(_probe(model, "--texts-file", str(tmp_path / "texts.txt"), "--layer", "3", "1", "--json")) == 0
+    together = json.loads(capsys.readouterr().out)["points"]
+    assert [point["text"] for point in together] == texts
+    assert [[r["address"] for r in point["readings"]] for point in together] == [["resid.03", "resid.01"]] * 2
+    for text, point in zip(texts, together, strict=True):  # one text per call gives the same readings
+        assert main(_probe(model, "--text", text, "--layer", "3", "1", "--json")) == 0
+        assert json.loads(capsys.readouterr().out)["points"][0] == point
+    assert main(_probe(model, "--text", "the dog", "--layers", "all", "--json")) == 0
+    readings = json.loads(capsys.readouterr().out)["points"][0]["readings"]
+    assert [r["layer"] for r in readings] == [0, 1, 2, 3]
+
+
+def test_cli_probe_finds_the_models_own_tuned_lens(llama, tiny_model_dirs, capsys, tmp_path):
+    model = tmp_path / "results" / "models" / "tiny"
+    shutil.copytree(tiny_model_dirs["llama"], model)
+    lens = TunedLens(Unembed.from_parts(llama.parts), llama.n_layers, llama.d_model)
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(llama.d_model, llama.d_model, generator=generator), torch.randn(llama.d_model)
+    with torch.no_grad():
+        lens.translators[1].weight.copy_(weight)
+        lens.translators[1].bias.copy_(bias)
+    lens.trained_layers = [1]
+    path = tmp_path / "results" / "lenses" / "tiny" / "corpus.tuned-lens.pt"
+    lens.save(path)
+    args = ["probe", "--model", str(model), "--text", "the dog saw", "--layer", "1", "--max-new-tokens", "1"]
+    assert main([*args, "--device", "cpu", "--json", "--k", "3"]) == 0
+    reading = json.loads(capsys.readouterr().out)
+    assert reading["tuned_lens"] == str(path)
+    h = _hidden_states(llama, "the dog saw")[1][0, -1]
+    with torch.no_grad():  # the tuned lens by hand: final norm and head of h + W h + b
+        probs = torch.softmax(llama.model.lm_head(llama.model.model.norm(h + weight @ h + bias)), -1)
+    expected = [llama.tokenizer.decode([int(i)]) for i in probs.topk(3).indices]
+    assert [token for token, _ in reading["points"][0]["readings"][0]["lenses"]["tuned"]["top"]] == expected
+    assert main([*args, "--device", "cpu", "--no-tuned"]) == 0
+    out = capsys.readouterr().out
+    assert "tuned lens: off" in out and "\ntuned " not in out
+
+
+def test_cached_pinv_is_the_pseudo_inverse_and_is_reused(tmp_path):
+    matrix = torch.randn(6, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    first = cached_pinv(matrix, "m", directory=tmp_path)
+    (saved,) = tmp_path.glob("pinv-m-*.pt")
+    torch.testing.assert_close(first.pseudo_inverse, torch.linalg.pinv(matrix), rtol=1e-9, atol=1e-12)
+    again = cached_pinv(matrix, "m", directory=tmp_path)  # read back (float32 on disk)
+    torch.testing.assert_close(again.pseudo_inverse, torch.linalg.pinv(matrix), rtol=1e-6, atol=1e-7)
+    assert again.rank == 6 and saved.stat().st_size > 0
+    saved.write_bytes(b"broken")  # a damaged entry is recomputed, not trusted
+    torch.testing.assert_close(cached_pinv(matrix, "m", directory=tmp_path).pseudo_inverse, first.pseudo_inverse)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--text", "", "--layer", "1"], "--text is empty"),
+        (["--text", "the dog", "--layer", "1", "--position", "50"], "position 50 is outside a text of 2 tokens"),
+        (["--text", "the dog", "--layer", "1", "9"], r"--layer 9: outside 0\.\.3"),
+        (["--texts-file", "nowhere.txt", "--layer", "1"], "--texts-file nowhere.txt does not exist"),
+    ],
+)
+def test_cli_probe_refuses_bad_input_in_one_line(tiny_model_dirs, capsys, extra, message):
+    assert main(_probe(tiny_model_dirs["llama"], *extra)) == 2
+    err = capsys.readouterr().err  # progress bars may come before it, on stderr: the error is one last line
+    last = err.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last.startswith("latent-atlas: ") and re.search(message, last) and "Traceback" not in err
 
 
 def test_logit_lens_reading_at_the_last_layer_is_the_models_next_token_distribution(llama):

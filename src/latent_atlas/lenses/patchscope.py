@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latent_atlas.errors import ConfigError
 from latent_atlas.hooks import capture_residuals, edit_residual
 from latent_atlas.lenses.base import Lens
 from latent_atlas.models import LoadedModel, ModelParts
@@ -30,10 +31,18 @@ TARGET_PROMPTS = {"identity": IDENTITY_PROMPT, "entity_description": ENTITY_PROM
 
 
 def resolve_position(position: int, length: int) -> int:
-    """A position in a sequence of ``length`` tokens; negative counts from the end."""
+    """A position in a sequence of ``length`` tokens; negative counts from the end.
+
+    Raises:
+        ConfigError: (a ``ValueError``) for an empty text or a position outside it, naming the valid range.
+    """
+    if length == 0:
+        raise ConfigError("the text is empty (0 tokens): give a text of at least one token")
     resolved = position + length if position < 0 else position
     if not 0 <= resolved < length:
-        raise ValueError(f"position {position} is outside a prompt of {length} tokens")
+        raise ConfigError(
+            f"position {position} is outside a text of {length} tokens: use {-length}..{length - 1} (-1 = last)"
+        )
     return resolved
 
 

@@ -34,6 +34,7 @@ from latent_atlas.lenses.tuned import (
     train_tuned_lens,
     training_settings,
 )
+from latent_atlas.linalg import PseudoInverse
 from latent_atlas.models import LoadedModel
 from latent_atlas.provenance import provenance_record
 from latent_atlas.stats import DEFAULT_REPLICATES
@@ -51,20 +52,28 @@ def lens_layers(settings: Mapping[str, Any], store: ActivationStore) -> list[int
     return select_layers(settings.get("layers", "all"), int(store.attrs["n_layers"]))
 
 
-def build_lenses(loaded: LoadedModel, settings: Mapping[str, Any], tuned: TunedLens | None) -> dict[str, Lens]:
+def build_lenses(
+    loaded: LoadedModel,
+    settings: Mapping[str, Any],
+    tuned: TunedLens | None,
+    pinvs: Mapping[str, PseudoInverse] | None = None,
+) -> dict[str, Lens]:
     """Every lens of METHODS §1-4 for one model, keyed by name (the ``lens`` column).
 
-    The lenses share one frozen unembedding: the tuned lens's when it is given, else a fresh copy.
+    The lenses share one frozen unembedding: the tuned lens's when it is given, else a fresh copy. ``pinvs``
+    holds already computed pseudo-inverses (``head``: (W_U^T)^+, ``embed``: (W_E^T)^+; the probe caches them).
     """
+    pinvs = pinvs or {}
     unembed = tuned.unembed if tuned is not None else Unembed.from_parts(loaded.parts)
     embedding = loaded.parts.embed.weight
-    semantic = SemanticBasisLens(unembed, temperature=settings.get("semantic_basis", {}).get("temperature", 0.05))
+    temperature = settings.get("semantic_basis", {}).get("temperature", 0.05)
+    semantic = SemanticBasisLens(unembed, temperature=temperature, pinv=pinvs.get("head"))
     tied = torch.equal(embedding, loaded.parts.lm_head.weight)
     lenses: list[Lens] = [
         LogitLens(unembed),
         semantic,
         InverseEmbeddingLens(embedding, "transpose"),
-        InverseEmbeddingLens(embedding, "pinv", transposed_pinv=semantic.pinv if tied else None),
+        InverseEmbeddingLens(embedding, "pinv", transposed_pinv=semantic.pinv if tied else pinvs.get("embed")),
     ]
     if tuned is not None:
         lenses.insert(1, tuned)

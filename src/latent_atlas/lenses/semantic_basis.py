@@ -23,11 +23,14 @@ class SemanticBasisLens(Lens):
     name = "semantic_basis"
     fits_temperature = True
 
-    def __init__(self, unembed: Unembed, temperature: float = 0.05, rcond: float = 1e-6) -> None:
+    def __init__(
+        self, unembed: Unembed, temperature: float = 0.05, rcond: float = 1e-6, pinv: PseudoInverse | None = None
+    ) -> None:
+        """``pinv``: an already computed (W_U^T)^+ (e.g. cached by the probe), else it is computed here."""
         super().__init__()
         self.unembed = unembed
         self.temperature = temperature
-        self.pinv: PseudoInverse = pinv_svd(unembed.weight.T, rcond)
+        self.pinv: PseudoInverse = pinv if pinv is not None else pinv_svd(unembed.weight.T, rcond)
         bases = self.pinv.pseudo_inverse
         norms = bases.norm(dim=-1, keepdim=True)
         # A token whose unembedding is zero (e.g. an untrained padding row) has no direction: cosine 0.
