@@ -6,6 +6,18 @@ from pathlib import Path
 from latent_atlas.claims import inputs as claims_inputs
 from latent_atlas.config import analysis_models, elm_judge, load_yaml, validate_config
 from latent_atlas.corpus import resolve_corpus_spec
+from latent_atlas.names import (
+    ELM_FIGURES,
+    FIGURE_FORMATS,
+    GENERATION_FIGURES,
+    GENERATION_METHODS,
+    GEOMETRY_CORPUS_FIGURES,
+    GEOMETRY_MODEL_FIGURES,
+    LENS_FIGURES,
+    NEIGHBOURHOOD_POINT_FIGURES,
+    STEERING_METHODS,
+    TRAINING_FIGURES,
+)
 from latent_atlas.provenance import config_hash
 from latent_atlas.training.family import family_name, member_spec, members
 
@@ -18,7 +30,6 @@ ENV = "../environment.yml"
 # The training family (config key `training`): its name and its members (member name -> mixture).
 FAMILY = family_name(config)
 MEMBERS = members(config)
-TRAINING_FIGURES = ["performance", "curves", "geometry", "lenses", "relations"]
 # What a neighbourhood job depends on: its settings without the lists of points and paths (adding a point
 # must not re-run the others), and the one lens setting it uses.
 NEIGHBOURHOOD_SETTINGS = {
@@ -27,10 +38,6 @@ NEIGHBOURHOOD_SETTINGS = {
     if key not in ("points", "paths")
 }
 NEIGHBOURHOOD_LENSES = {"semantic_basis": config["lenses"]["semantic_basis"]}
-GENERATION_METHODS = ["actadd", "mean_difference", "icv"]
-GEOMETRY_MODEL_FIGURES = ["processing", "rogue", "registers"]
-GEOMETRY_CORPUS_FIGURES = ["models", "performance"]
-STEERING_METHODS = [*GENERATION_METHODS, "iti", "optimised"]
 READER_TASKS = list(config["readers"]["tasks"])
 
 
@@ -79,15 +86,15 @@ def get_final_output():
         "results/figures/activations/{model}.{corpus}.norms.{ext}",
         model=models,
         corpus=corpora,
-        ext=["pdf", "png"],
+        ext=FIGURE_FORMATS,
     )
     lens_models = analysis_models(config, "lenses")
     lens_figures = expand(
         "results/figures/lenses/{model}.{corpus}.{figure}.{ext}",
         model=lens_models,
         corpus=corpora,
-        figure=["curves", "agreement", "grid"],
-        ext=["pdf", "png"],
+        figure=LENS_FIGURES,
+        ext=FIGURE_FORMATS,
     )
     probe_names = config["run"].get("probes", list(config["probes"]))
     probes = expand(
@@ -100,7 +107,7 @@ def get_final_output():
     ) + expand(
         "results/figures/projections/{model}.recall.{ext}",
         model=analysis_models(config, "projections"),
-        ext=["pdf", "png"],
+        ext=FIGURE_FORMATS,
     )
     return (
         stores
@@ -126,7 +133,7 @@ def get_claims_output(models, corpora):
         + [
             f"results/figures/claims/{stem}.claims.{ext}"
             for stem in stems
-            for ext in ("pdf", "png")
+            for ext in FIGURE_FORMATS
         ]
     )
 
@@ -167,13 +174,13 @@ def get_geometry_output(models, corpora):
         model=models,
         corpus=corpora,
         figure=GEOMETRY_MODEL_FIGURES,
-        ext=["pdf", "png"],
+        ext=FIGURE_FORMATS,
     )
     across = expand(
         "results/figures/geometry/{corpus}.{figure}.{ext}",
         corpus=corpora,
         figure=GEOMETRY_CORPUS_FIGURES,
-        ext=["pdf", "png"],
+        ext=FIGURE_FORMATS,
     )
     relations = expand("results/geometry/{corpus}.relations.parquet", corpus=corpora)
     return tables + readout + performance + per_model + across + relations
@@ -183,7 +190,7 @@ def figure_outputs(stem, figures, caption_stem, category, labels):
     """Named outputs of a plotting rule: PDF and PNG of each figure, each declared with its report caption."""
     outputs = {}
     for figure in figures:
-        for ext in ("pdf", "png"):
+        for ext in FIGURE_FORMATS:
             outputs[f"{figure}_{ext}"] = report(
                 f"{stem}.{figure}.{ext}",
                 caption=f"../workflow/report/{caption_stem}_{figure}.rst",
@@ -223,7 +230,7 @@ def get_steering_output(models):
         "results/figures/steering/{model}.{figure}.{ext}",
         model=models,
         figure=steering_figures(),
-        ext=["pdf", "png"],
+        ext=FIGURE_FORMATS,
     )
     return tables + figures
 
@@ -233,7 +240,7 @@ def steering_figures():
     methods = config["steering"]["methods"]
     figures = ["examples"]
     if set(methods) & set(GENERATION_METHODS):
-        figures += ["effect", "frontier"]
+        figures += GENERATION_FIGURES
     if "iti" in methods:
         figures.append("iti")
     return figures
@@ -285,15 +292,15 @@ def get_neighbourhood_output(models, corpora):
         model=models,
         corpus=corpora,
         point=section["points"],
-        figure=["stability", "map"],
-        ext=["pdf", "png"],
+        figure=NEIGHBOURHOOD_POINT_FIGURES,
+        ext=FIGURE_FORMATS,
     )
     paths = expand(
         "results/figures/neighbourhood/{model}.{corpus}.{path}.path.{ext}",
         model=models,
         corpus=corpora,
         path=list(section["paths"]),
-        ext=["pdf", "png"],
+        ext=FIGURE_FORMATS,
     )
     return points + paths + get_steered_states_output()
 
@@ -316,7 +323,7 @@ def get_steered_states_output():
     )
     figures = expand(
         "results/figures/neighbourhood/{model}.{corpus}.steered-states.{ext}",
-        ext=["pdf", "png"],
+        ext=FIGURE_FORMATS,
         **wildcards,
     )
     return tables + figures
@@ -417,7 +424,7 @@ def get_training_output():
     figures = expand(
         f"results/figures/training/{FAMILY}.{{figure}}.{{ext}}",
         figure=TRAINING_FIGURES,
-        ext=["pdf", "png"],
+        ext=FIGURE_FORMATS,
     )
     return tables + figures
 
@@ -549,7 +556,7 @@ def elm_enabled():
 def reader_figures():
     """The readers' figures the configuration allows."""
     figures = ["clustering"] if clustering_tasks() else []
-    return figures + (["elm", "descriptions", "paths"] if elm_enabled() else [])
+    return figures + (list(ELM_FIGURES) if elm_enabled() else [])
 
 
 def get_reader_output(models):
@@ -560,7 +567,7 @@ def get_reader_output(models):
         "results/figures/readers/{model}.{figure}.{ext}",
         model=models,
         figure=reader_figures(),
-        ext=["pdf", "png"],
+        ext=FIGURE_FORMATS,
     )
 
 

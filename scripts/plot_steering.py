@@ -3,12 +3,13 @@
 import polars as pl
 
 from latent_atlas.joblog import job_log
+from latent_atlas.names import GENERATION_METHODS
 from latent_atlas.plots.steering import plot_effect, plot_examples, plot_frontier, plot_iti
 
 with job_log(snakemake.log[0]):
     tables = {name: pl.read_parquet(path) for name, path in snakemake.input.items()}
     summary = tables.get("summary")  # results/steering/{model}/summary.parquet: the intervals drawn
-    generation = [tables[m] for m in ("actadd", "mean_difference", "icv") if m in tables]
+    generation = [tables[m] for m in GENERATION_METHODS if m in tables]
     combined = pl.concat(generation, how="diagonal") if generation else None
     title = snakemake.wildcards.model
     outputs = snakemake.output

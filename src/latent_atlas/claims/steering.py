@@ -22,10 +22,10 @@ import polars as pl
 
 from latent_atlas.claims import Claim
 from latent_atlas.config import analysis_models
+from latent_atlas.names import STEERING_METHODS
 from latent_atlas.stats import DEFAULT_CONFIDENCE, Interval, bootstrap_mean, paired_differences
 from latent_atlas.steering.summary import ITEM, PAIR_ON, PROMPT, TARGET, iti_items
 
-CLAIMED_METHODS = ("actadd", "mean_difference", "icv", "iti", "optimised")
 COLLAPSE_RATIO = 2.0  # perplexity ratio steered / unsteered beyond which fluency has collapsed
 KL_BOUND = 0.5  # nats of off-target KL within which ITI's α may be chosen
 RECOVERY_RATE = 0.9  # exact-recovery rate for "a vector that reproduces each sentence exists"
@@ -45,7 +45,7 @@ def inputs(config: Mapping[str, Any], model: str, corpus: str) -> dict[str, str]
     section = config.get("steering") or {}
     if model not in analysis_models(config, "steering"):
         return {}
-    methods = [method for method in section.get("methods") or [] if method in CLAIMED_METHODS]
+    methods = [method for method in section.get("methods") or [] if method in STEERING_METHODS]
     return {method: f"results/steering/{model}/{method}.parquet" for method in methods}
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 import seaborn as sns
 
+from latent_atlas.addresses import resid_address
 from latent_atlas.geometry.measure import POST_PROCESSINGS, WITH_MASSIVE
 from latent_atlas.geometry.metrics import SPECTRUM_METRICS
 from latent_atlas.geometry.relations import band_means
@@ -200,7 +201,7 @@ def plot_rogue(rogue: pl.DataFrame, pdf: Path, png: Path, title: str, metrics: p
             axis = axes[row, column]
             axis.bar(range(len(subset)), subset["share"].to_list(), color=sns.color_palette()[row])
             axis.set_xticks(range(len(subset)), [str(d) for d in subset["dimension"]], rotation=90, fontsize=7)
-            axis.set(title=f"resid.{layer:02d}", xlabel="dimension", ylabel=f"share of {kind}" if column == 0 else "")
+            axis.set(title=resid_address(layer), xlabel="dimension", ylabel=f"share of {kind}" if column == 0 else "")
     figure.suptitle(f"Rogue dimensions (Timkey & van Schijndel) — {title}")
     figure.tight_layout()
     save_figure(figure, pdf, png, title)

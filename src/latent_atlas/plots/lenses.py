@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import polars as pl
 import seaborn as sns
 
+from latent_atlas.addresses import resid_address
 from latent_atlas.plots import PALETTE, apply_style, draw_interval, save_figure
 
 LENS_ORDER = (
@@ -118,7 +119,7 @@ def plot_token_grid(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str |
         )
         inputs = data.filter(pl.col("layer") == layers[0]).sort("position")["input_token"].to_list()
         axis.set_xticks([i + 0.5 for i in range(len(inputs))], [repr(t)[1:-1] for t in inputs], rotation=45, ha="right")
-        axis.set_yticks([i + 0.5 for i in range(len(layers))], [f"resid.{layer:02d}" for layer in layers], rotation=0)
+        axis.set_yticks([i + 0.5 for i in range(len(layers))], [resid_address(layer) for layer in layers], rotation=0)
         axis.set(title=f"{lens} lens", xlabel="input token (the lens predicts the next one)", ylabel="")
     figure.suptitle(f"Top token by layer and position — {title}")
     save_figure(figure, pdf, png, title)

@@ -8,6 +8,7 @@ import polars as pl
 import seaborn as sns
 from matplotlib.gridspec import GridSpec
 
+from latent_atlas.addresses import resid_address
 from latent_atlas.neighbourhood.pipeline import stability_summary
 from latent_atlas.plots import PALETTE, apply_style, draw_interval, save_figure
 
@@ -46,7 +47,7 @@ def _stability_lines(
             ).sort("radius")
             if rows.is_empty():
                 continue
-            label = family if len(dashes) == 1 else f"{family} · resid.{layer}"
+            label = family if len(dashes) == 1 else f"{family} · {resid_address(layer)}"
             axis.plot(rows["radius"], rows["value"], color=colour, linestyle=dash, marker="o", markersize=3,
                       label=label)  # fmt: skip
             draw_interval(axis, rows["radius"], rows["ci_low"], rows["ci_high"], colour)
@@ -137,7 +138,7 @@ def plot_neighbourhood_map(
         )  # fmt: skip
         centre = data.filter(pl.col("kind") == "centre")
         axis.scatter(centre["pca1"], centre["pca2"], marker="*", s=250, color="black", label="centre", zorder=3)
-        axis.set(xlabel="PC 1", ylabel="PC 2", title=f"resid.{layer:02d} · top token by the {decoder} lens")
+        axis.set(xlabel="PC 1", ylabel="PC 2", title=f"{resid_address(layer)} · top token by the {decoder} lens")
         axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
     figure.suptitle(f"The neighbourhood in two dimensions — {title}")
     save_figure(figure, pdf, png, _stamp(table))
@@ -175,6 +176,6 @@ def plot_path_strip(table: pl.DataFrame, pdf: str | os.PathLike[str], png: str |
         axis.set_xticks(np.arange(len(t_values)) + 0.5, [f"{t:g}" for t in t_values], rotation=0, fontsize=7)
         axis.set_yticks(np.arange(n_rows) + 0.5, row_names, rotation=0, fontsize=7)
         start, end = data["start"][0], data["end"][0]
-        axis.set(xlabel=f"t  (0 = {start}, 1 = {end}; outside [0, 1] extrapolates)", title=f"resid.{layer:02d}")
+        axis.set(xlabel=f"t  (0 = {start}, 1 = {end}; outside [0, 1] extrapolates)", title=resid_address(layer))
     figure.suptitle(f"Decoded along the path — {title}")
     save_figure(figure, pdf, png, _stamp(table))

@@ -7,9 +7,10 @@ import numpy as np
 import polars as pl
 import seaborn as sns
 
+from latent_atlas.addresses import resid_address
+from latent_atlas.names import GENERATION_METHODS
 from latent_atlas.plots import apply_style, draw_interval, save_figure
 
-METHOD_ORDER = ("actadd", "mean_difference", "icv")
 PANELS = (
     ("distance_ratio", "distance to nearest stored state\n÷ local spacing of the data"),
     ("agrees", "lens top-1 = model's next token"),
@@ -19,7 +20,7 @@ LENS_STYLES = {"logit": "-", "tuned": "--"}
 
 def _methods(summary: pl.DataFrame) -> list[str]:
     present = set(summary["method"])
-    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+    return [m for m in GENERATION_METHODS if m in present] + sorted(present - set(GENERATION_METHODS))
 
 
 def _line(axis: plt.Axes, rows: pl.DataFrame, colour: object, style: str, label: str) -> None:
@@ -50,16 +51,16 @@ def plot_steered_states(
         steered = min(rows["steered_layer"])
         decoding = "greedy" if "greedy" in set(rows["decoding"]) else sorted(set(rows["decoding"]))[0]
         rows = rows.filter(pl.col("steered_layer") == steered, pl.col("decoding") == decoding)
-        where = "every block" if method == "icv" else f"resid.{steered:02d}"
+        where = "every block" if method == "icv" else resid_address(steered)
         axes[0, column].set_title(f"{method} ({where}, {decoding})")
         for layer in layers:
             at = rows.filter(pl.col("layer") == layer)
             _line(axes[0, column], at.filter(pl.col("value") == "distance_ratio"), colours[layer], "-",
-                  f"resid.{layer:02d}")  # fmt: skip
+                  resid_address(layer))  # fmt: skip
             for lens, style in LENS_STYLES.items():
                 agree = at.filter(pl.col("value") == f"{lens}_agrees")
                 if agree.height:
-                    _line(axes[1, column], agree, colours[layer], style, f"{lens} · resid.{layer:02d}")
+                    _line(axes[1, column], agree, colours[layer], style, f"{lens} · {resid_address(layer)}")
         axes[0, column].axhline(1.0, color="0.4", linewidth=0.8, linestyle=":")
         axes[1, column].set_xlabel("strength (coefficient)")
         axes[1, column].set_ylim(-0.05, 1.05)

@@ -8,7 +8,9 @@ import numpy as np
 import polars as pl
 import seaborn as sns
 
+from latent_atlas.addresses import resid_address
 from latent_atlas.claims.steering import KL_BOUND
+from latent_atlas.names import GENERATION_METHODS
 from latent_atlas.plots import apply_style, draw_interval, save_figure
 from latent_atlas.steering.summary import (
     DIFFERENCE,
@@ -19,7 +21,6 @@ from latent_atlas.steering.summary import (
     iti_summary,
 )
 
-METHOD_ORDER = ("actadd", "mean_difference", "icv")
 METHOD_LABELS = {
     "actadd": "ActAdd (front-aligned, prompt pass)",
     "mean_difference": "mean difference (every position)",
@@ -31,7 +32,7 @@ DECODING_STYLES = {"greedy": "-", "sampled": "--"}
 
 
 def _methods(table: pl.DataFrame) -> list[str]:
-    return [method for method in METHOD_ORDER if method in set(table["method"])]
+    return [method for method in GENERATION_METHODS if method in set(table["method"])]
 
 
 def _stamp(table: pl.DataFrame, title: str) -> str:
@@ -40,14 +41,14 @@ def _stamp(table: pl.DataFrame, title: str) -> str:
 
 
 def _where(method: str, layer: int) -> str:
-    return "all blocks" if method == "icv" else f"resid.{layer:02d}"
+    return "all blocks" if method == "icv" else resid_address(layer)
 
 
 def _generation(summary: pl.DataFrame | None, table: pl.DataFrame) -> pl.DataFrame:
     """The generation methods' rows of the steering summary (computed from ``table`` when not given)."""
     if summary is None:
         summary = generation_summary(table)
-    return summary.filter(pl.col("method").is_in(METHOD_ORDER))
+    return summary.filter(pl.col("method").is_in(GENERATION_METHODS))
 
 
 def _decoding_label(decodings: list[str]) -> str:
@@ -140,7 +141,7 @@ def plot_frontier(
     perplexity = rows.filter(pl.col("measure") == "perplexity").select(*keys, "estimate", "ci_low", "ci_high")
     points = sentiment.join(perplexity, on=keys, suffix="_perplexity").sort(keys)
     figure, axis = plt.subplots(figsize=(7.5, 5))
-    palette = dict(zip(METHOD_ORDER, sns.color_palette("colorblind", len(METHOD_ORDER)), strict=True))
+    palette = dict(zip(GENERATION_METHODS, sns.color_palette("colorblind", len(GENERATION_METHODS)), strict=True))
     markers = ["o", "s", "^", "D", "v", "P"]
     for (method, layer), group in points.group_by("method", "layer", maintain_order=True):
         layers = sorted(set(points.filter(pl.col("method") == method)["layer"]))
@@ -316,7 +317,8 @@ def plot_examples(
     if optimised is not None:
         for row in optimised.iter_rows(named=True):
             status = "exact" if row["exact_match"] else f"BLEU {row['bleu']:.0f}"
-            rows.append((f"optimised · resid.{row['layer']:02d}", f"{row['target']} → {row['recovered']} ({status})"))
+            where = resid_address(row["layer"])
+            rows.append((f"optimised · {where}", f"{row['target']} → {row['recovered']} ({status})"))
     wrapped = [(label, _wrap(text)) for label, text in rows]
     height = 0.8 + sum(0.22 * (text.count("\n") + 1) + 0.12 for _, text in wrapped)
     figure, axis = plt.subplots(figsize=(11, max(2.0, height)))

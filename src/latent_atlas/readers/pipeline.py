@@ -19,6 +19,7 @@ import torch
 from latent_atlas.addresses import LN_FINAL, resid_address
 from latent_atlas.errors import ConfigError
 from latent_atlas.models import LoadedModel
+from latent_atlas.names import ELM_TASKS
 from latent_atlas.provenance import provenance_record
 from latent_atlas.readers import baselines, clustering, elm, lora
 from latent_atlas.readers.clustering import LabelledSplit
@@ -228,9 +229,6 @@ def _prompted(
 
 
 # ---- the ELM ------------------------------------------------------------------------------------------------
-
-
-ELM_TASKS = ("reconstruction", "register")
 
 
 @dataclass(frozen=True)

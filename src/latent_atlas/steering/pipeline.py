@@ -58,9 +58,6 @@ from latent_atlas.steering.vectors import (
 )
 from latent_atlas.store import ActivationStore
 
-GENERATION_METHODS = ("actadd", "mean_difference", "icv")
-METHODS = (*GENERATION_METHODS, "iti", "optimised")
-
 
 @dataclass(frozen=True)
 class SweepSettings:

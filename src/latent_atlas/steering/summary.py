@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import polars as pl
 
+from latent_atlas.names import GENERATION_METHODS
 from latent_atlas.stats import (
     DEFAULT_CONFIDENCE,
     DEFAULT_REPLICATES,
@@ -29,7 +30,6 @@ from latent_atlas.stats import (
     summarise_paired,
 )
 
-GENERATION_METHODS = ("actadd", "mean_difference", "icv")
 PAIR_ON = ("prompt_id", "sample", "decoding")
 PROMPT, ITEM, TARGET = "prompt", "statement item", "target sentence"
 
