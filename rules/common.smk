@@ -121,6 +121,7 @@ def get_final_output():
         + get_training_output()
         + get_reader_output(analysis_models(config, "readers"))
         + get_claims_output(models, corpora)
+        + atlas_outputs(config)  # rules/atlas.smk imports it
     )
 
 

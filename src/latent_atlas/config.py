@@ -104,7 +104,7 @@ def check_references(config: Mapping[str, Any], source: str = "the config") -> N
     check_readers(config)
 
 
-ANALYSES_WITH_MODELS = ("lenses", "projections", "neighbourhood", "steering", "readers")
+ANALYSES_WITH_MODELS = ("lenses", "projections", "neighbourhood", "steering", "readers", "atlas")
 
 
 def analysis_models(config: Mapping[str, Any], section: str) -> list[str]:
