@@ -1,7 +1,7 @@
 """Entry point of rule assemble_training_corpus (rules/training.smk)."""
 
 from latent_atlas.joblog import job_log
-from latent_atlas.training.corpora import assemble_corpus, read_sources_config, sources_for_registers
+from latent_atlas.training.debian import assemble_corpus, read_sources_config, sources_for_registers
 from latent_atlas.training.hub import assemble_hub_corpus
 
 with job_log(snakemake.log[0]) as log:

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from latent_atlas.errors import ConfigError, LatentAtlasError
 from latent_atlas.models import LoadedModel, locate_parts
 from latent_atlas.readers import elm
+from latent_atlas.readers.elm.generation import _decode
 from latent_atlas.testing import tiny_config, tiny_tokenizer
 
 TEXT = "the old dog saw a small cat by the river ."
@@ -283,7 +284,7 @@ def test_cached_generation_equals_recomputation_and_batching_changes_nothing(arc
         inputs = elm.prompt_inputs(loaded, adapter, points, prompts)
         recomputed = _greedy_without_cache(loaded, inputs, tokens)
     cached = elm.generate(loaded, adapter, points, prompts, max_new_tokens=tokens, batch_size=4)
-    assert cached == [elm._decode(loaded.tokenizer, row) for row in recomputed]
+    assert cached == [_decode(loaded.tokenizer, row) for row in recomputed]
     assert len(set(cached)) > 1  # the rows really differ
     alone = [elm.generate(loaded, adapter, points[i : i + 1], prompts[i], tokens)[0] for i in range(4)]
     assert cached == alone

@@ -19,8 +19,8 @@ import pytest
 
 from latent_atlas.corpus import COLUMNS, load_corpus_table
 from latent_atlas.errors import CorpusError
-from latent_atlas.training import corpora
-from latent_atlas.training.corpora import (
+from latent_atlas.training import debian
+from latent_atlas.training.debian import (
     Settings,
     Source,
     assemble_corpus,
@@ -29,18 +29,11 @@ from latent_atlas.training.corpora import (
     parse_sources,
     read_sources_config,
 )
-from latent_atlas.training.extractors import (
-    dictd_b64_decode,
-    dictd_b64_encode,
-    extract_dictd,
-    extract_fortunes,
-    extract_kjv,
-    groff_to_text,
-    html_to_text,
-    read_dictd,
-    read_kjv,
-    unlzw,
-)
+from latent_atlas.training.extractors.dictd import dictd_b64_decode, dictd_b64_encode, extract_dictd, read_dictd
+from latent_atlas.training.extractors.fortunes import extract_fortunes
+from latent_atlas.training.extractors.html import html_to_text
+from latent_atlas.training.extractors.kjv import extract_kjv, read_kjv, unlzw
+from latent_atlas.training.extractors.man import groff_to_text
 from latent_atlas.training.text import (
     assign_split,
     chunk_text,
@@ -505,7 +498,7 @@ def test_unknown_package_named(tmp_path):
 
 
 def test_missing_apt_get_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     with pytest.raises(CorpusError, match=r"`apt-get` is not installed.*'fortunes'"):
         download_deb("fortunes", tmp_path)
 
@@ -534,7 +527,7 @@ def test_real_fortunes_package(tmp_path):
 
 
 def test_a_family_fetches_only_the_sources_of_its_registers():
-    from latent_atlas.training.corpora import Source, sources_for_registers
+    from latent_atlas.training.debian import Source, sources_for_registers
 
     sources = [
         Source("bible-kjv-text", "narrative", "kjv", ("usr/lib/bible.data",), "public-domain"),
@@ -555,7 +548,7 @@ def test_a_family_fetches_only_the_sources_of_its_registers():
     ],
 )
 def test_settings_of_the_wrong_type_or_range_are_named(values, message):
-    from latent_atlas.training.corpora import parse_settings
+    from latent_atlas.training.debian import parse_settings
 
     with pytest.raises(CorpusError, match=message):
         parse_settings(values)

@@ -23,12 +23,11 @@ from latent_atlas.corpus import COLUMNS, load_corpus_table
 from latent_atlas.errors import CorpusError, ModelAcquisitionError
 from latent_atlas.testing import _WORDS, tiny_tokenizer
 from latent_atlas.training import hub
-from latent_atlas.training.corpora import Settings
+from latent_atlas.training.classifier import RegisterClassifier, label_documents
+from latent_atlas.training.debian import Settings
 from latent_atlas.training.hub import (
     HubSource,
-    RegisterClassifier,
     assemble_hub_corpus,
-    label_documents,
     load_stream,
     parse_hub_source,
     stream_texts,

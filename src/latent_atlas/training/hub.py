@@ -1,6 +1,6 @@
 """Register-labelled training corpora from a Hugging Face dataset, labelled by a register classifier.
 
-The online counterpart of :mod:`latent_atlas.training.corpora`. A :class:`HubSource` names a dataset on the
+The online counterpart of :mod:`latent_atlas.training.debian`. A :class:`HubSource` names a dataset on the
 Hugging Face hub (read as a stream, e.g. ``HuggingFaceFW/fineweb`` config ``sample-10BT``) and a sequence
 classifier (any ``AutoModelForSequenceClassification``, e.g. a TurkuNLP web-register classifier) whose labels
 ``labels`` maps onto register names. :func:`assemble_hub_corpus` reads the first ``max_documents`` documents,
@@ -17,33 +17,38 @@ documents that were dropped) and ``hub:<dataset>:<n>.<k>`` for its ``k``-th piec
 
 import itertools
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import polars as pl
 import torch
 
 from latent_atlas.corpus import COLUMNS, write_corpus
-from latent_atlas.errors import CorpusError, ModelAcquisitionError
-from latent_atlas.models import resolve_device
+from latent_atlas.errors import CorpusError
 from latent_atlas.provenance import atomic_output, provenance_record, write_json
-from latent_atlas.training.corpora import Settings, parse_settings
+from latent_atlas.training.classifier import (
+    ACTIVATIONS,
+    Classifier,
+    RegisterClassifier,
+    check_label_map,
+    label_documents,
+)
+from latent_atlas.training.debian import Settings, parse_settings
 from latent_atlas.training.text import (
+    DocumentPiece,
     assign_split,
-    cap_documents,
-    chunk_text,
+    cap_pieces,
     clean_text,
-    document_id,
-    mark_duplicates,
+    deduplicate,
+    document_pieces,
     parent_document,
     tally,
     word_count,
 )
 
-ACTIVATIONS = ("auto", "sigmoid", "softmax")
 Loader = Callable[["HubSource"], Iterable[Mapping[str, Any]]]
 
 # --------------------------------------------------------------------------------------------------
@@ -224,204 +229,7 @@ def stream_texts(source: HubSource, loader: Loader | None = None) -> Iterator[st
 
 
 # --------------------------------------------------------------------------------------------------
-# Classifying
-
-
-class Classifier(Protocol):
-    """What :func:`label_documents` needs of a classifier (:class:`RegisterClassifier`, or a stub in tests)."""
-
-    @property
-    def label_names(self) -> Sequence[str]:
-        """The label of each column of :meth:`probabilities`."""
-        ...
-
-    def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
-        """Return an ``(n, len(label_names))`` tensor of label probabilities."""
-        ...
-
-
-class RegisterClassifier:
-    """A sequence classifier and its tokenizer, returning label probabilities for texts.
-
-    Attributes:
-        model: the classifier, in eval mode, on ``device``.
-        tokenizer: its tokenizer.
-        label_names: the label of each output, from ``model.config.id2label``.
-        activation: ``sigmoid`` (multi-label) or ``softmax``.
-        identifier: the model id or path it was loaded from (``None`` when built from a loaded model).
-        revision: the revision asked for; ``commit`` the one the hub resolved it to, when known.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        *,
-        batch_size: int = 32,
-        max_length: int = 512,
-        activation: str = "auto",
-        device: str | torch.device = "auto",
-        identifier: str | None = None,
-        revision: str | None = None,
-    ) -> None:
-        if activation not in ACTIVATIONS:
-            raise CorpusError(f"activation is {activation!r}; use one of {', '.join(ACTIVATIONS)}")
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_length = max_length
-        config = model.config
-        id2label = {int(index): str(label) for index, label in config.id2label.items()}
-        if sorted(id2label) != list(range(len(id2label))) or len(id2label) != config.num_labels:
-            raise ModelAcquisitionError(f"classifier {identifier or ''} has an inconsistent id2label {id2label}")
-        self.label_names: tuple[str, ...] = tuple(id2label[index] for index in range(len(id2label)))
-        if activation == "auto":
-            multi = getattr(config, "problem_type", None) == "multi_label_classification"
-            activation = "sigmoid" if multi else "softmax"
-        self.activation = activation
-        self.identifier = identifier
-        self.revision = revision
-        self.commit: str | None = getattr(config, "_commit_hash", None)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        classifier: str,
-        revision: str | None = None,
-        **options: Any,
-    ) -> "RegisterClassifier":
-        """Load ``AutoTokenizer`` and ``AutoModelForSequenceClassification`` from a model id or directory.
-
-        ``options`` are those of the constructor (``batch_size``, ``max_length``, ``activation``, ``device``).
-
-        Raises:
-            ModelAcquisitionError: naming ``classifier`` and ``classifier_revision`` when loading fails.
-        """
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(classifier, revision=revision)
-            model = AutoModelForSequenceClassification.from_pretrained(classifier, revision=revision)
-        except (OSError, ValueError, KeyError) as error:
-            raise ModelAcquisitionError(
-                f"could not load the classifier {classifier!r} (revision {revision!r}): {error}; set classifier to "
-                "a sequence-classification model id on the hub or a local directory with config.json, check "
-                "classifier_revision, and network access"
-            ) from error
-        return cls(model, tokenizer, identifier=classifier, revision=revision, **options)
-
-    @classmethod
-    def from_source(cls, source: HubSource) -> "RegisterClassifier":
-        """Load the classifier a hub source names, and check its ``labels`` against the classifier's labels."""
-        device = resolve_device(source.device, "training.corpus.device")
-        loaded = cls.from_pretrained(
-            source.classifier,
-            source.classifier_revision,
-            batch_size=source.batch_size,
-            max_length=source.max_length,
-            activation=source.activation,
-            device=device,
-        )
-        check_label_map(source.labels, loaded.label_names, source.classifier)
-        return loaded
-
-    def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
-        """Return the ``(len(texts), len(label_names))`` float32 label probabilities, on the CPU.
-
-        Texts are read in batches of ``batch_size``, truncated to ``max_length`` tokens.
-        """
-        batches = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                batch = list(texts[start : start + self.batch_size])
-                encoded = self.tokenizer(
-                    batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-                ).to(self.device)
-                logits = self.model(**encoded).logits.float()
-                probs = torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=-1)
-                batches.append(probs.cpu())
-        if not batches:
-            return torch.zeros(0, len(self.label_names))
-        return torch.cat(batches)
-
-
-def check_label_map(labels: Mapping[str, str], label_names: Sequence[str], classifier: str | None = None) -> None:
-    """Fail, listing the classifier's labels, when a key of ``labels`` is not one of them."""
-    unknown = [label for label in labels if label not in label_names]
-    if unknown:
-        raise CorpusError(
-            f"hub source: labels maps {unknown}, which the classifier {classifier or ''} does not have; "
-            f"its labels are {', '.join(label_names)}"
-        )
-
-
-def label_documents(
-    texts: Sequence[str], classifier: Classifier, source: HubSource
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Label each text with the register of its most probable mapped label; keep those at the threshold.
-
-    A text's label is the mapped classifier label (a key of ``source.labels``) with the highest probability
-    (the first in the classifier's order on ties); it is kept when that probability, as a float64, is
-    ``>= source.threshold``. Unmapped labels are ignored even when they are more probable.
-
-    Returns:
-        The kept texts (columns ``index`` (position in ``texts``), ``text``, ``label``, ``register``,
-        ``probability``, in input order) and the counts ``classified``, ``below_threshold`` and ``kept``
-        (per register).
-    """
-    names = list(classifier.label_names)
-    check_label_map(source.labels, names, getattr(classifier, "identifier", None))
-    columns = [index for index, name in enumerate(names) if name in source.labels]
-    probs = classifier.probabilities(texts)
-    if tuple(probs.shape) != (len(texts), len(names)):
-        raise CorpusError(f"the classifier returned probabilities of shape {tuple(probs.shape)} for {len(texts)} texts")
-    mapped = probs.detach().to("cpu", torch.float64)[:, columns]
-    best = mapped.argmax(dim=1).tolist() if len(texts) else []
-    rows: dict[str, list[Any]] = {"index": [], "text": [], "label": [], "register": [], "probability": []}
-    for index, (text, column) in enumerate(zip(texts, best, strict=True)):
-        probability = float(mapped[index, column])
-        if probability >= source.threshold:
-            label = names[columns[column]]
-            for key, value in zip(rows, (index, text, label, source.labels[label], probability), strict=True):
-                rows[key].append(value)
-    table = pl.DataFrame(
-        rows,
-        schema={
-            "index": pl.Int64,
-            "text": pl.String,
-            "label": pl.String,
-            "register": pl.String,
-            "probability": pl.Float64,
-        },
-    )
-    kept = Counter(rows["register"])
-    counts = {
-        "classified": len(texts),
-        "below_threshold": len(texts) - table.height,
-        "kept": {register: kept[register] for register in sorted(kept)},
-    }
-    return table, counts
-
-
-# --------------------------------------------------------------------------------------------------
 # Assembly
-
-
-@dataclass
-class _Piece:
-    """One piece of a kept document on its way into the table."""
-
-    n: int
-    k: int
-    pieces: int
-    text: str
-    words: int
-    register: str
-    drop: str | None = None
-
-    def doc_id(self, dataset: str) -> str:
-        return document_id("hub", dataset, self.n, None if self.pieces == 1 else self.k)
 
 
 @dataclass
@@ -463,37 +271,13 @@ def _classify_stream(texts: Iterable[str], classifier: Classifier, source: HubSo
     return result
 
 
-def _pieces(labelled: _Labelled, settings: Settings) -> list[_Piece]:
+def _pieces(labelled: _Labelled, settings: Settings) -> list[DocumentPiece]:
     """Cut the kept documents into pieces; pieces under ``min_words`` are marked ``too_short``."""
-    pieces = []
-    for n, text, register, _ in labelled.documents:
-        parts = chunk_text(text, settings.max_words)
-        for k, part in enumerate(parts):
-            words = word_count(part)
-            drop = "too_short" if words < settings.min_words else None
-            pieces.append(_Piece(n, k, len(parts), part, words, register, drop))
-    return pieces
-
-
-def _deduplicate(pieces: Sequence[_Piece], settings: Settings) -> None:
-    """Mark exact, then near duplicates of earlier pieces (stream order)."""
-    mark_duplicates(
-        pieces,
-        settings.near_duplicate_threshold,
-        settings.minhash_permutations,
-        settings.minhash_bands,
-        settings.shingle_words,
-    )
-
-
-def _cap(pieces: Sequence[_Piece], dataset: str, limit: int, salt: str) -> None:
-    """Per register, keep whole documents in the order of a stable hash of their ids while words stay <= limit."""
-    documents: dict[str, dict[str, list[_Piece]]] = defaultdict(lambda: defaultdict(list))
-    for piece in pieces:
-        if piece.drop is None:
-            documents[piece.register][document_id("hub", dataset, piece.n)].append(piece)
-    for own in documents.values():
-        cap_documents(own, limit, salt, "register_cap")
+    return [
+        piece
+        for n, text, register, _ in labelled.documents
+        for piece in document_pieces(text, n, settings.max_words, settings.min_words, register=register)
+    ]
 
 
 def assemble_hub_corpus(
@@ -529,9 +313,16 @@ def assemble_hub_corpus(
     check_label_map(source.labels, list(classifier.label_names), getattr(classifier, "identifier", None))
     labelled = _classify_stream(stream_texts(source, loader), classifier, source)
     pieces = _pieces(labelled, settings)
-    _deduplicate(pieces, settings)
+    deduplicate(pieces, settings)
     if settings.max_words_per_register:
-        _cap(pieces, source.dataset, settings.max_words_per_register, settings.split_salt)
+        for register in dict.fromkeys(piece.register for piece in pieces):
+            cap_pieces(
+                [piece for piece in pieces if piece.register == register],
+                lambda piece: piece.doc_id("hub", source.dataset, whole=True),
+                settings.max_words_per_register,
+                settings.split_salt,
+                "register_cap",
+            )
     kept = [piece for piece in pieces if piece.drop is None]
     if not kept:
         raise CorpusError(
@@ -539,7 +330,7 @@ def assemble_hub_corpus(
             f"short, {labelled.below_threshold} below the threshold {source.threshold}); raise max_documents, "
             "lower threshold, map more labels in labels, or lower settings.min_words"
         )
-    ids = [piece.doc_id(source.dataset) for piece in kept]
+    ids = [piece.doc_id("hub", source.dataset) for piece in kept]
     splits = [assign_split(parent_document(doc_id), settings.splits, settings.split_salt) for doc_id in ids]
     table = pl.DataFrame(
         {
@@ -571,8 +362,8 @@ def _manifest(
     source: HubSource,
     classifier: Classifier,
     labelled: _Labelled,
-    pieces: Sequence[_Piece],
-    kept: Sequence[_Piece],
+    pieces: Sequence[DocumentPiece],
+    kept: Sequence[DocumentPiece],
     splits: Sequence[str],
     meta: Mapping[str, Any],
     corpus_path: Path,

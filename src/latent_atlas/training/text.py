@@ -6,7 +6,8 @@ import re
 import unicodedata
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -234,6 +235,26 @@ def mark_duplicates(
             piece.drop = "near_duplicate"
 
 
+class DuplicateSettings(Protocol):
+    """The settings :func:`deduplicate` reads (a corpus builder's ``Settings``)."""
+
+    near_duplicate_threshold: float
+    minhash_permutations: int
+    minhash_bands: int
+    shingle_words: int
+
+
+def deduplicate(pieces: Sequence[Piece], settings: DuplicateSettings) -> None:
+    """Mark exact, then near duplicates of earlier pieces (in the given order) with ``settings``' MinHash."""
+    mark_duplicates(
+        pieces,
+        settings.near_duplicate_threshold,
+        settings.minhash_permutations,
+        settings.minhash_bands,
+        settings.shingle_words,
+    )
+
+
 def cap_documents(documents: Mapping[str, Sequence[Any]], limit: int, salt: str, reason: str) -> None:
     """Keep whole documents, in the order of a stable hash of their ids, while the words stay under ``limit``.
 
@@ -248,6 +269,56 @@ def cap_documents(documents: Mapping[str, Sequence[Any]], limit: int, salt: str,
         else:
             for piece in documents[document]:
                 piece.drop = reason
+
+
+@dataclass
+class DocumentPiece:
+    """One piece of a document on its way into a corpus table (the Debian and hub builders' pieces).
+
+    ``n`` numbers the document in its source's stream, ``k`` the piece among its ``pieces``; ``source`` is the
+    Debian source's index (0 for the hub's one stream), ``register`` the hub document's label ("" for Debian,
+    whose register is its source's); ``drop`` says why the piece was dropped, once decided.
+    """
+
+    n: int
+    k: int
+    pieces: int
+    text: str
+    words: int
+    source: int = 0
+    register: str = ""
+    drop: str | None = None
+
+    def doc_id(self, prefix: str, name: str, whole: bool = False) -> str:
+        """``prefix:name:n``, with ``.k`` for a piece of a cut document unless ``whole`` (its document's id)."""
+        return document_id(prefix, name, self.n, None if whole or self.pieces == 1 else self.k)
+
+
+def document_pieces(
+    text: str, n: int, max_words: int, min_words: int, source: int = 0, register: str = ""
+) -> list[DocumentPiece]:
+    """Cut the ``n``-th (cleaned) document into pieces; pieces under ``min_words`` are marked ``too_short``."""
+    parts = chunk_text(text, max_words) if text else []
+    pieces = []
+    for k, part in enumerate(parts):
+        words = word_count(part)
+        drop = "too_short" if words < min_words else None
+        pieces.append(DocumentPiece(n, k, len(parts), part, words, source, register, drop))
+    return pieces
+
+
+def cap_pieces(
+    pieces: Iterable[DocumentPiece], document: Callable[[DocumentPiece], str], limit: int, salt: str, reason: str
+) -> None:
+    """Keep whole documents of the kept pieces (``document`` gives a piece's document id) while words <= ``limit``.
+
+    Documents go in the order of a stable hash of their ids (:func:`cap_documents`).
+    """
+    documents: dict[str, list[DocumentPiece]] = defaultdict(list)
+    for piece in pieces:
+        if piece.drop is None:
+            documents[document(piece)].append(piece)
+    cap_documents(documents, limit, salt, reason)
 
 
 def tally(pieces: Iterable[Counted], splits: Iterable[str], names: Sequence[str] = SPLITS) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import math
 import re
 import shutil
 import subprocess
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
@@ -34,15 +34,14 @@ from latent_atlas.errors import CorpusError
 from latent_atlas.provenance import atomic_output, provenance_record, sha256_file, write_json
 from latent_atlas.training.extractors import EXTRACTORS
 from latent_atlas.training.text import (
+    DocumentPiece,
     assign_split,
-    cap_documents,
-    chunk_text,
+    cap_pieces,
     clean_text,
-    document_id,
-    mark_duplicates,
+    deduplicate,
+    document_pieces,
     parent_document,
     tally,
-    word_count,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -350,35 +349,6 @@ def select_files(root: Path, source: Source) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pieces and balance
-
-
-@dataclass
-class _Piece:
-    """One piece of a document on its way into the table."""
-
-    source: int
-    n: int
-    k: int
-    pieces: int
-    text: str
-    words: int
-    drop: str | None = None
-
-    def doc_id(self, name: str) -> str:
-        return document_id("deb", name, self.n, None if self.pieces == 1 else self.k)
-
-
-def _cap(pieces: list[_Piece], names: Sequence[str], limit: int, salt: str, reason: str) -> None:
-    """Keep whole documents, in the order of a stable hash of their ids, while the words stay under ``limit``."""
-    documents: dict[str, list[_Piece]] = defaultdict(list)
-    for piece in pieces:
-        if piece.drop is None:
-            documents[document_id("deb", names[piece.source], piece.n)].append(piece)
-    cap_documents(documents, limit, salt, reason)
-
-
-# --------------------------------------------------------------------------------------------------
 # Assembly
 
 
@@ -436,17 +406,13 @@ def _fetch(source: Source, downloads: Path, settings: Settings) -> tuple[list[st
     return documents, facts
 
 
-def build_pieces(documents: Sequence[str], source: int, settings: Settings) -> list[_Piece]:
+def build_pieces(documents: Sequence[str], source: int, settings: Settings) -> list[DocumentPiece]:
     """Clean raw documents and cut them into pieces; pieces under ``min_words`` are marked ``too_short``."""
-    pieces = []
-    for n, raw in enumerate(documents):
-        text = clean_text(raw)
-        parts = chunk_text(text, settings.max_words) if text else []
-        for k, part in enumerate(parts):
-            words = word_count(part)
-            drop = "too_short" if words < settings.min_words else None
-            pieces.append(_Piece(source, n, k, len(parts), part, words, drop))
-    return pieces
+    return [
+        piece
+        for n, raw in enumerate(documents)
+        for piece in document_pieces(clean_text(raw), n, settings.max_words, settings.min_words, source=source)
+    ]
 
 
 def assemble_corpus(
@@ -473,32 +439,30 @@ def assemble_corpus(
     settings = parse_settings(settings)
     downloads = Path(downloads)
     names = [source.name for source in parsed]
-    pieces: list[_Piece] = []
+    pieces: list[DocumentPiece] = []
     facts: dict[str, dict[str, Any]] = {}
     for index, source in enumerate(parsed):
         documents, facts[source.name] = _fetch(source, downloads, settings)
         pieces.extend(build_pieces(documents, index, settings))
 
-    mark_duplicates(
-        pieces,
-        settings.near_duplicate_threshold,
-        settings.minhash_permutations,
-        settings.minhash_bands,
-        settings.shingle_words,
-    )
+    deduplicate(pieces, settings)
+
+    def document(piece: DocumentPiece) -> str:
+        return piece.doc_id("deb", names[piece.source], whole=True)
+
     for index, source in enumerate(parsed):
         if source.max_words:
             own = [piece for piece in pieces if piece.source == index]
-            _cap(own, names, source.max_words, settings.split_salt, "source_cap")
+            cap_pieces(own, document, source.max_words, settings.split_salt, "source_cap")
     if settings.max_words_per_register:
         for register in sorted({source.register for source in parsed}):
             members = [piece for piece in pieces if parsed[piece.source].register == register]
-            _cap(members, names, settings.max_words_per_register, settings.split_salt, "register_cap")
+            cap_pieces(members, document, settings.max_words_per_register, settings.split_salt, "register_cap")
 
     kept = [piece for piece in pieces if piece.drop is None]
     if not kept:
         raise CorpusError("no documents are left after cleaning and deduplication; check the sources and min_words")
-    ids = [piece.doc_id(names[piece.source]) for piece in kept]
+    ids = [piece.doc_id("deb", names[piece.source]) for piece in kept]
     splits = [assign_split(parent_document(doc_id), settings.splits, settings.split_salt) for doc_id in ids]
     table = pl.DataFrame(
         {
@@ -521,8 +485,8 @@ def assemble_corpus(
 def _manifest(
     sources: Sequence[Source],
     settings: Settings,
-    pieces: Sequence[_Piece],
-    kept: Sequence[_Piece],
+    pieces: Sequence[DocumentPiece],
+    kept: Sequence[DocumentPiece],
     splits: Sequence[str],
     facts: Mapping[str, dict[str, Any]],
     meta: Mapping[str, Any],
