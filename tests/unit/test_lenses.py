@@ -242,3 +242,37 @@ def test_held_out_stopping_stops_on_a_plateau_and_records_the_curve(llama_store)
     kls = [kl for _, kl in stopping.curve]
     assert kls[0] < untrained  # it learned
     assert kls[-1] > min(kls) * 0.5 and kls[-2] > min(kls) * 0.5  # the last two measurements made no 50% gain
+
+
+def test_evaluation_metrics_equal_a_float64_reference_for_every_lens(llama_store):
+    """The shared log-sum-exp gives each metric as a plain float64 log-softmax computes it, for every lens."""
+    loaded, path = llama_store
+    unembed = Unembed.from_parts(loaded.parts)
+    lenses = {
+        "logit": LogitLens(unembed),
+        "semantic_basis": SemanticBasisLens(unembed, temperature=0.05),
+        "inverse_embedding_transpose": InverseEmbeddingLens(loaded.parts.embed.weight, "transpose"),
+    }
+    layers = [1, loaded.n_layers]
+    with ActivationStore(path) as store, torch.no_grad():
+        tokens = evaluation_tokens(store, "heldout", None, skip_first_position=False)
+        table = evaluate_lenses(store, unembed, lenses, layers, tokens, chunk_size=5)
+        final = unembed.lm_head(torch.from_numpy(store.read("ln_final", tokens.rows))).double().log_softmax(-1)
+        next_ids = torch.from_numpy(tokens.next_ids).long()
+        for name, lens in lenses.items():
+            for layer in layers:
+                log_p = lens.logits(torch.from_numpy(store.read(layer, tokens.rows)), layer).double().log_softmax(-1)
+                rank = (log_p > log_p.gather(-1, final.argmax(-1, keepdim=True))).sum(-1).double()
+                has_next = next_ids >= 0
+                expected = {
+                    "kl_to_final": (final.exp() * (final - log_p)).sum(-1).mean(),
+                    "entropy": -(log_p.exp() * log_p).sum(-1).mean(),
+                    "ce_next_token": -log_p[has_next].gather(-1, next_ids[has_next, None]).mean(),
+                    "surprisal": -final.gather(-1, log_p.argmax(-1, keepdim=True)).mean(),
+                    "top1_agreement": (log_p.argmax(-1) == final.argmax(-1)).double().mean(),
+                    "final_top1_rank": rank.median(),
+                }
+                rows = table.filter((pl.col("lens") == name) & (pl.col("layer") == layer))
+                value = dict(zip(rows["metric"], rows["value"], strict=True))
+                for metric, reference in expected.items():
+                    assert value[metric] == pytest.approx(float(reference), rel=1e-5, abs=1e-6), (name, layer, metric)

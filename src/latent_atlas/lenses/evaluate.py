@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import torch
-from torch.nn import functional
 
 from latent_atlas.addresses import resid_address
 from latent_atlas.errors import ConfigError
@@ -112,13 +111,18 @@ def evaluate_lenses_by_document(
         final = FinalDistribution.from_logits(unembed.lm_head(torch.from_numpy(store.read("ln_final", rows))))
         for layer in layers:
             states = torch.from_numpy(store.read(layer, rows))
-            logit_logits = logit_lens.logits(states, layer) if logit_lens is not None else None
-            logit_top1 = logit_logits.argmax(-1) if logit_logits is not None else None
+            logit = (
+                _token_metrics(logit_lens.logits(states, layer), final, next_ids) if logit_lens is not None else None
+            )
             for name, lens in lenses.items():
                 if not lens.reads(layer):
                     continue
-                logits = logit_logits if lens is logit_lens else lens.logits(states, layer)
-                for metric, (values, scored) in _token_metrics(logits, final, next_ids, logit_top1).items():
+                metrics, top1 = (
+                    logit if lens is logit_lens else _token_metrics(lens.logits(states, layer), final, next_ids)
+                )
+                if logit is not None:
+                    metrics = metrics | {"agreement_with_logit": _agreement(top1, logit[1])}
+                for metric, (values, scored) in metrics.items():
                     if metric == "final_top1_rank":
                         ranks.setdefault((name, layer), []).append(values)
                         continue
@@ -248,54 +252,100 @@ def _record(lens: str, layer: int, metric: str, value: float, n_tokens: int) -> 
 
 
 def _token_metrics(
-    logits: torch.Tensor, final: "FinalDistribution", next_ids: torch.Tensor, logit_top1: torch.Tensor | None
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-token values of each metric over one chunk, with the mask of the tokens they belong to.
+    logits: torch.Tensor, final: "FinalDistribution", next_ids: torch.Tensor
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], torch.Tensor]:
+    """Per-token values of each metric over one chunk (with the mask of the tokens they belong to), and the top-1.
 
-    V-sized temporaries are kept to three (logits, log-probabilities, probabilities); row-wise dot
-    products go through ``bmm`` instead of materialising elementwise products.
+    One log-sum-exp per row serves every metric: with ``m`` the row's largest logit, ``s = z - m`` and
+    ``L = log sum exp s``, ``log p = s - L``, so CE is ``L - s[next]``, the entropy ``L - E_p[s]`` and KL
+    ``-H(p_final) - E_final[s] + L``; ranks compare ``s``. ``logits`` (the lens's fresh output) is overwritten
+    with ``s``; one more V-sized temporary holds first the rank mask, then ``exp s``.
     """
-    log_probs = functional.log_softmax(logits.float(), dim=-1)
-    del logits
-    cross = torch.bmm(final.probs[:, None, :], log_probs[:, :, None]).view(-1)  # sum_v p_final log p_lens
-    kl = final.neg_entropy - cross
-    entropy = -torch.bmm(log_probs.exp()[:, None, :], log_probs[:, :, None]).view(-1)
-    top1 = log_probs.argmax(-1)
+    softmax = _Softmax.of(logits)
+    shifted, scratch = softmax.shifted, softmax.scratch
+    rank = torch.gt(shifted, shifted.gather(-1, final.top1[:, None]), out=scratch).sum(-1)
+    softmax.exponentiate()
+    entropy = softmax.log_total - _rowdot(scratch, shifted) / softmax.total
+    kl = final.neg_entropy - softmax.expected_log_prob(final.probs, final.mass)
     has_next = next_ids >= 0
-    ce = -log_probs[has_next].gather(-1, next_ids[has_next, None]).squeeze(-1)
-    surprisal = -final.log_probs.gather(-1, top1[:, None]).squeeze(-1)
-    rank = (log_probs > log_probs.gather(-1, final.top1[:, None])).sum(-1)
-    every = np.ones(len(log_probs), dtype=bool)
-
-    def values(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.double().numpy()
-
-    metrics: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        "kl_to_final": (values(kl), every),
-        "entropy": (values(entropy), every),
-        "top1_agreement": (values(top1 == final.top1), every),
-        "surprisal": (values(surprisal), every),
-        "ce_next_token": (values(ce), has_next.numpy()),
-        "final_top1_rank": (rank.numpy(), every),
+    ce = (softmax.log_total - shifted.gather(-1, next_ids.clamp(min=0)[:, None]).squeeze(-1))[has_next]
+    surprisal = final.softmax.log_total - final.softmax.shifted.gather(-1, softmax.top1[:, None]).squeeze(-1)
+    every = np.ones(len(shifted), dtype=bool)
+    metrics = {
+        "kl_to_final": (_values(kl), every),
+        "entropy": (_values(entropy), every),
+        "top1_agreement": _agreement(softmax.top1, final.top1),
+        "surprisal": (_values(surprisal), every),
+        "ce_next_token": (_values(ce), has_next.numpy()),
+        "final_top1_rank": (rank.long().numpy(), every),
     }
-    if logit_top1 is not None:
-        metrics["agreement_with_logit"] = (values(top1 == logit_top1), every)
-    return metrics
+    return metrics, softmax.top1
+
+
+def _values(tensor: torch.Tensor) -> np.ndarray:
+    """A metric's per-token values as float64."""
+    return tensor.double().numpy()
+
+
+def _agreement(top1: torch.Tensor, other: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Whether two top-1 tokens agree, at every token."""
+    return _values(top1 == other), np.ones(len(top1), dtype=bool)
+
+
+def _rowdot(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two ``(n, V)`` matrices, without materialising their product."""
+    return torch.bmm(left[:, None, :], right[:, :, None]).view(-1)
+
+
+@dataclass
+class _Softmax:
+    """Row statistics of logits: ``shifted = z - max z`` (in place), the arg-max, ``exp(shifted)``'s row sums."""
+
+    shifted: torch.Tensor
+    top1: torch.Tensor
+    scratch: torch.Tensor  # of shifted's shape; exp(shifted) after exponentiate()
+    total: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> "_Softmax":
+        """Shift ``logits`` by their row maxima (in place when float32), keep the arg-max (first on ties)."""
+        z = logits.float()
+        top, top1 = z.max(-1)
+        return cls(z.sub_(top[:, None]), top1, torch.empty_like(z))
+
+    def exponentiate(self) -> None:
+        """Write ``exp(shifted)`` into the scratch tensor and keep its row sums."""
+        torch.exp(self.shifted, out=self.scratch)
+        self.total = self.scratch.sum(-1)
+
+    @property
+    def log_total(self) -> torch.Tensor:
+        """``log sum exp shifted`` per row: ``log p = shifted - log_total``."""
+        return self.total.log()
+
+    def expected_log_prob(self, probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        """``sum_v probs_v log p_v`` per row, for any distribution ``probs`` (of total ``mass``) over the rows."""
+        return _rowdot(probs, self.shifted) - self.log_total * mass
 
 
 @dataclass(frozen=True)
 class FinalDistribution:
     """The model's own next-token distribution for a chunk of tokens, computed once for every lens."""
 
-    log_probs: torch.Tensor
+    softmax: _Softmax
     probs: torch.Tensor
+    mass: torch.Tensor  # row sums of probs (1 up to rounding)
     neg_entropy: torch.Tensor
     top1: torch.Tensor
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor) -> "FinalDistribution":
-        """Log-probabilities, probabilities, sum p log p and arg-max of the final logits."""
-        log_probs = functional.log_softmax(logits.float(), dim=-1)
-        probs = log_probs.exp()
-        neg_entropy = torch.bmm(probs[:, None, :], log_probs[:, :, None]).view(-1)
-        return cls(log_probs, probs, neg_entropy, log_probs.argmax(-1))
+        """Probabilities, sum p log p and arg-max of the final logits (overwritten), by the lenses' formulas.
+
+        The same arithmetic as :func:`_token_metrics`, so a lens whose logits are the model's has KL exactly 0.
+        """
+        softmax = _Softmax.of(logits)
+        softmax.exponentiate()
+        probs = softmax.scratch / softmax.total[:, None]
+        mass = probs.sum(-1)
+        return cls(softmax, probs, mass, softmax.expected_log_prob(probs, mass), softmax.top1)
