@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from latent_atlas.addresses import resid_address
 from latent_atlas.atlas.data import used_ids
 from latent_atlas.errors import LatentAtlasError
 from latent_atlas.provenance import atomic_output
@@ -55,6 +56,7 @@ SCRIPT = r"""
   state.hover = null;
   const $ = (id) => document.getElementById(id);
   const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
+  const address = (layer) => 'resid.' + String(layer).padStart(2, '0');  // as addresses.resid_address
   const text = (id) => (id in data.vocab ? data.vocab[id] : '\u27e8' + id + '\u27e9');
   const shown = (id) => esc(text(id)).replace(/\n/g, '\u21b5').replace(/\t/g, '\u21e5');
   const fmt = (x, d) => (x === null || x === undefined ? '\u2013' : Number(x).toFixed(d));
@@ -124,7 +126,7 @@ SCRIPT = r"""
       norm: '\u2016h\u2016 / typical \u2016h\u2016 of the layer',
       agree: state.lens + ' lens top-1 = final top-1', none: 'no colouring'}[state.colour];
     $('legend').innerHTML = esc(d.doc_id) + ' (' + esc(d.label) + ', ' + d.ids.length + ' of ' + d.token_count +
-      ' tokens) at resid.' + layers[state.layer] + ': ' + what + (state.colour === 'agree' || state.colour === 'none'
+      ' tokens) at ' + address(layers[state.layer]) + ': ' + what + (state.colour === 'agree' || state.colour === 'none'
       ? '' : ' (darkest = ' + fmt(top, 3) + ')') + '; wavy underline: norm > ' + massive + '\u00d7 typical';
     for (const span of document.querySelectorAll('#tokens .tok')) {
       span.onclick = () => { state.token = +span.dataset.i; state.hover = null; render(); };
@@ -142,12 +144,12 @@ SCRIPT = r"""
     const d = doc(), i = state.hover === null ? state.token : state.hover, finalId = d.model.ids[i][0];
     const next = i + 1 < d.ids.length ? shown(d.ids[i + 1]) : '<span class="dim">(not shown)</span>';
     const firsts = meta.lenses.map((name) => name + ' lens: ' + (d.lenses[name].first[i] === null ? 'never'
-      : 'resid.' + d.lenses[name].first[i])).join('; ');
+      : address(d.lenses[name].first[i]))).join('; ');
     let rows = '';
     layers.forEach((layer, l) => {
       const norm = d.norm[l][i], massive = norm > meta.massive_multiple;
-      rows += '<tr class="layer' + (l === state.layer ? ' current' : '') + '" data-layer="' + layer + '"><td>resid.' +
-        layer + '</td><td data-norm="' + norm + '">' + fmt(norm, 2) +
+      rows += '<tr class="layer' + (l === state.layer ? ' current' : '') + '" data-layer="' + layer + '"><td>' +
+        address(layer) + '</td><td data-norm="' + norm + '">' + fmt(norm, 2) +
         (massive ? ' <span class="flag">massive</span>' : '') + '</td>';
       for (const name of meta.lenses) {
         const reading = d.lenses[name];
@@ -187,7 +189,7 @@ SCRIPT = r"""
         '</span></td><td class="ctx">' + c.words + '</td></tr>';
     }).join('');
     $('neighbours').innerHTML = '<h2 id="neighbours-title" data-layer="' + layers[state.layer] + '" data-token="' + i +
-      '">Nearest stored states at resid.' + layers[state.layer] + '</h2><p class="legend">Exact ' + nb.metric +
+      '">Nearest stored states at ' + address(layers[state.layer]) + '</h2><p class="legend">Exact ' + nb.metric +
       (nb.standardised ? ' (standardised)' : '') + ' search over all ' + nb.stored_rows + ' stored states' +
       (nb.skip_first_position ? ', position 0 left out' : '') + ', the token\u2019s own state left out; ' +
       (nb.metric === 'cosine' ? 'cosine similarity' : 'Euclidean distance') + '.</p><table><thead><tr><th>#</th><th>' +
@@ -197,7 +199,7 @@ SCRIPT = r"""
 
   function steering() {
     if (!data.steering.length) { $('steering-panel').style.display = 'none'; return; }
-    const run = (r) => '<tr><td>' + esc(r.method) + ' @ resid.' + r.layer + '</td><td>\u00d7' + r.coefficient +
+    const run = (r) => '<tr><td>' + esc(r.method) + ' @ ' + address(r.layer) + '</td><td>\u00d7' + r.coefficient +
       '</td><td>' + esc(r.continuation) + '</td><td class="dim">' + fmt(r.sentiment, 2) + '</td></tr>';
     $('steering').innerHTML = data.steering.map((s) => '<h3>' + esc(s.prompt) + ' <span class="dim">(' +
       esc(s.decoding) + ', sample ' + s.sample + ')</span></h3><table class="steer"><tbody><tr><td><b>unsteered</b>' +
@@ -209,7 +211,7 @@ SCRIPT = r"""
   function render() {
     $('doc').value = state.doc;
     $('layer').value = state.layer;
-    $('layer-name').textContent = 'resid.' + layers[state.layer];
+    $('layer-name').textContent = address(layers[state.layer]);
     $('colour').value = state.colour;
     for (const radio of document.querySelectorAll('input[name=lens]')) radio.checked = radio.value === state.lens;
     tokens(); detail(); neighbours(); writeHash();
@@ -257,9 +259,10 @@ def render_page(payload: Mapping[str, Any]) -> str:
     meta = payload["meta"]
     title = f"latent-atlas: {meta['model']} on {meta['corpus']}"
     lenses = " and ".join(f"{name} lens" for name in meta["lenses"])
+    first, last = resid_address(meta["layers"][0]), resid_address(meta["layers"][-1])
     subtitle = (
         f"{len(payload['documents'])} {meta['split']} documents (of {meta['documents_sampled']} sampled), "
-        f"{len(meta['layers'])} layers (resid.{meta['layers'][0]}..resid.{meta['layers'][-1]}), {lenses}"
+        f"{len(meta['layers'])} layers ({first}..{last}), {lenses}"
     )
     provenance = meta.get("provenance", {})
     footer = "; ".join(f"{key}: {value}" for key, value in provenance.items() if not isinstance(value, (dict, list)))
