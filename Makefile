@@ -26,10 +26,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,reports]"
 	touch $@
 
+# `latent-atlas config` first: Snakemake's own message for a YAML error names no file or line.
 run: install
+	$(BIN)/latent-atlas config $(CONFIG)
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) $(GPU_CAP)
 
 dry-run: install
+	$(BIN)/latent-atlas config $(CONFIG)
 	$(BIN)/snakemake --dry-run --configfile $(CONFIG)
 
 report: install

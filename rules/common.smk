@@ -4,7 +4,13 @@ import re
 from pathlib import Path
 
 from latent_atlas.claims import inputs as claims_inputs
-from latent_atlas.config import analysis_models, elm_judge, load_yaml, validate_config
+from latent_atlas.config import (
+    ConfigSources,
+    analysis_models,
+    elm_judge,
+    load_yaml,
+    validate_config,
+)
 from latent_atlas.corpus import resolve_corpus_spec
 from latent_atlas.names import (
     ELM_FIGURES,
@@ -22,8 +28,12 @@ from latent_atlas.provenance import config_hash
 from latent_atlas.training.family import family_name, member_spec, members
 
 SCHEMA = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
+# Messages name the file that set a bad key; layers are checked against each acquired model's depth.
 validate_config(
-    config, load_yaml(SCHEMA), source="the config (config/*.yaml and --config)"
+    config,
+    load_yaml(SCHEMA),
+    sources=ConfigSources.of_workflow(workflow),
+    models_root="results/models",
 )
 
 ENV = "../environment.yml"

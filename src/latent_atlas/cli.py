@@ -156,6 +156,17 @@ def _findings(args: argparse.Namespace) -> None:
         tmp.write_text(text)
 
 
+def _config(args: argparse.Namespace) -> None:
+    """Check config files as the workflow reads them; name the file, line and key of each problem."""
+    from pathlib import Path
+
+    from latent_atlas.config import check_config_files
+
+    files = [args.base, *(path for path in args.overlays if Path(path).resolve() != Path(args.base).resolve())]
+    config = check_config_files(files, args.schema, args.models)
+    print(f"config OK: {' + '.join(files)} (run.models: {', '.join(config['run']['models'])})")
+
+
 def _add_point_arguments(command: argparse.ArgumentParser, layer_help: str) -> None:
     """The arguments that name a point: ``--text`` (with ``--position``) or ``--vector``, and ``--layer``."""
     source = command.add_mutually_exclusive_group(required=True)
@@ -206,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     neighbours.add_argument("--context", type=int, default=8, help="tokens of text each side")
     neighbours.add_argument("--json", action="store_true", help="print the rows as JSON")
     neighbours.set_defaults(handler=_neighbours)
+
+    check = commands.add_parser("config", help="check config files before a run (names file, line and key)")
+    check.add_argument("overlays", nargs="*", help="overlay files, as given to snakemake --configfile")
+    check.add_argument("--base", default="config/config.yaml", help="the Snakefile's own configfile")
+    check.add_argument("--schema", default="workflow/schemas/config.schema.yaml", help="the config schema")
+    check.add_argument("--models", default="results/models", help="where acquired models (their depth) are")
+    check.set_defaults(handler=_config)
 
     findings = commands.add_parser("findings", help="render claims tables (results/claims/*.parquet) as Markdown")
     findings.add_argument("tables", nargs="+", help="claims tables, e.g. results/claims/smollm2-135m.registers.parquet")

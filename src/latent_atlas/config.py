@@ -6,7 +6,9 @@ the key, the problem and where to fix it.
 """
 
 import copy
-from collections.abc import Iterator, Mapping
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,112 @@ LayerSpec = str | int | list[int] | Mapping[str, int]
 
 
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file, raising :class:`ConfigError` that names the file on failure."""
+    """Read a YAML file, raising :class:`ConfigError` that names the file (and line and column) on failure."""
     try:
         return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError as error:
         raise ConfigError(f"config file not found: {path}") from error
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and start is not None:
+            context = f"{context} that starts at line {start.line + 1}, column {start.column + 1}:"
+        problem = " ".join(filter(None, (context, getattr(error, "problem", None))))
+        raise ConfigError(
+            f"{where}: not valid YAML ({problem or error}); fix the file there (mixed tabs and spaces, an unclosed "
+            "bracket or quote, a missing ':' are the usual causes)"
+        ) from None
+
+
+class ConfigSources:
+    """Which file set each config key, so that a message names the file to fix.
+
+    ``files`` are in the order they are merged (``config/config.yaml`` first, then each ``--configfile``
+    overlay); ``--config`` values come last. A key comes from the last of them that sets it.
+    """
+
+    _KEY = re.compile(r"config key '([^']+)'")
+
+    def __init__(self, files: Sequence[str | Path], command_line: Mapping[str, Any] | None = None) -> None:
+        self.layers: list[tuple[str, Any]] = [(_shown(path), load_yaml(path) or {}) for path in files]
+        if command_line:
+            self.layers.append(("--config", command_line))
+
+    @classmethod
+    def of_workflow(cls, workflow: Any) -> "ConfigSources":
+        """A Snakemake workflow's sources: its ``configfile:``, the ``--configfile`` overlays, ``--config``.
+
+        Snakemake 9 keeps the command line's files in ``workflow.config_settings.configfiles`` and appends the
+        Snakefile's ``configfile:`` to ``workflow.configfiles``; the command line's are merged last.
+        """
+        settings = workflow.config_settings
+        overlays = [Path(path).absolute() for path in settings.configfiles]
+        own = [path for path in workflow.configfiles if Path(path).absolute() not in overlays]
+        return cls([*own, *overlays], dict(settings.config or {}))
+
+    @property
+    def files(self) -> list[str]:
+        """Every source, in merge order."""
+        return [name for name, _ in self.layers]
+
+    def origin(self, key: Sequence[str]) -> str | None:
+        """The source that set ``key`` (a path of names), or the one that set the deepest part of it."""
+        best, depth = None, 0
+        for name, tree in self.layers:
+            found = _depth(tree, key)
+            if found and found >= depth:
+                best, depth = name, found
+        return best
+
+    def annotate(self, message: str) -> str:
+        """``message`` with the file that set the first ``config key '...'`` it names."""
+        match = self._KEY.search(message)
+        origin = self.origin(match.group(1).split(".")) if match else None
+        return f"{message} [set in {origin}]" if origin else message
+
+
+def merge_config(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``overlay`` into ``base`` in place the way Snakemake merges config files (mappings key by key)."""
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge_config(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def check_config_files(files: Sequence[str | Path], schema: str | Path, models_root: str | Path) -> dict[str, Any]:
+    """Merge and validate config files as the workflow does, naming the file (and line) of every problem.
+
+    Snakemake reads the files itself before the workflow starts, and its message for a YAML error names no
+    file; this names the file, line and column (``latent-atlas config``).
+    """
+    sources = ConfigSources(files)
+    config: dict[str, Any] = {}
+    for _, tree in sources.layers:
+        if not isinstance(tree, Mapping):
+            raise ConfigError(f"{sources.files[0]}: a config file must hold a mapping of keys at its top level")
+        merge_config(config, tree)
+    validate_config(config, load_yaml(schema), sources=sources, models_root=models_root)
+    return config
+
+
+def _depth(tree: Any, key: Sequence[str]) -> int:
+    """How many leading names of ``key`` ``tree`` holds."""
+    for count, name in enumerate(key):
+        if not isinstance(tree, Mapping) or name not in tree:
+            return count
+        tree = tree[name]
+    return len(key)
+
+
+def _shown(path: str | Path) -> str:
+    """A path as the user typed it: relative to the working directory when it lies below it."""
+    try:
+        return str(Path(path).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _fill_defaults(
@@ -57,29 +158,114 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(parts) if parts else "<top level>"
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
-    """Return a one-line description of a schema violation, naming the key."""
-    hint = " (check the spelling against the schema)" if error.validator == "additionalProperties" else ""
-    return f"config key '{_key_path(error)}': {error.message}{hint}"
+def _describe(error: jsonschema.ValidationError, sources: ConfigSources | None = None) -> str:
+    """Return a one-line description of a schema violation, naming the key (and the file that set it)."""
+    key = [str(part) for part in error.absolute_path]
+    hint = ""
+    if error.validator == "additionalProperties":
+        hint = " (check the spelling against the schema)"
+        extra = [name for name in error.instance if name not in error.schema.get("properties", {})]
+        key = [*key, *extra[:1]]
+    origin = sources.origin(key) if sources else None
+    return f"config key '{_key_path(error)}': {error.message}{hint}" + (f" [set in {origin}]" if origin else "")
 
 
-def validate_config(config: dict[str, Any], schema: dict[str, Any], source: str = "the config") -> None:
+def validate_config(
+    config: dict[str, Any],
+    schema: dict[str, Any],
+    source: str = "the config",
+    sources: ConfigSources | None = None,
+    models_root: str | Path | None = None,
+) -> None:
     """Validate ``config`` in place against ``schema``, filling in schema defaults.
 
     Args:
         config: the parsed config; defaults are written into it.
         schema: a JSON schema (draft 2020-12) whose ``default:`` values fill missing keys.
         source: where the config came from, for the message (e.g. ``config/config.yaml``).
+        sources: the files the config was merged from; each message then names the file that set its key.
+        models_root: the workflow's model folder (``results/models``): check the inputs a job would find
+            wrong (corpus files, layers against each acquired model's depth) now; None skips these checks.
 
     Raises:
         ConfigError: listing every violation, each naming its key.
     """
+    if sources is not None:
+        source = ", ".join(sources.files)
     validator = _DefaultFillingValidator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        lines = "\n".join(f"  - {_describe(error)}" for error in errors)
+        lines = "\n".join(f"  - {_describe(error, sources)}" for error in errors)
         raise ConfigError(f"invalid configuration in {source}:\n{lines}\nFix these keys and run again.")
-    check_references(config, source)
+    try:
+        check_references(config, source)
+        if models_root is not None:
+            check_inputs(config, Path(models_root))
+    except ConfigError as error:
+        raise ConfigError(sources.annotate(str(error)) if sources else str(error)) from None
+
+
+def check_inputs(config: Mapping[str, Any], models_root: Path) -> None:
+    """What a job would find wrong, checked at parse time: corpus files, and layers beyond a model's depth.
+
+    A model's depth is known once it is acquired (``{models_root}/{model}/manifest.json``); before that the
+    job itself checks, naming the same key.
+    """
+    check_corpus_files(config)
+    for model in config.get("run", {}).get("models", []):
+        manifest = models_root / model / "manifest.json"
+        if manifest.is_file():
+            check_depth(config, model, int(json.loads(manifest.read_text())["n_layers"]), manifest)
+
+
+def check_depth(config: Mapping[str, Any], model: str, n_layers: int, manifest: Path) -> None:
+    """``extraction.layers``, ``lenses.layers`` and the layers of the probes read must lie in the model."""
+    where = f"model {model} ({manifest})"
+    sections = ["extraction", *(["lenses"] if model in analysis_models(config, "lenses") else [])]
+    for section in sections:
+        spec = config.get(section, {}).get("layers")
+        try:
+            select_layers("all" if spec is None else spec, n_layers, f"{section}.layers")
+        except ConfigError as error:
+            raise ConfigError(f"{error}: {where}") from None
+    probes = config.get("probes", {})
+    for name in sorted(probes_read(config)):
+        layer = probes[name].get("layer")
+        if layer is not None and not 0 <= int(layer) <= n_layers:
+            raise ConfigError(
+                f"config key 'probes.{name}.layer' is {layer}, outside 0..{n_layers} for a model with {n_layers} "
+                f"blocks: {where}"
+            )
+
+
+def probes_read(config: Mapping[str, Any]) -> set[str]:
+    """The probes the run reads (``run.probes``, neighbourhood points and path ends) and the ends of their midpoints."""
+    probes = config.get("probes", {})
+    neighbourhood = config.get("neighbourhood", {})
+    todo = [*(config.get("run", {}).get("probes") or probes), *neighbourhood.get("points", [])]
+    todo += [end for ends in neighbourhood.get("paths", {}).values() for end in ends]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in probes and name not in seen:
+            seen.add(name)
+            todo.extend(probes[name].get("midpoint", []))
+    return seen
+
+
+def check_corpus_files(config: Mapping[str, Any]) -> None:
+    """Every corpus the run reads from a file must name one that exists (outputs of the workflow aside)."""
+    run, readers = config.get("run", {}), config.get("readers") or {}
+    used = [*run.get("corpora", []), *(task["corpus"] for task in readers.get("tasks", {}).values())]
+    corpora = config.get("corpora", {})
+    for name in dict.fromkeys(used):
+        path = corpora.get(name, {}).get("path")
+        if path is None or Path(path).parts[:1] == ("results",) or Path(path).exists():
+            continue
+        raise ConfigError(
+            f"config key 'corpora.{name}.path' is {path!r}, which does not exist (relative to {Path.cwd()}); "
+            "fix the path or take the corpus out of run.corpora"
+        )
 
 
 def check_references(config: Mapping[str, Any], source: str = "the config") -> None:
@@ -240,13 +426,14 @@ def probe_layer(probes: Mapping[str, Any], name: str, seen: tuple[str, ...] = ()
     return layers.pop()
 
 
-def select_layers(spec: LayerSpec, n_layers: int) -> list[int]:
+def select_layers(spec: LayerSpec, n_layers: int, key: str = "extraction.layers") -> list[int]:
     """Return the residual layers (0 = embedding output .. ``n_layers``) a layer spec selects.
 
     Args:
         spec: ``"all"``; a list of layer numbers (negative counts from the end: -1 = ``n_layers``);
             or ``{"every": k}``: 0, k, 2k, … plus the last layer.
         n_layers: number of blocks L of the model.
+        key: the config key the spec came from, for the message.
 
     Raises:
         ConfigError: for layers out of range or an unknown form.
@@ -257,14 +444,14 @@ def select_layers(spec: LayerSpec, n_layers: int) -> list[int]:
     if isinstance(spec, Mapping) and set(spec) == {"every"}:
         step = int(spec["every"])
         if step < 1:
-            raise ConfigError(f"extraction.layers.every must be >= 1, got {step}")
+            raise ConfigError(f"config key '{key}.every' must be >= 1, got {step}")
         return sorted(set(range(0, top + 1, step)) | {top})
     if isinstance(spec, list) and spec and all(isinstance(layer, int) for layer in spec):
         resolved = sorted({layer + top + 1 if layer < 0 else layer for layer in spec})
         bad = [layer for layer in resolved if not 0 <= layer <= top]
         if bad:
             raise ConfigError(
-                f"extraction.layers selects layers {bad}, outside 0..{top} for a model with {n_layers} blocks"
+                f"config key '{key}' selects layers {bad}, outside 0..{top} for a model with {n_layers} blocks"
             )
         return resolved
-    raise ConfigError(f"extraction.layers must be 'all', a list of ints or {{every: k}}, got {spec!r}")
+    raise ConfigError(f"config key '{key}' must be 'all', a list of ints or {{every: k}}, got {spec!r}")

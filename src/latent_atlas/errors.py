@@ -1,8 +1,13 @@
 """Errors that name the problem and the fix.
 
 Every error raised for bad input derives from :class:`LatentAtlasError`, so the workflow's scripts can
-let them through unchanged: their message is what the user reads in the job log.
+let them through unchanged: their message is what the user reads in the job log. Advice to rebuild a file
+with ``snakemake`` is given only for a file a rule of the workflow makes (:func:`rebuild_advice`).
 """
+
+import os
+import re
+from pathlib import Path
 
 
 class LatentAtlasError(Exception):
@@ -23,3 +28,29 @@ class CorpusError(LatentAtlasError):
 
 class StoreError(LatentAtlasError):
     """An activation store is missing, foreign, truncated, incomplete or does not match its inputs."""
+
+
+_WORKFLOW_OUTPUTS = tuple(
+    re.compile(pattern)
+    for pattern in (
+        r"results/activations/[^/]+/[^/]+\.h5",
+        r"results/models/[^/]+/manifest\.json",
+        r"results/corpora/[^/]+\.parquet",
+        r"results/lenses/[^/]+/[^/]+\.tuned-lens\.pt",
+    )
+)
+
+
+def workflow_target(path: str | os.PathLike[str]) -> str | None:
+    """``path`` as a Snakemake target when a rule of the workflow makes it (from the working directory), else None."""
+    try:
+        relative = Path(path).absolute().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return None
+    return relative if any(pattern.fullmatch(relative) for pattern in _WORKFLOW_OUTPUTS) else None
+
+
+def rebuild_advice(path: str | os.PathLike[str], what: str = "Delete it and rebuild it") -> str:
+    """`` {what} with `snakemake {target}`.`` for an output of the workflow; empty for any other file."""
+    target = workflow_target(path)
+    return f" {what} with `snakemake {target}`." if target else ""

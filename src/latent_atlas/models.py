@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from latent_atlas.errors import ConfigError, ModelAcquisitionError
+from latent_atlas.errors import ConfigError, ModelAcquisitionError, rebuild_advice
 from latent_atlas.provenance import atomic_output, provenance_record, sha256_file, write_json
 
 MANIFEST = "manifest.json"
@@ -183,9 +183,9 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``manifest.json`` of a model directory, failing clearly if it is missing."""
     path = Path(model_dir) / MANIFEST
     if not path.is_file():
+        advice = rebuild_advice(path, "Acquire it") or " Give a model directory, results/models/{model}."
         raise ModelAcquisitionError(
-            f"{model_dir} has no {MANIFEST}: it was not produced by latent-atlas's acquire step. "
-            f"Run `snakemake {path}` (or acquire_model) to build it."
+            f"{model_dir} has no {MANIFEST}: it is not a model directory made by latent-atlas's acquire step.{advice}"
         )
     return json.loads(path.read_text())
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import datetime as dt
+import glob
 import hashlib
 import json
 import os
@@ -83,6 +84,33 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries of ``path`` left by writers that were killed (their process is gone).
+
+    A writer killed hard (SIGKILL, out of memory, a cluster's time limit) cannot remove its temporary, which
+    can be as large as the output; the next writer of the same output removes it. A temporary whose process
+    still runs on this machine is left alone. Returns what was removed.
+    """
+    removed = []
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            _remove(stale)
+            removed.append(stale)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; rename it to ``path`` only if the block succeeds.
@@ -92,6 +120,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
     tmp = temporary_sibling(final)
     _remove(tmp)
     try:

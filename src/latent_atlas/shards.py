@@ -303,7 +303,7 @@ def _check_shard(
         with ActivationStore(path, expect=expect) as store:
             attrs, n_rows = store.attrs, store.n_tokens
     except StoreError as error:
-        raise StoreError(f"{name} cannot be gathered: {error}") from error
+        raise StoreError(f"{name} cannot be gathered: {error} To fix it, {rebuild}.") from error
     with h5py.File(path, "r") as opened:
         n_docs = int(opened["docs/token_count"].shape[0])
     missing = [key for key in SHARD_ATTRS if key not in attrs]

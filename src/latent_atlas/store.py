@@ -28,8 +28,8 @@ import numpy as np
 import polars as pl
 
 from latent_atlas.addresses import LN_FINAL, parse_resid_address, resid_address, store_dataset
-from latent_atlas.errors import StoreError
-from latent_atlas.provenance import temporary_sibling
+from latent_atlas.errors import StoreError, rebuild_advice
+from latent_atlas.provenance import remove_stale_temporaries, temporary_sibling
 
 FORMAT = "latent-atlas-activations"
 FORMAT_VERSION = 1
@@ -58,6 +58,7 @@ REQUIRED_ATTRS = (
     "complete",
 )
 _TARGET_CHUNK_BYTES = 1 << 20
+_STORE_PATTERN = "results/activations/{model}/{corpus}.h5"
 
 
 def chunk_rows(d_model: int, itemsize: int, n_tokens: int) -> int:
@@ -94,6 +95,7 @@ class StoreWriter:
 
     def __enter__(self) -> "StoreWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)
         self.tmp.unlink(missing_ok=True)
         self._file = h5py.File(self.tmp, "w", libver="latest")
         self._create_datasets()
@@ -201,12 +203,17 @@ class ActivationStore:
     # ---- validation -------------------------------------------------------------------------------
 
     def _fail(self, problem: str) -> StoreError:
-        return StoreError(f"{self.path}: {problem}. Delete it and rebuild it with `snakemake {self.path}`.")
+        """A broken store: the problem, and how to rebuild it when the workflow makes it."""
+        return StoreError(f"{self.path}: {problem}.{rebuild_advice(self.path)}")
 
     def _validate(self) -> None:
         attrs = self._file.attrs
         if attrs.get("format") != FORMAT:
-            raise self._fail(f"not a latent-atlas activation store (format attr is {attrs.get('format')!r})")
+            advice = rebuild_advice(self.path, "If it should be one, delete it and rebuild it")
+            raise StoreError(
+                f"{self.path} is an HDF5 file but not a latent-atlas activation store (its format attribute is "
+                f"{attrs.get('format')!r}, a store's is {FORMAT!r}): give a store, {_STORE_PATTERN}.{advice}"
+            )
         version = int(attrs.get("format_version", -1))
         if version > FORMAT_VERSION:
             raise StoreError(
@@ -238,6 +245,14 @@ class ActivationStore:
         """Raise :class:`StoreError` if any attribute differs from ``expect`` (e.g. a model's sha256)."""
         attrs = self.attrs
         wrong = {k: (attrs.get(k), v) for k, v in expect.items() if attrs.get(k) != v}
+        if "model_sha256" in wrong:
+            have, want = wrong["model_sha256"]
+            advice = rebuild_advice(self.path, "If that model has changed since, rebuild the store")
+            raise StoreError(
+                f"{self.path} was made from another model than the one given (the store's: {attrs.get('model')}, "
+                f"weights sha256 {str(have)[:12]}…; the one given: {str(want)[:12]}…). Read it with the model it was "
+                f"made from (results/models/{attrs.get('model')}).{advice}"
+            )
         if wrong:
             details = "; ".join(f"{k}: store has {have!r}, expected {want!r}" for k, (have, want) in wrong.items())
             raise self._fail(f"does not match its inputs ({details})")
@@ -363,14 +378,16 @@ class ActivationStore:
 
 def _open_hdf5(path: Path) -> h5py.File:
     """Open an HDF5 file read-only, turning every failure into a :class:`StoreError` with the fix."""
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not an activation store: give a store file, {_STORE_PATTERN}")
     if not path.exists():
-        raise StoreError(f"activation store {path} does not exist; build it with `snakemake {path}`")
+        advice = rebuild_advice(path, "Build it") or f" Check the path: stores are {_STORE_PATTERN}."
+        raise StoreError(f"activation store {path} does not exist.{advice}")
     try:
         return h5py.File(path, "r")
     except OSError as error:
         raise StoreError(
-            f"{path} cannot be opened as HDF5 ({error}): it is truncated or not an HDF5 file. "
-            f"Delete it and rebuild it with `snakemake {path}`."
+            f"{path} cannot be opened as HDF5 ({error}): it is truncated or not an HDF5 file.{rebuild_advice(path)}"
         ) from error
 
 

@@ -1,12 +1,13 @@
 """Config validation: defaults filled in, every problem named by its key, shipped configs valid."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from latent_atlas.config import load_yaml, select_layers, validate_config
+from latent_atlas.config import check_config_files, load_yaml, select_layers, validate_config
 from latent_atlas.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,7 +91,7 @@ def test_unreadable_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_yaml(tmp_path / "missing.yaml")
     (tmp_path / "bad.yaml").write_text("run: [unclosed")
-    with pytest.raises(ConfigError, match="is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:1:\d+: not valid YAML .*starts at line 1, column 6"):
         load_yaml(tmp_path / "bad.yaml")
 
 
@@ -172,3 +173,13 @@ def test_paths_across_layers_are_fine_when_the_neighbourhood_sets_its_layers():
     config = _merged({"probes": _TWO_PROBES, "neighbourhood": {"paths": {"p": ["a", "b"]}, "layers": [3]}})
     validate_config(config, SCHEMA)
     assert config["neighbourhood"]["radii"][0] == 0.0  # defaults filled
+
+
+@pytest.mark.parametrize("overlay", [None, "config/ci.yaml", "config/paper.yaml", "config/study.yaml"])
+def test_shipped_configs_pass_the_parse_time_checks_on_the_real_depths(overlay, tmp_path, monkeypatch):
+    for model, blocks in (("smollm2-135m", 30), ("gemma3-270m", 18)):  # the models' config.json num_hidden_layers
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "manifest.json").write_text(json.dumps({"n_layers": blocks}))
+    monkeypatch.chdir(REPO)
+    files = [REPO / "config/config.yaml", *([REPO / overlay] if overlay else [])]
+    check_config_files(files, REPO / "workflow/schemas/config.schema.yaml", tmp_path)

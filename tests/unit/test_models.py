@@ -179,7 +179,7 @@ def test_bad_sources(tmp_path):
         acquire_model("x", {"source": "git"}, tmp_path / "m", tmp_path)
     with pytest.raises(ModelAcquisitionError, match="is not a Hugging Face model directory"):
         acquire_model("x", {"source": "local", "path": str(tmp_path)}, tmp_path / "m", tmp_path)
-    with pytest.raises(ModelAcquisitionError, match=r"has no manifest\.json.*Run `snakemake"):
+    with pytest.raises(ModelAcquisitionError, match=r"has no manifest\.json: it is not a model directory"):
         load_model(tmp_path)
 
 

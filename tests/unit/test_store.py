@@ -105,9 +105,19 @@ def test_failed_rewrite_keeps_the_previous_store(tmp_path):
         np.testing.assert_array_equal(store.read("ln_final"), states["ln_final"])
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(StoreError, match=r"does not exist; build it with `snakemake .*s\.h5`"):
+def test_missing_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a workflow output gets the snakemake target that builds it, relative to here
+    with pytest.raises(StoreError, match=r"does not exist\. Build it with `snakemake results/activations/m/c\.h5`"):
+        ActivationStore(tmp_path / "results/activations/m/c.h5")
+    with pytest.raises(StoreError, match=r"s\.h5 does not exist\. Check the path: stores are results/") as error:
         ActivationStore(tmp_path / "s.h5")
+    assert "snakemake" not in str(error.value)  # no rule makes s.h5
+
+
+def test_a_directory_is_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="is a directory, not an activation store") as error:
+        ActivationStore(tmp_path)
+    assert "snakemake" not in str(error.value) and "Delete" not in str(error.value)
 
 
 def test_not_hdf5(tmp_path):
@@ -116,19 +126,24 @@ def test_not_hdf5(tmp_path):
         ActivationStore(tmp_path / "s.h5")
 
 
-def test_truncated_file(tmp_path):
-    _write(tmp_path / "s.h5", n_tokens=2000)
-    data = (tmp_path / "s.h5").read_bytes()
-    (tmp_path / "s.h5").write_bytes(data[: len(data) // 2])
-    with pytest.raises(StoreError, match=r"truncated.*Delete it and rebuild"):
-        ActivationStore(tmp_path / "s.h5")
+def test_truncated_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "results/activations/m/c.h5"
+    _write(path, n_tokens=2000)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        StoreError, match=r"truncated.*Delete it and rebuild it with `snakemake results/activations/m/c\.h5`"
+    ):
+        ActivationStore(path)
 
 
 def test_foreign_hdf5(tmp_path):
     with h5py.File(tmp_path / "s.h5", "w") as file:
         file["data"] = np.zeros(3)
-    with pytest.raises(StoreError, match="not a latent-atlas activation store"):
+    with pytest.raises(StoreError, match="not a latent-atlas activation store") as error:
         ActivationStore(tmp_path / "s.h5")
+    assert "snakemake" not in str(error.value) and "Delete" not in str(error.value)  # someone else's file
 
 
 def test_incomplete_file(tmp_path):
@@ -162,8 +177,13 @@ def test_newer_format_asks_for_an_upgrade(tmp_path):
 
 def test_mismatched_inputs(tmp_path):
     _write(tmp_path / "s.h5")
-    with pytest.raises(StoreError, match=r"does not match its inputs \(model_sha256: store has 'f+', expected 'abc'\)"):
+    with pytest.raises(
+        StoreError, match=r"made from another model than the one given .*Read it with the model"
+    ) as error:
         ActivationStore(tmp_path / "s.h5", expect={"model_sha256": "abc"})
+    assert "Delete" not in str(error.value)  # the model is what is wrong, not the store
+    with pytest.raises(StoreError, match=r"does not match its inputs \(corpus: store has 'c', expected 'd'\)"):
+        ActivationStore(tmp_path / "s.h5", expect={"corpus": "d"})
     ActivationStore(tmp_path / "s.h5", expect={"model_sha256": "f" * 64, "corpus": "c"}).close()
 
 

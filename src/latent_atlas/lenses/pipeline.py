@@ -49,7 +49,7 @@ DEFAULT_GRID_TEXT = "The Eiffel Tower is located in the city of Paris, the capit
 
 def lens_layers(settings: Mapping[str, Any], store: ActivationStore) -> list[int]:
     """The layers the lens section selects, for the model the store was made from."""
-    return select_layers(settings.get("layers", "all"), int(store.attrs["n_layers"]))
+    return select_layers(settings.get("layers", "all"), int(store.attrs["n_layers"]), "lenses.layers")
 
 
 def build_lenses(
