@@ -11,11 +11,13 @@ from latent_atlas.models import load_model
 from latent_atlas.provenance import write_parquet_with_provenance
 from latent_atlas.readers.elm import load_adapter
 from latent_atlas.readers.pipeline import elm_data, evaluate_elm, reader_provenance, summarise_controls
+from latent_atlas.readers.settings import ElmSettings
 from latent_atlas.store import ActivationStore
 
 with job_log(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
-    settings, inputs = snakemake.params.settings, snakemake.input
+    section, inputs = snakemake.params.settings, snakemake.input  # section: what the provenance's config hash covers
+    settings = ElmSettings.from_config(section)
     loaded = load_model(Path(inputs.manifest).parent, device="auto")
     adapter, trained = load_adapter(inputs.adapter, loaded)
     judge_dir = Path(inputs.judge).parent if hasattr(inputs, "judge") else None
@@ -25,7 +27,7 @@ with job_log(snakemake.log[0]) as log:
     with ActivationStore(inputs.store, expect={"model_sha256": loaded.manifest["weights_sha256"]}) as store:
         data = elm_data(loaded.tokenizer, store, corpus, settings)
         model = snakemake.wildcards.model
-        meta = reader_provenance(loaded, model, settings, store, adapter_created=trained.get("created"), **judged)
+        meta = reader_provenance(loaded, model, section, store, adapter_created=trained.get("created"), **judged)
     scores, paths = evaluate_elm(loaded, adapter, data, settings, judge)
     with pl.Config(tbl_cols=-1, tbl_width_chars=160):
         log.info("held-out controls:\n%s", summarise_controls(scores))

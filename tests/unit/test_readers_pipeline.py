@@ -25,6 +25,7 @@ from latent_atlas.readers.pipeline import (
     task_split,
     train_elm,
 )
+from latent_atlas.readers.settings import ComparisonSettings, ElmSettings, Task
 from latent_atlas.store import ActivationStore
 from tests.conftest import STORE_ATTRS
 
@@ -109,16 +110,22 @@ CLUSTERING = {
     "batch_size_icl": 3,
 }
 TASK = {"corpus": "topics", "label_words": LABEL_WORDS, "template": "{text} . it is a{label}"}
+TOPICS = Task.from_config("topics", TASK)
 
 
 LORA = {"enabled": True, "rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0,
         "lr": 1e-2, "weight_decay": 0.0, "steps": 2, "batch_size": 4, "seeds": None}  # fmt: skip
 
 
+def _comparison(lora: dict) -> ComparisonSettings:
+    """A compare_readers job's settings on the topics task."""
+    return ComparisonSettings.from_config("topics", task=TASK, clustering=CLUSTERING, lora=lora, max_tokens=MAX_TOKENS)
+
+
 def test_every_method_is_scored_on_the_same_split_and_each_state_reader_on_both_inputs(loaded, corpus, store_path):
     with ActivationStore(store_path) as store:
-        table = compare_readers(loaded, store, corpus, "topics", TASK, CLUSTERING, MAX_TOKENS, LORA)
-        split = task_split(store, "topics", TASK, MAX_TOKENS)
+        table = compare_readers(loaded, store, corpus, _comparison(LORA))
+        split = task_split(store, TOPICS, MAX_TOKENS)
     assert table["split_hash"].unique().to_list() == [split.split_hash]
     assert set(table["n_test"]) == {len(split.test_ids)} == {corpus.filter(pl.col("split") == "heldout").height}
     readers = {"semantic_bases", "knn_prompting", "linear_probe", "zero_shot"}
@@ -131,8 +138,7 @@ def test_every_method_is_scored_on_the_same_split_and_each_state_reader_on_both_
         assert sorted(rows["seed"].to_list(), key=str) == ([0, 1] if seeded else [None]), (method, read)
     assert table["balanced_accuracy"].is_between(0, 1).all() and table["macro_f1"].is_between(0, 1).all()
     with ActivationStore(store_path) as store:
-        off = {**LORA, "enabled": False}
-        without = compare_readers(loaded, store, corpus, "topics", TASK, CLUSTERING, MAX_TOKENS, off)
+        without = compare_readers(loaded, store, corpus, _comparison({**LORA, "enabled": False}))
     assert "lora" not in set(without["method"])
 
 
@@ -144,7 +150,7 @@ def _template_prompt(tokenizer, text: str) -> list[int]:
 
 def test_the_template_state_is_the_models_final_hidden_state_at_the_answer_position(loaded, corpus, store_path):
     with ActivationStore(store_path) as store:
-        raw = task_split(store, "topics", TASK, MAX_TOKENS)
+        raw = task_split(store, TOPICS, MAX_TOKENS)
     template = templated_split(loaded, corpus, raw, TASK["template"], MAX_TOKENS, batch_size=3)
     assert (template.train_ids, template.test_ids) == (raw.train_ids, raw.test_ids)
     assert torch.equal(template.train_y, raw.train_y) and torch.equal(template.test_y, raw.test_y)
@@ -160,7 +166,7 @@ def test_the_template_state_is_the_models_final_hidden_state_at_the_answer_posit
 
 def test_zero_shot_on_template_states_is_zero_shot_prompting(loaded, corpus, store_path):
     with ActivationStore(store_path) as store:
-        raw = task_split(store, "topics", TASK, MAX_TOKENS)
+        raw = task_split(store, TOPICS, MAX_TOKENS)
     template = templated_split(loaded, corpus, raw, TASK["template"], MAX_TOKENS)
     ids = label_token_ids(loaded.tokenizer, LABEL_WORDS, "topics")
     head = loaded.parts.lm_head.weight.detach()
@@ -211,7 +217,7 @@ ELM = {
     "judge_layer": None,
     "path": {"from": "animal", "to": "place", "steps": 3, "scales": [0.0, 1.0]},
 }
-ELM_SETTINGS = {"elm": ELM, "task": TASK, "max_tokens": MAX_TOKENS}
+ELM_SETTINGS = ElmSettings.from_config({"elm": ELM, "task": TASK, "max_tokens": MAX_TOKENS})
 
 
 @pytest.fixture(scope="module")

@@ -33,31 +33,23 @@ from latent_atlas.readers.data import (
     templated_split,
     texts_by_id,
 )
+from latent_atlas.readers.settings import CLUSTERING_VARIANTS, ComparisonSettings, ElmSettings, Task
 from latent_atlas.store import ActivationStore
 
 log = logging.getLogger(__name__)
-
-CLUSTERING_VARIANTS = {"all_bases": "clustering_all_bases", "gt_only": "clustering_gt_only"}
 
 
 # ---- semantic clustering and its baselines ------------------------------------------------------------------
 
 
-def task_split(store: ActivationStore, task_name: str, task: Mapping[str, Any], max_tokens: int) -> LabelledSplit:
+def task_split(store: ActivationStore, task: Task, max_tokens: int) -> LabelledSplit:
     """The task's split of LM-head inputs (``ln_final``) at the last of each text's first ``max_tokens`` tokens."""
     vectors = document_vectors(store, LN_FINAL, max_tokens, "last")
-    return labelled_split(vectors, task["label_words"], task_name)
+    return labelled_split(vectors, task.label_words, task.name)
 
 
 def compare_readers(
-    loaded: LoadedModel,
-    store: ActivationStore,
-    corpus: pl.DataFrame,
-    task_name: str,
-    task: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    max_tokens: int,
-    lora_section: Mapping[str, Any] | None = None,
+    loaded: LoadedModel, store: ActivationStore, corpus: pl.DataFrame, settings: ComparisonSettings
 ) -> pl.DataFrame:
     """Score semantic clustering (each variant, each seed) and every baseline on the task's one split.
 
@@ -65,11 +57,7 @@ def compare_readers(
         loaded: the model.
         store: its store of the task's corpus (the raw input).
         corpus: the corpus's texts (the templated input, and prompts).
-        task_name: the task's key in ``readers.tasks``.
-        task: its section (``label_words``, ``template``).
-        settings: ``readers.clustering``.
-        max_tokens: ``readers.max_tokens``.
-        lora_section: ``readers.lora`` (no LoRA rows when ``None`` or not enabled).
+        settings: the task, ``readers.clustering``, ``readers.lora`` (no LoRA rows when off) and ``max_tokens``.
 
     Returns:
         One row per (method, input, seed): ``task``, ``method``, ``input`` (``raw``/``template``), ``seed`` (null
@@ -77,10 +65,11 @@ def compare_readers(
         ``n_test``, ``n_classes``, ``split_hash``, and per test item (lists in test order) ``doc_id`` and
         ``correct``, which :mod:`latent_atlas.readers.uncertainty` resamples.
     """
-    raw = task_split(store, task_name, task, max_tokens)
-    template = templated_split(loaded, corpus, raw, task["template"], max_tokens, settings["batch_size_icl"])
+    task, options, max_tokens = settings.task, settings.clustering, settings.max_tokens
+    raw = task_split(store, task, max_tokens)
+    template = templated_split(loaded, corpus, raw, task.template, max_tokens, options.batch_size_icl)
     inputs = {"raw": raw, "template": template}
-    token_ids = clustering.label_token_ids(loaded.tokenizer, task["label_words"], task_name)
+    token_ids = clustering.label_token_ids(loaded.tokenizer, task.label_words, task.name)
     head = loaded.parts.lm_head.weight.detach().float().cpu()
     bias = getattr(loaded.parts.lm_head, "bias", None)
     head_bias = bias.detach().float().cpu() if bias is not None else None
@@ -88,7 +77,7 @@ def compare_readers(
     label_bases = bases[token_ids]
     log.info(
         "%s: %d training and %d held-out texts, %d classes",
-        task_name,
+        task.name,
         len(raw.train_ids),
         len(raw.test_ids),
         len(raw.labels),
@@ -113,39 +102,38 @@ def compare_readers(
         record("semantic_bases", read, None, clustering.predict_with_bases(None, split.test_x, label_bases))
         zero_shot = baselines.zero_shot_from_states(split.test_x, head, token_ids, bias=head_bias)
         record("zero_shot", read, None, zero_shot)
-        record("knn_prompting", read, None, baselines.knn_prompting(split, head, settings["knn_k"], bias=head_bias))
-        record("linear_probe", read, None, baselines.linear_probe(split, settings["probe_weight_decay"]))
-    prompts = _prompted(loaded, corpus, raw, task_name, task, settings, max_tokens)
-    for seed in settings["seeds"]:
-        demonstrations = baselines.choose_demonstrations(raw.train_y, settings["shots_per_class"], seed)
+        record("knn_prompting", read, None, baselines.knn_prompting(split, head, options.knn_k, bias=head_bias))
+        record("linear_probe", read, None, baselines.linear_probe(split, options.probe_weight_decay))
+    prompts = _prompted(loaded, corpus, raw, settings)
+    for seed in options.seeds:
+        demonstrations = baselines.choose_demonstrations(raw.train_y, options.shots_per_class, seed)
         record("in_context", "template", seed, prompts(demonstrations))
         for read, split in inputs.items():
-            for variant in settings["variants"]:
+            for variant in options.variants:
                 module, _ = clustering.train_clustering(
                     split,
                     bases,
                     variant,
                     token_ids,
-                    epochs=settings["epochs"],
-                    lr=settings["lr"],
-                    batch_size=settings["batch_size"],
-                    temperature=settings["temperature"],
-                    weight_decay=settings["weight_decay"],
-                    reduction=settings["reduction"],
+                    epochs=options.epochs,
+                    lr=options.lr,
+                    batch_size=options.batch_size,
+                    temperature=options.temperature,
+                    weight_decay=options.weight_decay,
+                    reduction=options.reduction,
                     seed=seed,
                 )
                 predictions = clustering.predict_with_bases(module, split.test_x, label_bases)
                 record(CLUSTERING_VARIANTS[variant], read, seed, predictions)
-    if lora_section is not None and lora_section.get("enabled", True):
-        runs = _lora_predictions(loaded, corpus, raw, token_ids, task, settings, lora_section, max_tokens)
-        for seed, predictions in runs:
+    if settings.lora is not None:
+        for seed, predictions in _lora_predictions(loaded, corpus, raw, token_ids, settings, settings.lora):
             record("lora", "template", seed, predictions)
     return pl.DataFrame(rows).with_columns(
-        task=pl.lit(task_name),
+        task=pl.lit(task.name),
         n_train=pl.lit(len(raw.train_ids)),
         n_test=pl.lit(len(raw.test_ids)),
         n_classes=pl.lit(len(raw.labels)),
-        shots_per_class=pl.lit(settings["shots_per_class"]),
+        shots_per_class=pl.lit(options.shots_per_class),
         split_hash=pl.lit(raw.split_hash),
     )
 
@@ -155,29 +143,28 @@ def _lora_predictions(
     corpus: pl.DataFrame,
     split: LabelledSplit,
     token_ids: Sequence[int],
-    task: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    section: Mapping[str, Any],
-    max_tokens: int,
+    settings: ComparisonSettings,
+    options: lora.LoraSettings,
 ) -> list[tuple[int, torch.Tensor]]:
-    """The LoRA baseline's predictions of the held-out texts, one per seed.
+    """The LoRA baseline's predictions of the held-out texts, one per seed of ``settings.lora_seeds``.
 
-    Seeds are ``readers.lora.seeds``, or clustering's; training texts are clustering's.
+    Training texts are clustering's.
     """
-    options = lora.LoraSettings.from_config(section)
-    steps = options.budget_steps(len(split.train_ids), settings["epochs"])
+    epochs = settings.clustering.epochs
+    steps = options.budget_steps(len(split.train_ids), epochs)
     queries = {
-        name: baselines.query_token_ids(loaded.tokenizer, texts_by_id(corpus, ids), task["template"], max_tokens)
+        name: baselines.query_token_ids(
+            loaded.tokenizer, texts_by_id(corpus, ids), settings.task.template, settings.max_tokens
+        )
         for name, ids in (("train", split.train_ids), ("test", split.test_ids))
     }
-    seeds = section.get("seeds") or settings["seeds"]
     log.info(
         "lora: rank %d on %s, %d steps of %d texts (%d examples; clustering sees %d)",
         options.rank, ",".join(options.target_modules), steps, options.batch_size,
-        steps * options.batch_size, settings["epochs"] * len(split.train_ids),
+        steps * options.batch_size, epochs * len(split.train_ids),
     )  # fmt: skip
     results = []
-    for seed in seeds:
+    for seed in settings.lora_seeds:
         predictions, losses = lora.train_and_predict(
             loaded,
             queries["train"],
@@ -187,7 +174,7 @@ def _lora_predictions(
             options,
             steps,
             seed,
-            settings["batch_size_icl"],
+            settings.clustering.batch_size_icl,
         )
         if losses:
             log.info("lora seed %d: training loss %.3f (first step) -> %.3f (last)", seed, losses[0], losses[-1])
@@ -199,15 +186,13 @@ def _prompted(
     loaded: LoadedModel,
     corpus: pl.DataFrame,
     split: LabelledSplit,
-    task_name: str,
-    task: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    max_tokens: int,
+    settings: ComparisonSettings,
 ) -> Callable[[Sequence[int]], torch.Tensor]:
     """Predict the held-out texts by prompting, given indices of training texts as demonstrations."""
+    task, options = settings.task, settings.clustering
     train_texts = texts_by_id(corpus, split.train_ids)
     test_texts = texts_by_id(corpus, split.test_ids)
-    words = [task["label_words"][label] for label in split.labels]
+    words = [task.label_words[label] for label in split.labels]
 
     def predict(demonstrations: Sequence[int]) -> torch.Tensor:
         shown = [(train_texts[i], int(split.train_y[i])) for i in demonstrations]
@@ -217,11 +202,11 @@ def _prompted(
             shown,
             test_texts,
             words,
-            template=task["template"],
-            separator=settings["separator"],
-            max_tokens=max_tokens,
-            batch_size=settings["batch_size_icl"],
-            task=task_name,
+            template=task.template,
+            separator=options.separator,
+            max_tokens=settings.max_tokens,
+            batch_size=options.batch_size_icl,
+            task=task.name,
         )
         return predictions
 
@@ -257,25 +242,25 @@ class ElmData:
         return [example for task in ELM_TASKS for example in self.examples[HELDOUT][task]]
 
 
-def elm_points(store: ActivationStore, settings: Mapping[str, Any]) -> DocumentVectors:
+def elm_points(store: ActivationStore, settings: ElmSettings) -> DocumentVectors:
     """The domain embeddings: each passage's pooled state at ``readers.elm.layer``."""
-    layer = settings["elm"]["layer"]
+    layer = settings.layer
     if layer not in store.layers:
         raise ConfigError(
             f"readers.elm.layer {layer} is not stored in {store.path} (stored: {store.layers}); "
             "choose a stored layer or add it to extraction.layers"
         )
-    return document_vectors(store, resid_address(layer), settings["max_tokens"], settings["elm"]["pooling"])
+    return document_vectors(store, resid_address(layer), settings.max_tokens, settings.pooling)
 
 
-def elm_data(tokenizer: Any, store: ActivationStore, corpus: pl.DataFrame, settings: Mapping[str, Any]) -> ElmData:
+def elm_data(tokenizer: Any, store: ActivationStore, corpus: pl.DataFrame, settings: ElmSettings) -> ElmData:
     """Points, reconstruction references and the examples of both tasks (reconstruction, register)."""
-    section, words = settings["elm"], settings["task"]["label_words"]
+    words = settings.task.label_words
     points = elm_points(store, settings)
-    check_label_words(points.labels, words, section["task"])
+    check_label_words(points.labels, words, settings.task.name)
     texts = texts_by_id(corpus, points.doc_ids)
-    references = tuple(elm.leading_tokens(tokenizer, texts, section["target_tokens"]))
-    prompts = section["prompts"]
+    references = tuple(elm.leading_tokens(tokenizer, texts, settings.target_tokens))
+    prompts = settings.prompts
     targets = {"reconstruction": references, "register": [words[label] for label in points.labels]}
 
     def examples(split: str) -> dict[str, list[elm.ElmExample]]:
@@ -285,19 +270,17 @@ def elm_data(tokenizer: Any, store: ActivationStore, corpus: pl.DataFrame, setti
     data = ElmData(points, references, {split: examples(split) for split in (TRAIN, HELDOUT)})
     if not data.train or len(data.rows(HELDOUT)) < 2:
         raise ConfigError(
-            f"readers.elm.task {section['task']!r}: its corpus needs training passages and at least two held-out ones"
+            f"readers.elm.task {settings.task.name!r}: its corpus needs training passages "
+            "and at least two held-out ones"
         )
     return data
 
 
-def train_elm(
-    loaded: LoadedModel, data: ElmData, settings: Mapping[str, Any]
-) -> tuple[elm.EmbeddingAdapter, pl.DataFrame]:
+def train_elm(loaded: LoadedModel, data: ElmData, settings: ElmSettings) -> tuple[elm.EmbeddingAdapter, pl.DataFrame]:
     """Train the adapter on both tasks' training examples; held-out loss along the way."""
-    section = settings["elm"]
     vectors = data.points.vectors
     adapter = elm.EmbeddingAdapter.for_model(
-        loaded, vectors.shape[1], section["soft_tokens"], section["hidden_size"], section["seed"]
+        loaded, vectors.shape[1], settings.soft_tokens, settings.hidden_size, settings.seed
     ).standardise_inputs(vectors[data.rows(TRAIN)])
     norms = elm.embedding_norms(loaded.parts)
     log.info(
@@ -310,13 +293,13 @@ def train_elm(
         vectors,
         data.train,
         data.heldout,
-        steps=section["steps"],
-        batch_size=section["batch_size"],
-        lr=section["lr"],
-        seed=section["seed"],
-        eval_every=section["eval_every"],
-        stage=section["stage"],
-        lm_lr=section["lm_lr"],
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        seed=settings.seed,
+        eval_every=settings.eval_every,
+        stage=settings.stage,
+        lm_lr=settings.lm_lr,
     )
     return adapter, losses
 
@@ -332,7 +315,7 @@ def evaluate_elm(
     loaded: LoadedModel,
     adapter: elm.EmbeddingAdapter,
     data: ElmData,
-    settings: Mapping[str, Any],
+    settings: ElmSettings,
     judge: LoadedModel | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Held-out controls and descriptions along paths.
@@ -343,8 +326,8 @@ def evaluate_elm(
         named is the passage's, and semantic consistency in the judge's space (null without a judge).
         ``paths``: descriptions along the interpolation and the direction of ``readers.elm.path``.
     """
-    section, words = settings["elm"], settings["task"]["label_words"]
-    prompts, seed, new = section["prompts"], section["seed"], section["max_new_tokens"]
+    words = settings.task.label_words
+    prompts, seed, new = settings.prompts, settings.seed, settings.max_new_tokens
     heldout = data.rows(HELDOUT)
     vectors = data.points.vectors
     shuffled = elm.shuffled_rows(heldout, seed)
@@ -374,7 +357,7 @@ def evaluate_elm(
         for key, values in block.items():
             columns.setdefault(key, []).extend(values)
     scores = pl.DataFrame(columns)
-    scores = scores.with_columns(consistency=_consistency(judge, section, scores))
+    scores = scores.with_columns(consistency=_consistency(judge, settings.judge_layer, scores))
     return scores, elm_paths(loaded, adapter, data, settings)
 
 
@@ -391,7 +374,7 @@ def _generate(
     return elm.generate(loaded, adapter, points, prompt, new)
 
 
-def _consistency(judge: LoadedModel | None, section: Mapping[str, Any], scores: pl.DataFrame) -> pl.Series:
+def _consistency(judge: LoadedModel | None, judge_layer: int | None, scores: pl.DataFrame) -> pl.Series:
     """Cosine in the judge's space between each generated opening and the true one (null without a judge).
 
     Both are centred on the mean of the true openings' vectors first: mean-pooled states of a language model
@@ -400,7 +383,7 @@ def _consistency(judge: LoadedModel | None, section: Mapping[str, Any], scores: 
     """
     if judge is None:
         return pl.Series("consistency", [None] * scores.height, dtype=pl.Float64)
-    layer = section["judge_layer"] if section["judge_layer"] is not None else judge.n_layers // 2
+    layer = judge_layer if judge_layer is not None else judge.n_layers // 2
     generated = elm.mean_pooled_states(judge, scores["reconstruction_generated"].to_list(), layer)
     references = elm.mean_pooled_states(judge, scores["reference"].to_list(), layer)
     centre = references.nanmean(0)
@@ -408,29 +391,27 @@ def _consistency(judge: LoadedModel | None, section: Mapping[str, Any], scores: 
     return pl.Series("consistency", cosines.tolist(), dtype=pl.Float64)
 
 
-def elm_paths(
-    loaded: LoadedModel, adapter: elm.EmbeddingAdapter, data: ElmData, settings: Mapping[str, Any]
-) -> pl.DataFrame:
+def elm_paths(loaded: LoadedModel, adapter: elm.EmbeddingAdapter, data: ElmData, settings: ElmSettings) -> pl.DataFrame:
     """Descriptions along the straight line between two held-out passages and along a centroid direction."""
-    section, words = settings["elm"], settings["task"]["label_words"]
-    path = section["path"]
+    words, path = settings.task.label_words, settings.path
     vectors, points = data.points.vectors, data.points
-    start, end = (_first_heldout(data, path[key], section["task"]) for key in ("from", "to"))
+    ends = {"from": path.from_label, "to": path.to_label}
+    start, end = (_first_heldout(data, ends[key], settings.task.name) for key in ("from", "to"))
     train = data.rows(TRAIN)
-    centroid = {key: vectors[[i for i in train if points.labels[i] == path[key]]].mean(0) for key in ("from", "to")}
+    centroid = {key: vectors[[i for i in train if points.labels[i] == label]].mean(0) for key, label in ends.items()}
     direction = centroid["to"] - centroid["from"]
-    ts = torch.linspace(0.0, 1.0, path["steps"], dtype=torch.float64).tolist()
+    ts = torch.linspace(0.0, 1.0, path.steps, dtype=torch.float64).tolist()
     line = [(1 - t) * vectors[start] + t * vectors[end] for t in ts]
-    moved = [vectors[start] + scale * direction for scale in path["scales"]]
+    moved = [vectors[start] + scale * direction for scale in path.scales]
     along = torch.stack([*line, *moved])
-    opening = elm.generate(loaded, adapter, along, section["prompts"]["reconstruction"], section["max_new_tokens"])
-    register = elm.generate(loaded, adapter, along, section["prompts"]["register"], 4)
+    opening = elm.generate(loaded, adapter, along, settings.prompts["reconstruction"], settings.max_new_tokens)
+    register = elm.generate(loaded, adapter, along, settings.prompts["register"], 4)
     kinds = ["interpolation"] * len(line) + ["direction"] * len(moved)
-    towards = [points.doc_ids[end]] * len(line) + [f"centroid {path['to']} − centroid {path['from']}"] * len(moved)
+    towards = [points.doc_ids[end]] * len(line) + [f"centroid {ends['to']} − centroid {ends['from']}"] * len(moved)
     return pl.DataFrame(
         {
             "kind": kinds,
-            "position": [*ts, *map(float, path["scales"])],
+            "position": [*ts, *map(float, path.scales)],
             "from_doc": [points.doc_ids[start]] * len(kinds),
             "to_doc": towards,
             "reconstruction_generated": opening,
