@@ -15,6 +15,7 @@ from latent_atlas.lenses.patchscope import residual_state
 from latent_atlas.lenses.pipeline import build_lenses
 from latent_atlas.lenses.tuned import TunedLens
 from latent_atlas.models import load_model
+from latent_atlas.neighbourhood import knn
 from latent_atlas.neighbourhood.decode import Context, compare_with_reference, model_logits
 from latent_atlas.neighbourhood.knn import layer_statistics, nearest_stored, token_contexts
 from latent_atlas.neighbourhood.pipeline import (
@@ -80,7 +81,8 @@ def _brute_force(states, keep, queries, k, metric, mean=None, std=None):
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("standardise", [False, True])
 @pytest.mark.parametrize("skip_first", [True, False])
-def test_nearest_stored_equals_brute_force(tmp_path, metric, standardise, skip_first):
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30])  # streamed block by block, or the layer cached in RAM
+def test_nearest_stored_equals_brute_force(tmp_path, metric, standardise, skip_first, cache_bytes):
     states = _synthetic_store(tmp_path / "s.h5")
     keep = np.ones(len(states), bool)
     if skip_first:
@@ -88,7 +90,9 @@ def test_nearest_stored_equals_brute_force(tmp_path, metric, standardise, skip_f
     queries = np.random.default_rng(1).standard_normal((7, D)).astype(np.float32) + states[3]
     with ActivationStore(tmp_path / "s.h5") as store:
         statistics = layer_statistics(store, 1, skip_first) if standardise else None
-        found = nearest_stored(store, 1, queries, 12, metric, statistics, skip_first, block_rows=37)
+        found = nearest_stored(store, 1, queries, 12, metric, statistics, skip_first, 37, cache_bytes)
+        again = nearest_stored(store, 1, queries, 12, metric, statistics, skip_first, 37, cache_bytes)
+    np.testing.assert_array_equal(again.rows, found.rows)  # a second search (from the cache, if cached) agrees
     mean, std = (statistics.mean, statistics.std) if standardise else (None, None)
     rows, scores = _brute_force(states, keep, queries, 12, metric, mean, std)
     np.testing.assert_array_equal(found.rows, rows)
@@ -136,7 +140,7 @@ def test_search_memory_is_bounded_by_the_block_not_the_store(tmp_path, monkeypat
     queries = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     with ActivationStore(tmp_path / "big.h5") as store:
         tracemalloc.start()
-        nearest_stored(store, 1, queries, 10, "euclidean", block_rows=block)
+        nearest_stored(store, 1, queries, 10, "euclidean", block_rows=block, cache_bytes=0)  # too large to cache
         layer_statistics(store, 1, block_rows=block)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -306,3 +310,19 @@ def test_typical_norm_is_the_statistics_median(tmp_path):
     _synthetic_store(tmp_path / "s.h5")
     with ActivationStore(tmp_path / "s.h5") as store:
         assert typical_norm(store, 1, block_rows=40) == pytest.approx(layer_statistics(store, 1).typical_norm, rel=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_cached_search_over_many_score_blocks_finds_the_streamed_neighbours(tmp_path, monkeypatch, metric):
+    states = _synthetic_store(tmp_path / "big.h5", n_docs=100, doc_length=100, d=64)
+    monkeypatch.setattr(knn, "_SCORE_BLOCK_VALUES", 1)  # 1,024 cached rows per score block: 10 blocks
+    queries = np.random.default_rng(2).standard_normal((9, 64)).astype(np.float32) + states[[4, 5, 6]].mean(0)
+    with ActivationStore(tmp_path / "big.h5") as store:
+        cached = nearest_stored(store, 1, queries, 10, metric, block_rows=999)
+        streamed = nearest_stored(store, 1, queries, 10, metric, block_rows=999, cache_bytes=0)
+    keep = np.ones(len(states), bool)
+    keep[::100] = False
+    rows, _ = _brute_force(states, keep, queries, 10, metric)
+    np.testing.assert_array_equal(cached.rows, rows)
+    np.testing.assert_array_equal(streamed.rows, rows)
+    np.testing.assert_allclose(cached.scores, streamed.scores, rtol=1e-6, atol=1e-6)

@@ -1,11 +1,14 @@
 """Exact nearest stored activations, by blocked matrix products over the HDF5 store.
 
-The store is never loaded whole: one pass reads ``block_rows`` states at a time, scores every query
-against the block and keeps a running top-k. The same blocked pass gives the per-layer statistics that
-standardisation, relative radii and rogue dimensions need (:func:`layer_statistics`). Position 0 (the
-attention sink, METHODS §0.4) is left out by default, as everywhere in the project's geometry.
+A layer that fits ``cache_bytes`` (float32, prepared) is read once and kept in RAM for the next searches of
+that layer (one layer at a time); the queries are scored against it in blocks sized to the CPU cache, each
+block's top-k merged at the end. A larger layer is never loaded whole: one pass reads ``block_rows`` states at
+a time, scores every query against the block and keeps a running top-k. The same blocked pass gives the
+per-layer statistics that standardisation, relative radii and rogue dimensions need (:func:`layer_statistics`).
+Position 0 (the attention sink, METHODS §0.4) is left out by default, as everywhere in the project's geometry.
 """
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -19,6 +22,8 @@ from latent_atlas.store import ActivationStore
 Metric = Literal["cosine", "euclidean"]
 METRICS: tuple[Metric, ...] = ("cosine", "euclidean")
 DEFAULT_BLOCK_ROWS = 8192
+DEFAULT_CACHE_BYTES = 1 << 30  # a prepared float32 layer up to 1 GiB is kept in RAM between searches
+_SCORE_BLOCK_VALUES = 1 << 21  # queries x cached rows scored at once: 8 MiB of float32, about an L2/L3 share
 _EUCLIDEAN_MARGIN = 8
 _STD_FLOOR = 1e-6  # relative to the median std: METHODS §8.2 "clip tiny σ"
 
@@ -153,6 +158,7 @@ def nearest_stored(
     statistics: LayerStatistics | None = None,
     skip_first_position: bool = True,
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Neighbours:
     """Exact k nearest stored states of each query at one address.
 
@@ -164,35 +170,118 @@ def nearest_stored(
         metric: ``cosine`` (similarity, descending) or ``euclidean`` (distance, ascending).
         statistics: when given, queries and stored states are standardised with its mean and std first.
         skip_first_position: leave out every document's position 0 (the attention sink).
-        block_rows: stored rows per block; memory is O(block_rows · (d + q)).
+        block_rows: stored rows per block when the layer is not cached; memory is O(block_rows · (d + q)).
+        cache_bytes: the largest prepared layer (kept rows x d x 4 bytes) kept in RAM for later searches;
+            0 never caches.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     address = resid_address(layer) if isinstance(layer, int) else layer
     query = _prepare(np.atleast_2d(queries), metric, statistics)
-    query_norm2 = (query**2).sum(-1, keepdim=True)
-    keep = torch.from_numpy(kept_rows(store, skip_first_position))
-    k = min(k, int(keep.sum()))
+    cached = _cached_layer(store, address, metric, statistics, skip_first_position, cache_bytes)
+    n_kept = len(cached.rows) if cached is not None else int(kept_rows(store, skip_first_position).sum())
+    wanted = min(k, n_kept)
     # Euclidean candidates are re-ranked by exact distances: search a margin beyond k so that rounding in
     # the expanded form cannot push a true neighbour out.
-    wanted = k
-    k = min(k + _EUCLIDEAN_MARGIN, int(keep.sum())) if metric == "euclidean" else k
-    best_scores = torch.empty(len(query), 0)
-    best_rows = torch.empty(len(query), 0, dtype=torch.int64)
-    for start, block in iter_blocks(store, address, block_rows):
-        stored = _prepare(block, metric, statistics)
-        products = query @ stored.T
-        # Euclidean: the negative squared distance, so that larger is nearer for both metrics
-        scores = products if metric == "cosine" else 2 * products - query_norm2 - (stored**2).sum(-1)
-        scores[:, ~keep[start : start + len(block)]] = -torch.inf
-        rows = torch.arange(start, start + len(block)).expand(len(query), -1)
-        best_scores, index = torch.cat([best_scores, scores], 1).topk(min(k, best_scores.shape[1] + len(block)), 1)
-        best_rows = torch.cat([best_rows, rows], 1).gather(1, index)
+    k = min(wanted + _EUCLIDEAN_MARGIN, n_kept) if metric == "euclidean" else wanted
+    if cached is not None:
+        best_scores, best_rows = _search_cached(cached, query, k, metric)
+    else:
+        best_scores, best_rows = _search_blocks(store, address, query, k, metric, statistics, skip_first_position,
+                                                block_rows)  # fmt: skip
     rows, values = best_rows.numpy(), best_scores.double().numpy()
     if metric == "euclidean":
         rows, values = _exact_distances(store, address, query.double().numpy(), rows, statistics)
     rows, values = rows[:, :wanted], values[:, :wanted]
     return Neighbours(rows, values, metric, statistics is not None)
+
+
+def _scores(
+    query: torch.Tensor, stored: torch.Tensor, metric: Metric, stored_norm2: torch.Tensor | None
+) -> torch.Tensor:
+    """Cosine similarity, or the negative squared distance without ‖q‖² (larger is nearer for both)."""
+    products = query @ stored.T
+    if metric == "cosine":
+        return products
+    norm2 = stored_norm2 if stored_norm2 is not None else (stored**2).sum(-1)
+    return products.mul_(2).sub_(norm2)
+
+
+def _search_blocks(
+    store: ActivationStore,
+    address: str,
+    query: torch.Tensor,
+    k: int,
+    metric: Metric,
+    statistics: LayerStatistics | None,
+    skip_first_position: bool,
+    block_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the store, ``block_rows`` at a time, keeping a running top-k: (scores, rows)."""
+    keep = torch.from_numpy(kept_rows(store, skip_first_position))
+    best_scores = torch.empty(len(query), 0)
+    best_rows = torch.empty(len(query), 0, dtype=torch.int64)
+    for start, block in iter_blocks(store, address, block_rows):
+        scores = _scores(query, _prepare(block, metric, statistics), metric, None)
+        scores[:, ~keep[start : start + len(block)]] = -torch.inf
+        rows = torch.arange(start, start + len(block)).expand(len(query), -1)
+        best_scores, index = torch.cat([best_scores, scores], 1).topk(min(k, best_scores.shape[1] + len(block)), 1)
+        best_rows = torch.cat([best_rows, rows], 1).gather(1, index)
+    return best_scores, best_rows
+
+
+def _search_cached(
+    cached: "_CachedLayer", query: torch.Tensor, k: int, metric: Metric
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the queries against the cached layer in cache-sized blocks; merge each block's top-k: (scores, rows)."""
+    n = len(cached.rows)
+    step = max(k, 1024, _SCORE_BLOCK_VALUES // max(len(query), 1))
+    candidates, indices = [], []
+    for start in range(0, n, step):
+        stored = cached.states[start : start + step]
+        norm2 = cached.norm2[start : start + step] if cached.norm2 is not None else None
+        scores, index = _scores(query, stored, metric, norm2).topk(min(k, len(stored)), 1)
+        candidates.append(scores)
+        indices.append(index + start)
+    scores, index = torch.cat(candidates, 1).topk(k, 1)
+    return scores, cached.rows[torch.cat(indices, 1).gather(1, index)]
+
+
+@dataclass(frozen=True)
+class _CachedLayer:
+    """A prepared layer in RAM: the kept rows' states (standardised, unit-normed for cosine) and store rows."""
+
+    key: tuple
+    states: torch.Tensor
+    rows: torch.Tensor
+    norm2: torch.Tensor | None  # squared norms, for Euclidean scores
+
+
+_CACHE: list[_CachedLayer] = []  # at most one layer
+
+
+def _cached_layer(
+    store: ActivationStore,
+    address: str,
+    metric: Metric,
+    statistics: LayerStatistics | None,
+    skip_first_position: bool,
+    cache_bytes: int,
+) -> _CachedLayer | None:
+    """The prepared layer from RAM, read once if it fits ``cache_bytes``; None when it does not."""
+    if store.n_tokens * store.d_model * 4 > cache_bytes:
+        return None
+    status = os.stat(store.path)
+    standardisation = None if statistics is None else (statistics.mean.tobytes(), statistics.std.tobytes())
+    key = (str(store.path), status.st_mtime_ns, status.st_size, address, metric, skip_first_position, standardisation)
+    if _CACHE and _CACHE[0].key == key:
+        return _CACHE[0]
+    _CACHE.clear()
+    keep = kept_rows(store, skip_first_position)
+    states = _prepare(store.read(address)[keep], metric, statistics)
+    norm2 = (states**2).sum(-1) if metric == "euclidean" else None
+    _CACHE.append(_CachedLayer(key, states, torch.from_numpy(np.flatnonzero(keep)), norm2))
+    return _CACHE[0]
 
 
 def _exact_distances(
