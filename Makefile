@@ -63,9 +63,16 @@ study: install
 findings: install
 	$(BIN)/latent-atlas findings $(sort $(wildcard docs/study/claims/*.parquet)) --write README.md --full docs/findings.md
 
+# Every benchmark in its own process (each prints its tables: medians and range over interleaved rounds).
+# Those reading results/ need `make run` first; readers.py falls back to a tiny random model without it.
 benchmark: install
 	$(BIN)/python benchmarks/extraction.py
+	$(BIN)/python benchmarks/lenses.py --tokens 256 --rounds 3
+	$(BIN)/python benchmarks/knn.py --queries 1 64 512 4096 --rounds 5
+	$(BIN)/python benchmarks/steering.py --rounds 3
+	$(BIN)/python benchmarks/geometry.py --synthetic 300000 --threads 1
 	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/readers.py
 
 clean:
 	rm -rf results .snakemake report.html

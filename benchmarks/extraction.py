@@ -19,15 +19,15 @@ Usage (after `make run` has built the model and corpus):
 """
 
 import argparse
-import contextlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import reset_peak_rss, rss_mib
 
 METHODS = ("forward", "body", "hf-states", "extract")
 GPU_METHODS = ("body", "extract")  # timed on CUDA as well, when there is a CUDA device
@@ -66,8 +66,8 @@ def child(
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss_loaded = _rss_now_mb()
-    _reset_peak_rss()
+    rss_loaded = rss_mib("VmRSS")
+    reset_peak_rss()
     kept: list[np.ndarray] = []
     write_seconds = _time_hdf5_writes()
     start = time.perf_counter()
@@ -97,7 +97,7 @@ def child(
         "method": method,
         "tokens": plan.n_rows,
         "tokens_per_s": plan.n_rows / seconds,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": rss_mib("VmHWM"),
         "rss_after_load_mb": rss_loaded,
         "write_share": write_seconds[0] / seconds,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0,
@@ -118,29 +118,6 @@ def _time_hdf5_writes() -> list[float]:
 
     StoreWriter.write_states = timed
     return spent
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (Linux: VmHWM), so the peak excludes model loading."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_rss_mb() -> float:
-    """Peak RSS since the last reset (VmHWM on Linux; else the process's lifetime maximum)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _rss_now_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def run_child(method: str, args: argparse.Namespace, n_docs: int, device: str = "cpu", dtype: str = "float32") -> dict:

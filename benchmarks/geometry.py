@@ -42,7 +42,6 @@ Options: --threads T (torch and BLAS threads of every phase), --block-rows B (de
 
 import argparse
 import concurrent.futures
-import contextlib
 import functools
 import multiprocessing
 import os
@@ -54,8 +53,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import psutil
+from harness import MIB as _MIB
+from harness import PeakMeter, rss_mib, synthetic_store
 
 from latent_atlas.geometry.metrics import (
     MomentAccumulator,
@@ -63,89 +63,14 @@ from latent_atlas.geometry.metrics import (
     effective_rank_from_variances,
     isoscore_from_variances,
 )
-from latent_atlas.store import ActivationStore, StoreWriter
+from latent_atlas.store import ActivationStore
 
 PHASES = ("read", "streamed", "baseline", "measure")
 BASELINE_BYTES_PER_VALUE = 4 + 8 + 8  # the float32 layer, its float64 copy and the centred float64 copy
-_MIB = 2**20
 
 
 # --------------------------------------------------------------------------------------------------
-# The synthetic store
-
-
-def synthetic_store(
-    path: Path, n_rows: int, d_model: int = 576, dtype: str = "float16", block_rows: int = 8192, seed: int = 0
-) -> Path:
-    """Write a random store of ``n_rows`` token rows at resid.01, block by block (see the module docstring)."""
-    from latent_atlas.testing import tiny_tokenizer
-
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(64, 513, size=n_rows // 64 + 1)
-    n_docs = int(np.searchsorted(np.cumsum(lengths), n_rows)) + 1
-    lengths = lengths[:n_docs]
-    lengths[-1] -= int(lengths.sum()) - n_rows
-    starts = np.r_[0, np.cumsum(lengths)[:-1]]
-    docs = pl.DataFrame(
-        {
-            "doc_id": [f"d{i}" for i in range(n_docs)],
-            "label": rng.choice(["news", "fiction", "forum"], n_docs).tolist(),
-            "split": np.where(rng.random(n_docs) < 0.2, "heldout", "train").tolist(),
-            "token_start": starts,
-            "token_count": lengths,
-        }
-    )
-    doc = np.repeat(np.arange(n_docs), lengths)
-    pos = np.arange(n_rows) - starts[doc]
-    ids = rng.integers(4, len(tiny_tokenizer()), n_rows)  # every word and punctuation, no special tokens
-    scales = (2.0 * (1.0 + np.arange(d_model)) ** -0.4).astype(np.float32)
-    offset = np.zeros(d_model, dtype=np.float32)
-    offset[[3, d_model // 7]] = [6.0, -4.0]  # two rogue dimensions
-    attrs = {"model": "synthetic", "model_sha256": "0" * 64, "corpus": "random", "corpus_sha256": "0" * 64}
-    attrs |= {"config_hash": "-", "code_version": "-", "n_layers": 1, "created": "-"}
-    with StoreWriter(path, n_rows, d_model, [1], dtype, attrs) as writer:
-        writer.write_tokens(ids, doc, pos)
-        writer.write_docs(docs)
-        for start in range(0, n_rows, block_rows):
-            stop = min(start + block_rows, n_rows)
-            block = rng.standard_normal((stop - start, d_model), dtype=np.float32)
-            block *= scales
-            block += offset
-            block[pos[start:stop] == 0] *= 20.0  # attention-sink norms at position 0
-            writer.write_states("resid.01", start, block.astype(dtype))
-    return path
-
-
-# --------------------------------------------------------------------------------------------------
-# Memory and the page cache
-
-
-def _proc_status_mib(field_name: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field_name}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-@dataclass
-class PeakMeter:
-    """Peak RSS rise of a stretch of code: VmHWM at the end minus VmRSS at the start (VmHWM reset there)."""
-
-    start_mib: float = 0.0
-
-    def start(self) -> None:
-        """Reset the peak and remember the current RSS."""
-        _reset_peak_rss()
-        self.start_mib = _proc_status_mib("VmRSS")
-
-    def rise(self) -> float:
-        """MiB above the starting RSS at the peak since :meth:`start`."""
-        return _proc_status_mib("VmHWM") - self.start_mib
+# The page cache
 
 
 def evict_from_page_cache(path: Path) -> None:
@@ -292,12 +217,12 @@ def _timed(parts: dict[str, float], name: str, function: Callable[..., Any]) -> 
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        begin, high = time.perf_counter(), _proc_status_mib("VmHWM")
+        begin, high = time.perf_counter(), rss_mib("VmHWM")
         try:
             return function(*args, **kwargs)
         finally:
             parts[name] = parts.get(name, 0.0) + time.perf_counter() - begin
-            parts[f"{name} MiB"] = parts.get(f"{name} MiB", 0.0) + _proc_status_mib("VmHWM") - high
+            parts[f"{name} MiB"] = parts.get(f"{name} MiB", 0.0) + rss_mib("VmHWM") - high
 
     return wrapper
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 import polars as pl
 import torch
+from harness import Spread, interleaved, peak, rate, ratio
 
 from latent_atlas.config import select_layers
 from latent_atlas.hooks import capture_residuals
@@ -53,23 +54,25 @@ def decoding(loaded: LoadedModel, store: ActivationStore, args: argparse.Namespa
     layers = select_layers({"every": 3}, loaded.n_layers)
     tokens = evaluation_tokens(store, "heldout", args.tokens, skip_first_position=True)
     work = len(tokens.rows) * len(layers)
-    speeds: dict[str, list[float]] = {"all lenses (evaluation)": [], "plain matmul + top-k": []}
+    methods = {
+        "all lenses (evaluation)": lambda: evaluate_lenses(store, unembed, lenses, layers, tokens, chunk_size=256),
+        "plain matmul + top-k": lambda: plain_decode(store, unembed, tokens.rows, layers, 256),
+    }
     with torch.no_grad():
-        for _ in range(args.rounds):
-            begin = time.perf_counter()
-            evaluate_lenses(store, unembed, lenses, layers, tokens, chunk_size=256)
-            speeds["all lenses (evaluation)"].append(work / (time.perf_counter() - begin))
-            begin = time.perf_counter()
-            plain_decode(store, unembed, tokens.rows, layers, 256)
-            speeds["plain matmul + top-k"].append(work / (time.perf_counter() - begin))
-    base = statistics.median(speeds["plain matmul + top-k"])
-    print(f"\n## Decoding: {len(tokens.rows)} held-out positions x {len(layers)} layers, {len(lenses)} lenses\n")
-    print("| method | positions x layers / s (median) | x plain | x plain, per lens |")
-    print("|---|---|---|---|")
-    for name, values in speeds.items():
-        speed = statistics.median(values)
-        per_lens = speed * len(lenses) / base if name.startswith("all") else 1.0
-        print(f"| {name} | {speed:.0f} | {speed / base:.3f} | {per_lens:.2f} |")
+        samples = interleaved(methods, args.rounds)
+    base = samples["plain matmul + top-k"]
+    print(
+        f"\n## Decoding: {len(tokens.rows)} held-out positions x {len(layers)} layers, {len(lenses)} lenses, ", end=""
+    )
+    print(f"{torch.get_num_threads()} threads, median (range) of {args.rounds} interleaved rounds\n")
+    print("| method | positions x layers / s | x plain | x plain, per lens | peak RSS rise (MiB) |")
+    print("|---|---|---|---|---|")
+    for name, values in samples.items():
+        against = ratio(values, base)
+        n = len(lenses) if name.startswith("all") else 1
+        per_lens = Spread(against.median * n, against.low * n, against.high * n)
+        speed = rate(values, work).format(".0f")
+        print(f"| {name} | {speed} | {against.format('.3f')} | {per_lens.format()} | {peak(values):.0f} |")
 
 
 def _logit_lens_kl(
@@ -218,13 +221,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="tuned-lens training steps")
     parser.add_argument("--tokens-per-step", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", default=["decoding", "training", "gpu"], help="which tables to print")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device="cpu")
     with ActivationStore(args.store) as store:
-        decoding(loaded, store, args)
-        training(loaded, store, args)
-        gpu_decoding(loaded, store, args)
+        for part in args.parts:
+            {"decoding": decoding, "training": training, "gpu": gpu_decoding}[part](loaded, store, args)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ Usage:
 
 import argparse
 import random
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from harness import interleaved, rate, ratio
 
 from latent_atlas.models import LoadedModel, load_model, locate_parts
 from latent_atlas.readers import elm
@@ -120,12 +119,7 @@ def main() -> None:
             progress=False,
         ),
     }
-    timings: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(args.rounds):
-        for name in list(runs) if round_index % 2 == 0 else list(reversed(runs)):
-            begin = time.perf_counter()
-            runs[name]()
-            timings[name].append(time.perf_counter() - begin)
+    samples = interleaved(runs, args.rounds)
     tokens = sum(int(batch.attention_mask.sum()) for batch in inputs) / n_train
     reason = "--tiny" if args.tiny else f"{args.model} not found"
     name = loaded.manifest.get("name", str(args.model)) if real else f"tiny random Llama ({reason})"
@@ -136,12 +130,11 @@ def main() -> None:
         f"{loaded.device}, median of {args.rounds} rounds; train_adapter() also scores {args.heldout} held-out "
         f"examples {evaluations} times\n"
     )
-    print("| run | examples / s | x bare forward+backward |")
+    print("| run | examples / s, median (range) | x bare forward+backward, median (range) |")
     print("|---|---|---|")
-    base = statistics.median(timings["bare forward+backward"])
-    for run, values in timings.items():
-        seconds = statistics.median(values)
-        print(f"| {run} | {n_train / seconds:.1f} | {base / seconds:.2f} |")
+    for run, values in samples.items():
+        speed, against = rate(values, n_train).format(".1f"), ratio(values, samples["bare forward+backward"]).format()
+        print(f"| {run} | {speed} | {against} |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import interleaved, peak, rate, ratio, seconds
 
 from latent_atlas.models import load_model
 from latent_atlas.steering.data import load_steering_data
@@ -102,26 +103,26 @@ def main() -> None:
         f"\n## Steering sweep: {len(prompts)} prompts x {len(args.strengths)} strengths x {args.tokens} tokens, ",
         end="",
     )
-    print(f"ActAdd at resid.{args.layer}, {args.threads} threads, {loaded.device}, median of {args.rounds} rounds\n")
-    print("| decoding | method | tokens / s | x one-by-one | identical tokens |")
-    print("|---|---|---|---|---|")
+    print(
+        f"ActAdd at resid.{args.layer}, {args.threads} threads, {loaded.device}, "
+        f"median (range) of {args.rounds} interleaved rounds\n"
+    )
+    print("| decoding | method | tokens / s | x one-by-one | identical tokens | peak RSS rise (MiB) |")
+    print("|---|---|---|---|---|---|")
     cpu_seconds = {}
     for decoding in (Decoding("greedy"), Decoding("sampled")):
-        timings: dict[str, list[float]] = {"one setting at a time": [], "batched sweep": []}
-        outputs = {}
-        for round_index in range(args.rounds):
-            order = list(timings) if round_index % 2 == 0 else list(reversed(timings))
-            for name in order:
-                run = batched if name == "batched sweep" else one_by_one
-                begin = time.perf_counter()
-                outputs[name] = run(loaded, prompts, intervention, args.strengths, args.tokens, decoding)
-                timings[name].append(time.perf_counter() - begin)
-        same = all(torch.equal(a, b) for a, b in zip(*outputs.values(), strict=True))
-        base = statistics.median(timings["one setting at a time"])
-        for name, values in timings.items():
-            seconds = statistics.median(values)
-            print(f"| {decoding.name} | {name} | {work / seconds:.0f} | {base / seconds:.2f} | {same} |")
-        cpu_seconds[decoding.name] = statistics.median(timings["batched sweep"])
+        sweep = (loaded, prompts, intervention, args.strengths, args.tokens, decoding)
+        methods = {
+            "one setting at a time": lambda s=sweep: one_by_one(*s),
+            "batched sweep": lambda s=sweep: batched(*s),
+        }
+        samples = interleaved(methods, args.rounds)
+        outputs = [values[-1].output for values in samples.values()]
+        same = all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
+        for name, values in samples.items():
+            speed, against = rate(values, work).format(".0f"), ratio(values, samples["one setting at a time"]).format()
+            print(f"| {decoding.name} | {name} | {speed} | {against} | {same} | {peak(values):.0f} |")
+        cpu_seconds[decoding.name] = statistics.median(seconds(samples["batched sweep"]))
     gpu_rows(args, data, prompts, cpu_seconds, work)
 
 

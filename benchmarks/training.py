@@ -13,13 +13,12 @@ Usage (no model or corpus needed: random tokens, a freshly initialised member):
 """
 
 import argparse
-import statistics
 import tempfile
-import time
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+from harness import interleaved, rate, ratio
 
 from latent_atlas.training.loop import Architecture, Optimiser, Recipe, build_model, learning_rate_factor, train
 
@@ -94,14 +93,10 @@ def main() -> None:
         "forward+backward+AdamW": lambda model: with_optimiser(model, data, recipe),
         "train() (latent-atlas)": lambda model: full_loop(model, data, recipe, validation),
     }
-    timings: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(args.rounds):
-        order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
-        for name in order:
-            model = build_model(architecture, vocabulary, seed=0).train()
-            begin = time.perf_counter()
-            runs[name](model)
-            timings[name].append(time.perf_counter() - begin)
+    fresh = {
+        name: lambda run=run: run(build_model(architecture, vocabulary, seed=0).train()) for name, run in runs.items()
+    }
+    samples = interleaved(fresh, args.rounds)  # building the 0.5 M-parameter model takes milliseconds
     tokens = recipe.steps * recipe.tokens_per_step
     n_params = sum(p.numel() for p in build_model(architecture, vocabulary, seed=0).parameters())
     print(
@@ -110,12 +105,11 @@ def main() -> None:
         f"CPU, median of {args.rounds} rounds; train() validates every {args.eval_every} and checkpoints every "
         f"{args.checkpoint_every} steps\n"
     )
-    print("| run | tokens / s | x bare forward+backward |")
+    print("| run | tokens / s, median (range) | x bare forward+backward, median (range) |")
     print("|---|---|---|")
-    base = statistics.median(timings["bare forward+backward"])
-    for name, values in timings.items():
-        seconds = statistics.median(values)
-        print(f"| {name} | {tokens / seconds:.0f} | {base / seconds:.2f} |")
+    for name, values in samples.items():
+        speed, against = rate(values, tokens).format(".0f"), ratio(values, samples["bare forward+backward"]).format()
+        print(f"| {name} | {speed} | {against} |")
 
 
 if __name__ == "__main__":
