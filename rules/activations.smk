@@ -1,3 +1,7 @@
+localrules:
+    plot_store_norms,
+
+
 # extraction.shards = 1: one job writes the store. N > 1: N jobs each write a contiguous part of the same
 # extraction plan (scatter), and one job concatenates them into the same single store (gather). Only one of
 # the two paths is defined, so results/activations/{model}/{corpus}.h5 always has exactly one producer.
@@ -66,3 +70,24 @@ else:
             provenance=get_extraction_provenance,
         script:
             "../scripts/gather_shards.py"
+
+
+rule plot_store_norms:
+    """Mean residual norm by layer and register: a first look at a store (and a check it is sane)."""
+    input:
+        store="results/activations/{model}/{corpus}.h5",
+    output:
+        **figure_outputs(
+            "results/figures/activations/{model}.{corpus}",
+            ["norms"],
+            "store",
+            "Activation store",
+            {"model": "{model}", "corpus": "{corpus}"},
+        ),
+        table="results/activations/{model}/{corpus}.norms.parquet",
+    log:
+        "logs/figures/{model}.{corpus}.norms.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_store_norms.py"

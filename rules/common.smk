@@ -197,16 +197,28 @@ def get_geometry_output(models, corpora):
     return tables + readout + performance + per_model + across + relations
 
 
-def figure_outputs(stem, figures, caption_stem, category, labels):
-    """Named outputs of a plotting rule: PDF and PNG of each figure, each declared with its report caption."""
+def figure_outputs(
+    stem, figures, caption_stem, category, labels, shown=None, captions=None
+):
+    """The PDF and PNG of each figure of a plotting rule, named and with its report entry: how every figure is declared.
+
+    Figure `f` is `{stem}.{f}.{ext}`, named `{f}_{ext}` (hyphens as underscores), with the report caption
+    workflow/report/{caption_stem}_{f}.rst (`captions[f]` in place of `f` where given), the rule's category
+    and labels, and the label `figure`: `f` (or `shown[f]`), with " (pdf)" on the PDF.
+    """
+    shown, captions = shown or {}, captions or {}
     outputs = {}
     for figure in figures:
+        caption = (
+            f"../workflow/report/{caption_stem}_{captions.get(figure, figure)}.rst"
+        )
         for ext in FIGURE_FORMATS:
-            outputs[f"{figure}_{ext}"] = report(
+            label = shown.get(figure, figure) + (" (pdf)" if ext == "pdf" else "")
+            outputs[f"{figure.replace('-', '_')}_{ext}"] = report(
                 f"{stem}.{figure}.{ext}",
-                caption=f"../workflow/report/{caption_stem}_{figure}.rst",
+                caption=caption,
                 category=category,
-                labels=labels | {"figure": figure + (" (pdf)" if ext == "pdf" else "")},
+                labels=labels | {"figure": label},
             )
     return outputs
 
@@ -255,17 +267,6 @@ def steering_figures():
     if "iti" in methods:
         figures.append("iti")
     return figures
-
-
-def steering_figure_outputs():
-    """The named outputs of plot_steering: PDF and PNG of each figure, with report captions."""
-    return figure_outputs(
-        "results/figures/steering/{model}",
-        steering_figures(),
-        "steering",
-        "Steering",
-        {"model": "{model}"},
-    )
 
 
 def get_steering_inputs(wildcards):
@@ -579,17 +580,6 @@ def get_reader_output(models):
         model=models,
         figure=reader_figures(),
         ext=FIGURE_FORMATS,
-    )
-
-
-def reader_figure_outputs():
-    """The named outputs of plot_readers, with report captions."""
-    return figure_outputs(
-        "results/figures/readers/{model}",
-        reader_figures(),
-        "readers",
-        "Learned readers",
-        {"model": "{model}"},
     )
 
 

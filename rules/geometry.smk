@@ -54,3 +54,45 @@ rule relate_geometry:
         ENV
     script:
         "../scripts/relate_geometry.py"
+
+
+rule plot_geometry:
+    """Geometry of one model: metrics by layer per post-processing, rogue dimensions, registers by layer."""
+    input:
+        metrics="results/geometry/{model}/{corpus}.parquet",
+        rogue="results/geometry/{model}/{corpus}.rogue.parquet",
+    output:
+        **figure_outputs(
+            "results/figures/geometry/{model}.{corpus}",
+            GEOMETRY_MODEL_FIGURES,
+            "geometry",
+            "Geometry",
+            {"model": "{model}", "corpus": "{corpus}"},
+        ),
+    log:
+        "logs/figures/{model}.{corpus}.geometry.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_geometry.py"
+
+
+rule plot_geometry_models:
+    """Geometry across models by relative depth, and geometry against performance."""
+    input:
+        unpack(get_geometry_models),
+        relations="results/geometry/{corpus}.relations.parquet",
+    output:
+        **figure_outputs(
+            "results/figures/geometry/{corpus}",
+            GEOMETRY_CORPUS_FIGURES,
+            "geometry",
+            "Geometry",
+            {"model": "all", "corpus": "{corpus}"},
+        ),
+    log:
+        "logs/figures/{corpus}.geometry.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_geometry_models.py"

@@ -1,3 +1,7 @@
+localrules:
+    plot_lens_comparison,
+
+
 rule train_tuned_lens:
     """Train tuned-lens translators on the stored states of the training split."""
     input:
@@ -108,3 +112,47 @@ rule plot_projection_recall:
         ENV
     script:
         "../scripts/plot_projections.py"
+
+
+rule plot_lens_comparison:
+    """Per-layer lens curves (KL, CE, top-1 agreement) and agreement with ordinary logits."""
+    input:
+        table="results/lenses/{model}/{corpus}.parquet",
+    output:
+        **figure_outputs(
+            "results/figures/lenses/{model}.{corpus}",
+            ["curves", "agreement"],
+            "lens",
+            "Lenses",
+            {"model": "{model}", "corpus": "{corpus}"},
+        ),
+    log:
+        "logs/figures/{model}.{corpus}.lenses.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_lens_comparison.py"
+
+
+rule plot_token_grid:
+    """Logit- and tuned-lens top tokens at every (layer, position) of an example sentence."""
+    input:
+        unpack(get_grid_inputs),
+    output:
+        **figure_outputs(
+            "results/figures/lenses/{model}.{corpus}",
+            ["grid"],
+            "lens",
+            "Lenses",
+            {"model": "{model}", "corpus": "{corpus}"},
+            shown={"grid": "token grid"},
+        ),
+        table="results/lenses/{model}/{corpus}.grid.parquet",
+    log:
+        "logs/figures/{model}.{corpus}.grid.log",
+    conda:
+        ENV
+    params:
+        settings=config["lenses"],
+    script:
+        "../scripts/plot_token_grid.py"

@@ -1,3 +1,8 @@
+localrules:
+    plot_neighbourhood,
+    plot_path,
+
+
 rule explore_neighbourhood:
     """Sample around a probe along four direction families, decode every sample, list its data neighbours."""
     input:
@@ -47,28 +52,17 @@ rule place_steered_states:
     input:
         unpack(get_steered_states_inputs),
     output:
+        **figure_outputs(
+            "results/figures/neighbourhood/{model}.{corpus}",
+            ["steered-states"],
+            "neighbourhood",
+            "Neighbourhoods",
+            {"model": "{model}", "corpus": "{corpus}"},
+            shown={"steered-states": "steered states"},
+            captions={"steered-states": "steered"},
+        ),
         table="results/neighbourhood/{model}/{corpus}/steered-states.parquet",
         summary="results/neighbourhood/{model}/{corpus}/steered-states.summary.parquet",
-        pdf=report(
-            "results/figures/neighbourhood/{model}.{corpus}.steered-states.pdf",
-            caption="../workflow/report/neighbourhood_steered.rst",
-            category="Neighbourhoods",
-            labels={
-                "model": "{model}",
-                "corpus": "{corpus}",
-                "figure": "steered states (pdf)",
-            },
-        ),
-        png=report(
-            "results/figures/neighbourhood/{model}.{corpus}.steered-states.png",
-            caption="../workflow/report/neighbourhood_steered.rst",
-            category="Neighbourhoods",
-            labels={
-                "model": "{model}",
-                "corpus": "{corpus}",
-                "figure": "steered states",
-            },
-        ),
     log:
         "logs/neighbourhood/{model}/{corpus}/steered-states.log",
     conda:
@@ -79,3 +73,43 @@ rule place_steered_states:
         settings=STEERED_STATES_SETTINGS,
     script:
         "../scripts/place_steered_states.py"
+
+
+rule plot_neighbourhood:
+    """Stability curves (metric vs radius per direction family) and the PCA map of a point's neighbourhood."""
+    input:
+        table="results/neighbourhood/{model}/{corpus}/{point}.parquet",
+    output:
+        **figure_outputs(
+            "results/figures/neighbourhood/{model}.{corpus}.{point}",
+            NEIGHBOURHOOD_POINT_FIGURES,
+            "neighbourhood",
+            "Neighbourhoods",
+            {"model": "{model}", "corpus": "{corpus}", "point": "{point}"},
+        ),
+    log:
+        "logs/figures/{model}.{corpus}.{point}.neighbourhood.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_neighbourhood.py"
+
+
+rule plot_path:
+    """Decoded top token along an interpolation path (linear and slerp) for every decoder."""
+    input:
+        table="results/neighbourhood/{model}/{corpus}/{path}.parquet",
+    output:
+        **figure_outputs(
+            "results/figures/neighbourhood/{model}.{corpus}.{path}",
+            ["path"],
+            "neighbourhood",
+            "Neighbourhoods",
+            {"model": "{model}", "corpus": "{corpus}", "point": "{path}"},
+        ),
+    log:
+        "logs/figures/{model}.{corpus}.{path}.path.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_path.py"

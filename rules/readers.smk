@@ -78,7 +78,13 @@ rule plot_readers:
     input:
         unpack(get_reader_tables),
     output:
-        **reader_figure_outputs(),
+        **figure_outputs(
+            "results/figures/readers/{model}",
+            reader_figures(),
+            "readers",
+            "Learned readers",
+            {"model": "{model}"},
+        ),
     log:
         "logs/figures/{model}.readers.log",
     conda:

@@ -1,3 +1,7 @@
+localrules:
+    plot_steering,
+
+
 rule steer_with_vectors:
     """Sweep a generation method (ActAdd, mean difference, in-context vectors) over layers x strengths."""
     input:
@@ -74,3 +78,23 @@ rule summarise_steering:
         seed=config["steering"]["seed"],
     script:
         "../scripts/summarise_steering.py"
+
+
+rule plot_steering:
+    """Steering figures: effect vs strength, effect vs fluency, the ITI probe map, example continuations."""
+    input:
+        unpack(get_steering_tables),
+    output:
+        **figure_outputs(
+            "results/figures/steering/{model}",
+            steering_figures(),
+            "steering",
+            "Steering",
+            {"model": "{model}"},
+        ),
+    log:
+        "logs/figures/{model}.steering.log",
+    conda:
+        ENV
+    script:
+        "../scripts/plot_steering.py"

@@ -33,4 +33,4 @@ with job_log(snakemake.log[0]):
     write_parquet_with_provenance(table, output.table, meta)
     write_parquet_with_provenance(summary, output.summary, meta)
     stamp = f"{snakemake.wildcards.model} · {snakemake.wildcards.corpus} · intervals over prompts"
-    plot_steered_states(summary, output.pdf, output.png, stamp)
+    plot_steered_states(summary, output.steered_states_pdf, output.steered_states_png, stamp)

@@ -1,4 +1,4 @@
-"""Entry point of rule plot_geometry (rules/figures.smk)."""
+"""Entry point of rule plot_geometry (rules/geometry.smk)."""
 
 import polars as pl
 

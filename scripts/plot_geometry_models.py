@@ -1,4 +1,4 @@
-"""Entry point of rule plot_geometry_models (rules/figures.smk)."""
+"""Entry point of rule plot_geometry_models (rules/geometry.smk)."""
 
 import polars as pl
 

@@ -1,4 +1,4 @@
-"""Entry point of rule plot_lens_comparison (rules/figures.smk)."""
+"""Entry point of rule plot_lens_comparison (rules/lenses.smk)."""
 
 import polars as pl
 

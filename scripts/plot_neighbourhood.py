@@ -1,4 +1,4 @@
-"""Entry point of rule plot_neighbourhood (rules/figures.smk)."""
+"""Entry point of rule plot_neighbourhood (rules/neighbourhood.smk)."""
 
 import polars as pl
 

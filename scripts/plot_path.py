@@ -1,4 +1,4 @@
-"""Entry point of rule plot_path (rules/figures.smk)."""
+"""Entry point of rule plot_path (rules/neighbourhood.smk)."""
 
 import polars as pl
 
@@ -9,4 +9,4 @@ with job_log(snakemake.log[0]):
     table = pl.read_parquet(snakemake.input.table)
     wildcards = snakemake.wildcards
     title = f"{wildcards.path} · {wildcards.model} · {wildcards.corpus}"
-    plot_path_strip(table, snakemake.output.pdf, snakemake.output.png, title)
+    plot_path_strip(table, snakemake.output.path_pdf, snakemake.output.path_png, title)

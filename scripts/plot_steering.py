@@ -1,4 +1,4 @@
-"""Entry point of rule plot_steering (rules/figures.smk)."""
+"""Entry point of rule plot_steering (rules/steering.smk)."""
 
 import polars as pl
 

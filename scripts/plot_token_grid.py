@@ -1,4 +1,4 @@
-"""Entry point of rule plot_token_grid (rules/figures.smk)."""
+"""Entry point of rule plot_token_grid (rules/lenses.smk)."""
 
 from pathlib import Path
 
@@ -15,4 +15,4 @@ with job_log(snakemake.log[0]):
     meta = provenance_record(dict(settings), model_sha256=loaded.manifest["weights_sha256"])
     write_parquet_with_provenance(table, snakemake.output.table, meta)
     title = f"{snakemake.wildcards.model} · tuned lens from {snakemake.wildcards.corpus}"
-    plot_token_grid(table, snakemake.output.pdf, snakemake.output.png, title)
+    plot_token_grid(table, snakemake.output.grid_pdf, snakemake.output.grid_png, title)
