@@ -1,4 +1,5 @@
-# Configuration validation and input functions. Other rule files hold rules only.
+# Configuration validation, then the input functions in sections by analysis, in the order the Snakefile
+# includes the rule files (which hold rules only).
 # Light imports only: a dry run must stay fast (no torch at parse time).
 import re
 from pathlib import Path
@@ -36,35 +37,16 @@ validate_config(
     models_root="results/models",
 )
 
+
+# ---- shared: environment, family members, wildcards, default targets, figures, per-model resources ---------
+
+
 ENV = "../environment.yml"
 # The training family (config key `training`): its name and its members (member name -> mixture).
 FAMILY = family_name(config)
 MEMBERS = members(config)
-# What a neighbourhood job depends on: its settings without the lists of points and paths (adding a point
-# must not re-run the others), and the one lens setting it uses.
-NEIGHBOURHOOD_SETTINGS = {
-    key: value
-    for key, value in config["neighbourhood"].items()
-    if key not in ("points", "paths")
-}
-NEIGHBOURHOOD_LENSES = {"semantic_basis": config["lenses"]["semantic_basis"]}
+# The reader tasks (readers.tasks): a wildcard, so named here; the readers' section uses them too.
 READER_TASKS = list(config["readers"]["tasks"])
-
-
-def steering_settings(method):
-    """What a steering job depends on: the shared steering keys and its own method's section only.
-
-    Optimised vectors always run in float32 (gradients), so `model_dtype` is no part of their settings; the
-    shared `prefix` is read by the generation methods only.
-    """
-    steering = config["steering"]
-    unused = {"optimised": ["model_dtype", "prefix"], "iti": ["prefix"]}.get(method, [])
-    shared = {
-        key: value
-        for key, value in steering.items()
-        if key not in ["methods", *STEERING_METHODS, *unused]
-    }
-    return shared | {method: steering[method]}
 
 
 def _alternatives(names):
@@ -135,68 +117,6 @@ def get_final_output():
     )
 
 
-def get_claims_output(models, corpora):
-    """The claims table, its report page and figure of every model of run.models on every corpus."""
-    stems = expand("{model}.{corpus}", model=models, corpus=corpora)
-    return (
-        [f"results/claims/{stem}.parquet" for stem in stems]
-        + [f"results/claims/{stem}.html" for stem in stems]
-        + [
-            f"results/figures/claims/{stem}.claims.{ext}"
-            for stem in stems
-            for ext in FIGURE_FORMATS
-        ]
-    )
-
-
-CLAIMS_SECTIONS = [
-    "lenses",
-    "geometry",
-    "evaluation",
-    "steering",
-    "readers",
-    "training",
-]
-
-
-def claims_settings():
-    """What the claims read of the config: the sections of the analyses they judge and run (without probes),
-    so that a changed probe or neighbourhood point re-decides nothing."""
-    run = {key: value for key, value in config["run"].items() if key != "probes"}
-    return {"run": run} | {key: config[key] for key in CLAIMS_SECTIONS if key in config}
-
-
-def get_claims_inputs(wildcards):
-    """Every table the claims of one model x corpus read (latent_atlas.claims.inputs)."""
-    return claims_inputs(config, wildcards.model, wildcards.corpus)
-
-
-def get_geometry_output(models, corpora):
-    """Geometry and performance tables per (model, corpus), their relations, and the geometry figures."""
-    tables = expand(
-        "results/geometry/{model}/{corpus}.parquet", model=models, corpus=corpora
-    )
-    readout = expand("results/geometry/{model}/readout.parquet", model=models)
-    performance = expand(
-        "results/evaluation/{model}/{corpus}.parquet", model=models, corpus=corpora
-    )
-    per_model = expand(
-        "results/figures/geometry/{model}.{corpus}.{figure}.{ext}",
-        model=models,
-        corpus=corpora,
-        figure=GEOMETRY_MODEL_FIGURES,
-        ext=FIGURE_FORMATS,
-    )
-    across = expand(
-        "results/figures/geometry/{corpus}.{figure}.{ext}",
-        corpus=corpora,
-        figure=GEOMETRY_CORPUS_FIGURES,
-        ext=FIGURE_FORMATS,
-    )
-    relations = expand("results/geometry/{corpus}.relations.parquet", corpus=corpora)
-    return tables + readout + performance + per_model + across + relations
-
-
 def figure_outputs(
     stem, figures, caption_stem, category, labels, shown=None, captions=None
 ):
@@ -223,21 +143,260 @@ def figure_outputs(
     return outputs
 
 
-def get_geometry_models(wildcards):
-    """Geometry, readout and performance tables of every model of run.models on one corpus."""
-    models = config["run"]["models"]
-    corpus = wildcards.corpus
+def model_threads(threads):
+    """Threads of a per-model job: 1 for a family member (tiny: members run side by side), else ``threads``."""
+    return lambda wildcards: 1 if wildcards.model in MEMBERS else threads
+
+
+def memory_per_attempt(mb, member_mb=1000):
+    """`mem_mb` of an out-of-memory-prone per-model job: `mb` (`member_mb` for a tiny family member) x attempt.
+
+    Locally, workflow/profiles/default caps the pool (`resources: mem_mb=...`) and retries once, so a retried
+    job claims twice its share and fewer jobs run beside it (one asking more than the pool is given all of it).
+    Sizes fit config/config.yaml; the SLURM profile's set-resources replace them with the full study's.
+    """
+
+    def mem_mb(wildcards, attempt):
+        return (member_mb if wildcards.get("model") in MEMBERS else mb) * attempt
+
+    return mem_mb
+
+
+def with_member_layers(section):
+    """A section's settings, with every layer for family members (they have only a few): extraction, lenses, geometry."""
+
+    def settings(wildcards):
+        if wildcards.model in MEMBERS:
+            return config[section] | {"layers": "all"}
+        return config[section]
+
+    return settings
+
+
+# ---- models (rules/models.smk) -----------------------------------------------------------------------------
+
+
+def get_model_spec(wildcards):
+    """The config entry of a model; a family member's is built from the training section."""
+    if wildcards.model in MEMBERS:
+        return member_spec(config, wildcards.model)
+    return config["models"][wildcards.model]
+
+
+# ---- corpora (rules/corpora.smk) ---------------------------------------------------------------------------
+
+
+def get_corpus_spec(wildcards):
+    """The config entry of a corpus (format training: with the family corpus's path)."""
+    name = wildcards.corpus
+    return resolve_corpus_spec(name, config["corpora"][name], config.get("training"))
+
+
+def get_corpus_source(wildcards):
+    """The corpus file on disk, so that editing it re-runs preparation (none for hub datasets).
+
+    Format training reads results/training/{family}/corpus.parquet: assemble_training_corpus runs upstream.
+    """
+    spec = get_corpus_spec(wildcards)
+    return [] if spec["format"] == "hf" else [spec["path"]]
+
+
+# ---- activation stores, sharded extraction (rules/activations.smk) -----------------------------------------
+
+
+# `extraction.shards` only splits the work over jobs: the store is the same, so it enters neither the
+# extraction jobs' params nor the store's config_hash (setting it never re-extracts a store for a new hash).
+SHARDS = config["extraction"]["shards"]
+
+
+def extraction_settings(wildcards):
+    """The extraction settings a store depends on: the section (every layer for members), less `shards`."""
+    settings = with_member_layers("extraction")(wildcards)
+    return {key: value for key, value in settings.items() if key != "shards"}
+
+
+def get_extraction_provenance(wildcards):
+    """What the store's config_hash covers: the model, the corpus and the extraction settings (not `shards`)."""
+    fragment = {
+        "model": get_model_spec(wildcards),
+        "corpus": config["corpora"][wildcards.corpus],
+        "extraction": extraction_settings(wildcards),
+    }
     return {
-        "geometry": [f"results/geometry/{model}/{corpus}.parquet" for model in models],
-        "readout": [f"results/geometry/{model}/readout.parquet" for model in models],
-        "performance": [
-            f"results/evaluation/{model}/{corpus}.parquet" for model in models
-        ],
-    } | (
-        {"benchmarks": config["evaluation"]["benchmarks"]}
-        if config["evaluation"]["benchmarks"]
-        else {}
+        "model": wildcards.model,
+        "corpus": wildcards.corpus,
+        "config_hash": config_hash(fragment),
+    }
+
+
+def get_extraction_shards(wildcards):
+    """The shards the gather job concatenates, shard 0 first."""
+    return [
+        f"results/activations/{wildcards.model}/{wildcards.corpus}.shards/{shard}.h5"
+        for shard in range(SHARDS)
+    ]
+
+
+# ---- lenses, probes, projections (rules/lenses.smk) --------------------------------------------------------
+
+
+def tuned_lens_settings(wildcards):
+    """What train_tuned_lens reads: its layers, its recipe and the first-position rule, not the evaluation's keys."""
+    settings = with_member_layers("lenses")(wildcards)
+    return {key: settings[key] for key in ("layers", "tuned", "skip_first_position")}
+
+
+def probe_closure(names):
+    """The named probes and every probe their midpoints read: what a job that reads them depends on."""
+    closure, pending = {}, list(names)
+    while pending:
+        name = pending.pop()
+        if name not in closure:
+            closure[name] = config["probes"][name]
+            pending += closure[name].get("midpoint", [])
+    return closure
+
+
+def _vector_inputs(probes):
+    """The saved-vector files among some probes, as named inputs."""
+    vectors = [spec["vector"] for spec in probes.values() if "vector" in spec]
+    return {f"vector_{i}": path for i, path in enumerate(vectors)}
+
+
+def get_probe_inputs(wildcards):
+    """A probe reads the model, the tuned lens of the first corpus in run, and its saved vectors if any."""
+    tuned_corpus = config["run"]["corpora"][0]
+    inputs = {
+        "manifest": f"results/models/{wildcards.model}/manifest.json",
+        "tuned": f"results/lenses/{wildcards.model}/{tuned_corpus}.tuned-lens.pt",
+    }
+    return inputs | _vector_inputs(probe_closure([wildcards.probe]))
+
+
+def get_grid_inputs(wildcards):
+    """The token grid reads the model and the tuned lens trained on this corpus."""
+    return {
+        "manifest": f"results/models/{wildcards.model}/manifest.json",
+        "tuned": f"results/lenses/{wildcards.model}/{wildcards.corpus}.tuned-lens.pt",
+    }
+
+
+# ---- neighbourhoods, paths, steered states (rules/neighbourhood.smk) ---------------------------------------
+
+
+# What a neighbourhood job depends on: its settings without the lists of points and paths (adding a point
+# must not re-run the others), and the one lens setting it uses.
+NEIGHBOURHOOD_SETTINGS = {
+    key: value
+    for key, value in config["neighbourhood"].items()
+    if key not in ("points", "paths")
+}
+NEIGHBOURHOOD_LENSES = {"semantic_basis": config["lenses"]["semantic_basis"]}
+
+
+def get_neighbourhood_output(models, corpora):
+    """Tables and figures of every neighbourhood point and path, per (model, corpus)."""
+    section = config["neighbourhood"]
+    points = expand(
+        "results/figures/neighbourhood/{model}.{corpus}.{point}.{figure}.{ext}",
+        model=models,
+        corpus=corpora,
+        point=section["points"],
+        figure=NEIGHBOURHOOD_POINT_FIGURES,
+        ext=FIGURE_FORMATS,
     )
+    paths = expand(
+        "results/figures/neighbourhood/{model}.{corpus}.{path}.path.{ext}",
+        model=models,
+        corpus=corpora,
+        path=list(section["paths"]),
+        ext=FIGURE_FORMATS,
+    )
+    return points + paths + get_steered_states_output()
+
+
+def neighbourhood_probes(wildcards):
+    """The probes a neighbourhood job reads: its point, or the two ends of its path, with their midpoints."""
+    if "point" in wildcards.keys():
+        return probe_closure([wildcards.point])
+    return probe_closure(config["neighbourhood"]["paths"][wildcards.path])
+
+
+def get_neighbourhood_inputs(wildcards):
+    """The model, the store and tuned lens of this corpus, and the saved vectors the probes read."""
+    model, corpus = wildcards.model, wildcards.corpus
+    inputs = {
+        "manifest": f"results/models/{model}/manifest.json",
+        "store": f"results/activations/{model}/{corpus}.h5",
+        "tuned": f"results/lenses/{model}/{corpus}.tuned-lens.pt",
+    }
+    return inputs | _vector_inputs(neighbourhood_probes(wildcards))
+
+
+def steered_methods():
+    """The configured steering methods that generate (and so keep their tokens' states)."""
+    return [m for m in config["steering"]["methods"] if m in GENERATION_METHODS]
+
+
+def get_steered_states_output():
+    """Where steered continuations' states sit: table, summary and figure per steering model (steering's store)."""
+    if not steered_methods():
+        return []
+    wildcards = {
+        "model": analysis_models(config, "steering"),
+        "corpus": config["run"]["corpora"][0],
+    }
+    tables = expand(
+        "results/neighbourhood/{model}/{corpus}/steered-states.parquet", **wildcards
+    )
+    figures = expand(
+        "results/figures/neighbourhood/{model}.{corpus}.steered-states.{ext}",
+        ext=FIGURE_FORMATS,
+        **wildcards,
+    )
+    return tables + figures
+
+
+def get_steered_states_inputs(wildcards):
+    """The model, the store and tuned lens of the corpus, and every generation method's captured states."""
+    model, corpus = wildcards.model, wildcards.corpus
+    states = {
+        method: f"results/steering/{model}/{method}.states.h5"
+        for method in steered_methods()
+    }
+    inputs = states | {
+        "manifest": f"results/models/{model}/manifest.json",
+        "store": f"results/activations/{model}/{corpus}.h5",
+    }
+    if model in analysis_models(config, "lenses"):  # a tuned lens is trained for it
+        inputs["tuned"] = f"results/lenses/{model}/{corpus}.tuned-lens.pt"
+    return inputs
+
+
+STEERED_STATES_SETTINGS = {
+    key: config["neighbourhood"][key]
+    for key in ("block_rows", "skip_first_position", "context_tokens", "seed")
+    if key in config["neighbourhood"]
+}
+
+
+# ---- steering (rules/steering.smk) -------------------------------------------------------------------------
+
+
+def steering_settings(method):
+    """What a steering job depends on: the shared steering keys and its own method's section only.
+
+    Optimised vectors always run in float32 (gradients), so `model_dtype` is no part of their settings; the
+    shared `prefix` is read by the generation methods only.
+    """
+    steering = config["steering"]
+    unused = {"optimised": ["model_dtype", "prefix"], "iti": ["prefix"]}.get(method, [])
+    shared = {
+        key: value
+        for key, value in steering.items()
+        if key not in ["methods", *STEERING_METHODS, *unused]
+    }
+    return shared | {method: steering[method]}
 
 
 def get_steering_output(models):
@@ -296,118 +455,53 @@ def get_steering_tables(wildcards):
     return tables
 
 
-def get_neighbourhood_output(models, corpora):
-    """Tables and figures of every neighbourhood point and path, per (model, corpus)."""
-    section = config["neighbourhood"]
-    points = expand(
-        "results/figures/neighbourhood/{model}.{corpus}.{point}.{figure}.{ext}",
-        model=models,
-        corpus=corpora,
-        point=section["points"],
-        figure=NEIGHBOURHOOD_POINT_FIGURES,
-        ext=FIGURE_FORMATS,
-    )
-    paths = expand(
-        "results/figures/neighbourhood/{model}.{corpus}.{path}.path.{ext}",
-        model=models,
-        corpus=corpora,
-        path=list(section["paths"]),
-        ext=FIGURE_FORMATS,
-    )
-    return points + paths + get_steered_states_output()
+# ---- geometry and performance (rules/geometry.smk, rules/evaluation.smk) -----------------------------------
 
 
-def steered_methods():
-    """The configured steering methods that generate (and so keep their tokens' states)."""
-    return [m for m in config["steering"]["methods"] if m in GENERATION_METHODS]
-
-
-def get_steered_states_output():
-    """Where steered continuations' states sit: table, summary and figure per steering model (steering's store)."""
-    if not steered_methods():
-        return []
-    wildcards = {
-        "model": analysis_models(config, "steering"),
-        "corpus": config["run"]["corpora"][0],
-    }
+def get_geometry_output(models, corpora):
+    """Geometry and performance tables per (model, corpus), their relations, and the geometry figures."""
     tables = expand(
-        "results/neighbourhood/{model}/{corpus}/steered-states.parquet", **wildcards
+        "results/geometry/{model}/{corpus}.parquet", model=models, corpus=corpora
     )
-    figures = expand(
-        "results/figures/neighbourhood/{model}.{corpus}.steered-states.{ext}",
+    readout = expand("results/geometry/{model}/readout.parquet", model=models)
+    performance = expand(
+        "results/evaluation/{model}/{corpus}.parquet", model=models, corpus=corpora
+    )
+    per_model = expand(
+        "results/figures/geometry/{model}.{corpus}.{figure}.{ext}",
+        model=models,
+        corpus=corpora,
+        figure=GEOMETRY_MODEL_FIGURES,
         ext=FIGURE_FORMATS,
-        **wildcards,
     )
-    return tables + figures
+    across = expand(
+        "results/figures/geometry/{corpus}.{figure}.{ext}",
+        corpus=corpora,
+        figure=GEOMETRY_CORPUS_FIGURES,
+        ext=FIGURE_FORMATS,
+    )
+    relations = expand("results/geometry/{corpus}.relations.parquet", corpus=corpora)
+    return tables + readout + performance + per_model + across + relations
 
 
-def get_steered_states_inputs(wildcards):
-    """The model, the store and tuned lens of the corpus, and every generation method's captured states."""
-    model, corpus = wildcards.model, wildcards.corpus
-    states = {
-        method: f"results/steering/{model}/{method}.states.h5"
-        for method in steered_methods()
-    }
-    inputs = states | {
-        "manifest": f"results/models/{model}/manifest.json",
-        "store": f"results/activations/{model}/{corpus}.h5",
-    }
-    if model in analysis_models(config, "lenses"):  # a tuned lens is trained for it
-        inputs["tuned"] = f"results/lenses/{model}/{corpus}.tuned-lens.pt"
-    return inputs
+def get_geometry_models(wildcards):
+    """Geometry, readout and performance tables of every model of run.models on one corpus."""
+    models = config["run"]["models"]
+    corpus = wildcards.corpus
+    return {
+        "geometry": [f"results/geometry/{model}/{corpus}.parquet" for model in models],
+        "readout": [f"results/geometry/{model}/readout.parquet" for model in models],
+        "performance": [
+            f"results/evaluation/{model}/{corpus}.parquet" for model in models
+        ],
+    } | (
+        {"benchmarks": config["evaluation"]["benchmarks"]}
+        if config["evaluation"]["benchmarks"]
+        else {}
+    )
 
 
-STEERED_STATES_SETTINGS = {
-    key: config["neighbourhood"][key]
-    for key in ("block_rows", "skip_first_position", "context_tokens", "seed")
-    if key in config["neighbourhood"]
-}
-
-
-def get_model_spec(wildcards):
-    """The config entry of a model; a family member's is built from the training section."""
-    if wildcards.model in MEMBERS:
-        return member_spec(config, wildcards.model)
-    return config["models"][wildcards.model]
-
-
-def model_threads(threads):
-    """Threads of a per-model job: 1 for a family member (tiny: members run side by side), else ``threads``."""
-    return lambda wildcards: 1 if wildcards.model in MEMBERS else threads
-
-
-def memory_per_attempt(mb, member_mb=1000):
-    """`mem_mb` of an out-of-memory-prone per-model job: `mb` (`member_mb` for a tiny family member) x attempt.
-
-    Locally, workflow/profiles/default caps the pool (`resources: mem_mb=...`) and retries once, so a retried
-    job claims twice its share and fewer jobs run beside it (one asking more than the pool is given all of it).
-    Sizes fit config/config.yaml; the SLURM profile's set-resources replace them with the full study's.
-    """
-
-    def mem_mb(wildcards, attempt):
-        return (member_mb if wildcards.get("model") in MEMBERS else mb) * attempt
-
-    return mem_mb
-
-
-def with_member_layers(section):
-    """A section's settings, with every layer for family members (they have only a few): extraction, lenses, geometry."""
-
-    def settings(wildcards):
-        if wildcards.model in MEMBERS:
-            return config[section] | {"layers": "all"}
-        return config[section]
-
-    return settings
-
-
-def tuned_lens_settings(wildcards):
-    """What train_tuned_lens reads: its layers, its recipe and the first-position rule, not the evaluation's keys."""
-    settings = with_member_layers("lenses")(wildcards)
-    return {key: settings[key] for key in ("layers", "tuned", "skip_first_position")}
-
-
-# ---- the training family (rules/training.smk) ----------------------------------------------------
+# ---- the training family (rules/training.smk) --------------------------------------------------------------
 
 
 def training_corpus():
@@ -473,75 +567,7 @@ def get_tokenizer_source(wildcards):
     return {"model": f"results/models/{model}/manifest.json"} if model else {}
 
 
-def get_corpus_spec(wildcards):
-    """The config entry of a corpus (format training: with the family corpus's path)."""
-    name = wildcards.corpus
-    return resolve_corpus_spec(name, config["corpora"][name], config.get("training"))
-
-
-def get_corpus_source(wildcards):
-    """The corpus file on disk, so that editing it re-runs preparation (none for hub datasets).
-
-    Format training reads results/training/{family}/corpus.parquet: assemble_training_corpus runs upstream.
-    """
-    spec = get_corpus_spec(wildcards)
-    return [] if spec["format"] == "hf" else [spec["path"]]
-
-
-def probe_closure(names):
-    """The named probes and every probe their midpoints read: what a job that reads them depends on."""
-    closure, pending = {}, list(names)
-    while pending:
-        name = pending.pop()
-        if name not in closure:
-            closure[name] = config["probes"][name]
-            pending += closure[name].get("midpoint", [])
-    return closure
-
-
-def _vector_inputs(probes):
-    """The saved-vector files among some probes, as named inputs."""
-    vectors = [spec["vector"] for spec in probes.values() if "vector" in spec]
-    return {f"vector_{i}": path for i, path in enumerate(vectors)}
-
-
-def get_probe_inputs(wildcards):
-    """A probe reads the model, the tuned lens of the first corpus in run, and its saved vectors if any."""
-    tuned_corpus = config["run"]["corpora"][0]
-    inputs = {
-        "manifest": f"results/models/{wildcards.model}/manifest.json",
-        "tuned": f"results/lenses/{wildcards.model}/{tuned_corpus}.tuned-lens.pt",
-    }
-    return inputs | _vector_inputs(probe_closure([wildcards.probe]))
-
-
-def neighbourhood_probes(wildcards):
-    """The probes a neighbourhood job reads: its point, or the two ends of its path, with their midpoints."""
-    if "point" in wildcards.keys():
-        return probe_closure([wildcards.point])
-    return probe_closure(config["neighbourhood"]["paths"][wildcards.path])
-
-
-def get_neighbourhood_inputs(wildcards):
-    """The model, the store and tuned lens of this corpus, and the saved vectors the probes read."""
-    model, corpus = wildcards.model, wildcards.corpus
-    inputs = {
-        "manifest": f"results/models/{model}/manifest.json",
-        "store": f"results/activations/{model}/{corpus}.h5",
-        "tuned": f"results/lenses/{model}/{corpus}.tuned-lens.pt",
-    }
-    return inputs | _vector_inputs(neighbourhood_probes(wildcards))
-
-
-def get_grid_inputs(wildcards):
-    """The token grid reads the model and the tuned lens trained on this corpus."""
-    return {
-        "manifest": f"results/models/{wildcards.model}/manifest.json",
-        "tuned": f"results/lenses/{wildcards.model}/{wildcards.corpus}.tuned-lens.pt",
-    }
-
-
-# ---- learned readers (rules/readers.smk) ------------------------------------------------------------------
+# ---- learned readers (rules/readers.smk) -------------------------------------------------------------------
 
 
 def clustering_tasks():
@@ -647,35 +673,40 @@ def get_reader_tables(wildcards):
     return tables
 
 
-# ---- sharded extraction (rules/activations.smk) ---------------------------------------------------------
-# `extraction.shards` only splits the work over jobs: the store is the same, so it enters neither the
-# extraction jobs' params nor the store's config_hash (setting it never re-extracts a store for a new hash).
-SHARDS = config["extraction"]["shards"]
+# ---- claims (rules/claims.smk) -----------------------------------------------------------------------------
 
 
-def extraction_settings(wildcards):
-    """The extraction settings a store depends on: the section (every layer for members), less `shards`."""
-    settings = with_member_layers("extraction")(wildcards)
-    return {key: value for key, value in settings.items() if key != "shards"}
+def get_claims_output(models, corpora):
+    """The claims table, its report page and figure of every model of run.models on every corpus."""
+    stems = expand("{model}.{corpus}", model=models, corpus=corpora)
+    return (
+        [f"results/claims/{stem}.parquet" for stem in stems]
+        + [f"results/claims/{stem}.html" for stem in stems]
+        + [
+            f"results/figures/claims/{stem}.claims.{ext}"
+            for stem in stems
+            for ext in FIGURE_FORMATS
+        ]
+    )
 
 
-def get_extraction_provenance(wildcards):
-    """What the store's config_hash covers: the model, the corpus and the extraction settings (not `shards`)."""
-    fragment = {
-        "model": get_model_spec(wildcards),
-        "corpus": config["corpora"][wildcards.corpus],
-        "extraction": extraction_settings(wildcards),
-    }
-    return {
-        "model": wildcards.model,
-        "corpus": wildcards.corpus,
-        "config_hash": config_hash(fragment),
-    }
+CLAIMS_SECTIONS = [
+    "lenses",
+    "geometry",
+    "evaluation",
+    "steering",
+    "readers",
+    "training",
+]
 
 
-def get_extraction_shards(wildcards):
-    """The shards the gather job concatenates, shard 0 first."""
-    return [
-        f"results/activations/{wildcards.model}/{wildcards.corpus}.shards/{shard}.h5"
-        for shard in range(SHARDS)
-    ]
+def claims_settings():
+    """What the claims read of the config: the sections of the analyses they judge and run (without probes),
+    so that a changed probe or neighbourhood point re-decides nothing."""
+    run = {key: value for key, value in config["run"].items() if key != "probes"}
+    return {"run": run} | {key: config[key] for key in CLAIMS_SECTIONS if key in config}
+
+
+def get_claims_inputs(wildcards):
+    """Every table the claims of one model x corpus read (latent_atlas.claims.inputs)."""
+    return claims_inputs(config, wildcards.model, wildcards.corpus)
