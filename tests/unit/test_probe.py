@@ -174,6 +174,8 @@ def test_cli_probe_finds_the_models_own_tuned_lens(llama, tiny_model_dirs, capsy
         probs = torch.softmax(llama.model.lm_head(llama.model.model.norm(h + weight @ h + bias)), -1)
     expected = [llama.tokenizer.decode([int(i)]) for i in probs.topk(3).indices]
     assert [token for token, _ in reading["points"][0]["readings"][0]["lenses"]["tuned"]["top"]] == expected
+    assert main([*args[:-4], "--layer", "2", "--max-new-tokens", "1", "--device", "cpu"]) == 0
+    assert re.search(r"\ntuned +\(not trained at resid\.02 \(trained at 1\)\)\n", capsys.readouterr().out)
     assert main([*args, "--device", "cpu", "--no-tuned"]) == 0
     out = capsys.readouterr().out
     assert "tuned lens: off" in out and "\ntuned " not in out

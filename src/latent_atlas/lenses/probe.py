@@ -112,13 +112,23 @@ def read_point(
                 loaded, torch.tensor(result.next_token_probs), torch.tensor(result.next_token_ids)
             ),
         }
+    unread = {name: _why_unread(lens, layer) for name, lens in lenses.items() if not lens.reads(layer)}
     return {
         "address": resid_address(layer),
         "layer": layer,
         "norm": float(vector.norm()),
         "lenses": readings,
+        "lenses_not_reading": unread,
         "patchscopes": scopes,
     }
+
+
+def _why_unread(lens: Lens, layer: int) -> str:
+    """Why a lens gives no reading at a layer (a tuned lens reads only the layers it was trained at)."""
+    trained = getattr(lens, "trained_layers", None)
+    if trained is not None:
+        return f"not trained at {resid_address(layer)} (trained at {', '.join(map(str, trained)) or 'none'})"
+    return f"does not read {resid_address(layer)}"
 
 
 def format_reading(reading: Mapping[str, Any], k: int = 8) -> str:
@@ -128,6 +138,8 @@ def format_reading(reading: Mapping[str, Any], k: int = 8) -> str:
     for name, result in reading["lenses"].items():
         tokens = "  ".join(f"{token!r} {prob:.2g}" for token, prob in result["top_readable"][:k])
         lines.append(f"{name:<{width}}  {tokens}")
+    for name, why in reading.get("lenses_not_reading", {}).items():
+        lines.append(f"{name:<{width}}  ({why})")
     lines.append("")
     for target, result in reading["patchscopes"].items():
         lines.append(f"patchscope[{target}] → {result['generated']!r}")
