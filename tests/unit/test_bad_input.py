@@ -27,6 +27,12 @@ BASE = REPO / "config/config.yaml"
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """The probe caches pseudo-inverses; the tests keep theirs out of the user's cache folder."""
+    monkeypatch.setenv("LATENT_ATLAS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture
 def models_root(tmp_path):
     """An acquired smollm2-135m, as far as its manifest says (30 blocks)."""

@@ -17,6 +17,12 @@ from latent_atlas.lenses.tuned import TunedLens
 from latent_atlas.models import load_model
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """The probe caches pseudo-inverses; the tests keep theirs out of the user's cache folder."""
+    monkeypatch.setenv("LATENT_ATLAS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture
 def llama(tiny_model_dirs):
     return load_model(tiny_model_dirs["llama"], device="cpu")

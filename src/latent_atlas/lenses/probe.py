@@ -249,7 +249,8 @@ def find_tuned_lens(model_dir: str | os.PathLike[str]) -> tuple[Path | None, lis
     The rule: a model at ``{results}/models/{model}`` has its lenses at ``{results}/lenses/{model}/*.tuned-lens.pt``
     (one per corpus); the first by name is chosen. Returns ``(chosen or None, every candidate)``.
     """
-    model = Path(model_dir).resolve()
+    model = Path(model_dir)
+    model = model.resolve() if model.name in ("", ".", "..") else model  # shown as given, where it can be
     folder = model.parent.parent / "lenses" / model.name
     candidates = sorted(folder.glob("*.tuned-lens.pt"))
     return (candidates[0] if candidates else None), candidates
