@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from latent_atlas.architectures import (
+    EMBED_ATTRS,
+    LAYER_ATTRS,
+    NORM_ATTRS,
+    check_residual_readout,
+    find_module,
+    readout_head,
+)
 from latent_atlas.errors import ConfigError, ModelAcquisitionError, rebuild_advice
 from latent_atlas.provenance import atomic_output, provenance_record, sha256_file, write_json
 
@@ -48,7 +56,8 @@ class ModelParts:
         embed: the input embedding module.
         layers: the ordered decoder blocks; ``layers[l-1]`` outputs ``resid.{l}``.
         final_norm: the norm the unembedding reads through.
-        lm_head: the unembedding (``lm_head.weight`` is ``W_U``, shape ``(V, d)``).
+        lm_head: the unembedding as the model applies it, post-head scaling and soft-capping included
+            (``lm_head.weight`` is ``W_U``, shape ``(V, d)``).
     """
 
     body: nn.Module
@@ -58,41 +67,25 @@ class ModelParts:
     lm_head: nn.Module
 
 
-_LAYER_ATTRS = ("layers", "h", "blocks")
-_NORM_ATTRS = ("norm", "ln_f", "final_layer_norm", "final_norm")
-_EMBED_ATTRS = ("embed_tokens", "wte", "embed_in")
-
-
-def _first_attr(module: nn.Module, names: Sequence[str], what: str, model_name: str) -> Any:
-    """Return the first attribute of ``module`` among ``names``, or fail naming the architecture."""
-    for name in names:
-        found = getattr(module, name, None)
-        if found is not None:
-            return found
-    raise ModelAcquisitionError(
-        f"cannot find the {what} of {model_name} (looked for {', '.join(names)}); this architecture is "
-        "not supported yet: add its attribute names to latent_atlas.models"
-    )
-
-
 def locate_parts(model: nn.Module) -> ModelParts:
     """Find the body, embedding, blocks, final norm and LM head of an HF causal LM.
 
-    Supports the Llama/Mistral/Qwen/Gemma family (``model.layers``, ``model.norm``), GPT-2
-    (``transformer.h``, ``ln_f``) and GPT-NeoX (``gpt_neox.layers``, ``final_layer_norm``).
+    The module names of every supported family live in :mod:`latent_atlas.architectures` (docs/models.md).
+    ``lm_head`` is the head as the model uses it: where the model scales or soft-caps its logits after the
+    head (Cohere, Granite, Gemma 2), a :class:`~latent_atlas.architectures.ScaledHead` that does the same, so
+    ``lm_head(final_norm(h))`` is the model's logits; ``lm_head.weight`` is W_U either way.
     """
     name = type(model).__name__
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if body is None or body is model:
         raise ModelAcquisitionError(f"{name} has no base model under its base_model_prefix; not a causal LM?")
-    lm_head = model.get_output_embeddings()
-    if lm_head is None:
-        raise ModelAcquisitionError(f"{name} has no output embeddings (LM head); not a causal LM?")
+    lm_head = readout_head(model)
+    check_residual_readout(body, model)
     return ModelParts(
         body=body,
-        embed=_first_attr(body, _EMBED_ATTRS, "input embedding", name),
-        layers=_first_attr(body, _LAYER_ATTRS, "decoder blocks", name),
-        final_norm=_first_attr(body, _NORM_ATTRS, "final norm", name),
+        embed=find_module(body, EMBED_ATTRS, "input embedding", model),
+        layers=find_module(body, LAYER_ATTRS, "decoder blocks", model),  # type: ignore[arg-type]
+        final_norm=find_module(body, NORM_ATTRS, "final norm", model),
         lm_head=lm_head,
     )
 

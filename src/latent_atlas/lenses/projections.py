@@ -4,8 +4,10 @@ With E = W_U^T (d x V): an MLP key or value vector v reads as v E in R^V; a head
 as the V x V bilinear forms E^T W_V W_O E and E^T W_Q W_K^T E. Those are never materialised (49152^2 floats
 is 9.7 GB): they are the products of rank-d_h factors (E^T W_V)(W_O E), scanned in row blocks while a
 running top-k is kept. Weights are read as stored: block-norm gains are not folded in, and RoPE is ignored
-(the QK form is exact at relative offset 0 only). Llama/Gemma SwiGLU keys are reported for both the gate
-(primary) and the up projection; GQA heads use their KV group's W_K / W_V.
+(the QK form is exact at relative offset 0 only). Gated keys (SwiGLU/GeGLU, Phi-3's fused gate-up split as
+the model splits it) are reported for both the gate (primary) and the up projection; grouped and multi-query
+heads use their KV group's W_K / W_V; fused QKV weights are split in the model's own order
+(:mod:`latent_atlas.architectures`).
 
 The paper's check that the projections mean something (its notebook ``interpretation-experiments.ipynb``):
 on held-out text, the top-b activated neurons of a block at each position, their keys and values read in the
@@ -22,66 +24,29 @@ import polars as pl
 import torch
 from torch import nn
 
+from latent_atlas.architectures import HeadFactors, HeadShape, MlpLayout, head_shape, mlp_layout, require
+from latent_atlas.architectures import head_factors as architecture_head_factors
 from latent_atlas.errors import ConfigError, ModelAcquisitionError
 from latent_atlas.models import LoadedModel
 from latent_atlas.stats import bootstrap_mean
 
+MlpVectors = MlpLayout
+"""Key and value vectors of one MLP layer (see :class:`latent_atlas.architectures.MlpLayout`)."""
 
-@dataclass(frozen=True)
-class MlpVectors:
-    """Key and value vectors of one MLP layer, each ``(d_ff, d)``; ``keys`` maps a kind to its matrix.
 
-    ``writer`` is the module whose input holds the neuron activations ``(..., d_ff)``: the coefficients the
-    value vectors are summed with (SwiGLU: silu(x W_gate) * x W_up; GPT-2: GELU(x W_fc + b)).
+def mlp_vectors(block: nn.Module) -> MlpLayout:
+    """Key vectors (rows that read the stream) and value vectors (rows written to it) of a block's MLP.
+
+    Gated (Llama-likes: ``key_gate`` and ``key_up``), fused gate-up (Phi-3, split as the model splits it) and
+    two-matrix layouts (GPT-2, GPT-NeoX, GPT-J, OPT, Falcon, Bloom, Phi: ``key``); see
+    :func:`latent_atlas.architectures.mlp_layout`.
     """
-
-    keys: dict[str, torch.Tensor]
-    values: torch.Tensor
-    writer: nn.Module
-
-
-def mlp_vectors(block: nn.Module) -> MlpVectors:
-    """Key vectors (rows that read the stream) and value vectors (rows written to it) of a block's MLP."""
-    mlp = block.mlp
-    if hasattr(mlp, "down_proj"):  # Llama, Gemma, Mistral, Qwen: SwiGLU
-        return MlpVectors(
-            {"key_gate": mlp.gate_proj.weight.detach(), "key_up": mlp.up_proj.weight.detach()},
-            mlp.down_proj.weight.detach().T,
-            mlp.down_proj,
-        )
-    if hasattr(mlp, "c_fc"):  # GPT-2: Conv1D weights are stored (in, out)
-        return MlpVectors({"key": mlp.c_fc.weight.detach().T}, mlp.c_proj.weight.detach(), mlp.c_proj)
-    raise ModelAcquisitionError(f"unknown MLP layout {type(mlp).__name__}: add it to latent_atlas.lenses.projections")
-
-
-@dataclass(frozen=True)
-class HeadFactors:
-    """Per-head W_Q, W_K, W_V (each ``(d, d_h)``) and W_O (``(d_h, d)``) of one attention block."""
-
-    query: list[torch.Tensor]
-    key: list[torch.Tensor]
-    value: list[torch.Tensor]
-    output: list[torch.Tensor]
+    return mlp_layout(block)
 
 
 def head_factors(block: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int) -> HeadFactors:
-    """Split a Llama-style attention block into per-head matrices (GQA: head h uses group h // (H / H_kv))."""
-    attention = getattr(block, "self_attn", None)
-    if attention is None or not hasattr(attention, "q_proj"):
-        raise ModelAcquisitionError("head projections support q/k/v/o_proj attention (Llama, Gemma, Mistral, Qwen)")
-    q, k, v = (getattr(attention, f"{n}_proj").weight.detach() for n in "qkv")
-    o = attention.o_proj.weight.detach()
-    group = n_heads // n_kv_heads
-
-    def rows(weight: torch.Tensor, index: int) -> torch.Tensor:
-        return weight[index * head_dim : (index + 1) * head_dim].T
-
-    return HeadFactors(
-        query=[rows(q, h) for h in range(n_heads)],
-        key=[rows(k, h // group) for h in range(n_heads)],
-        value=[rows(v, h // group) for h in range(n_heads)],
-        output=[o[:, h * head_dim : (h + 1) * head_dim].T for h in range(n_heads)],
-    )
+    """Per-head matrices of a block's attention, separate or fused QKV (grouped: head h uses group h // (H / H_kv))."""
+    return architecture_head_factors(block, HeadShape(n_heads, n_kv_heads, head_dim))
 
 
 def vocabulary_scores(vectors: torch.Tensor, unembedding: torch.Tensor) -> torch.Tensor:
@@ -148,6 +113,7 @@ every neuron's top-k and bottom-k vocabulary scores."""
 @torch.no_grad()
 def mlp_token_ids(loaded: LoadedModel, layers: Sequence[int], k: int) -> NeuronTokens:
     """Top-k and bottom-k token ids of every MLP key and value vector of the given blocks (``v E``, no norm)."""
+    require(loaded.model, "mlp_projections")
     w_u = loaded.parts.lm_head.weight.detach()
     k = min(k, w_u.shape[0])
     found: NeuronTokens = {}
@@ -231,22 +197,21 @@ def project_heads(
     """Top-k (source token, target token) pairs of every head's OV and QK vocabulary form.
 
     Args:
-        loaded: the model (Llama-style attention).
+        loaded: the model (separate or fused QKV attention).
         layers: blocks to read (1..L).
         k: pairs per head and circuit.
         vocabulary: optional token ids to restrict both sides to (a frequent sub-vocabulary: 25x faster
             with 10 k tokens); default: the whole vocabulary.
     """
-    config = loaded.model.config.get_text_config()
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    require(loaded.model, "head_projections")
+    shape = head_shape(loaded.model.config)
     w_u = loaded.parts.lm_head.weight.detach()
     ids = torch.arange(w_u.shape[0]) if vocabulary is None else vocabulary
     w_u = w_u[ids]
     frames = []
     for layer, block in _iter_layers(loaded, layers):
-        heads = head_factors(block, n_heads, n_kv, head_dim)
-        for head in range(n_heads):
+        heads = architecture_head_factors(block, shape)
+        for head in range(shape.n_heads):
             for circuit, (left, right) in circuit_factors(heads, head, w_u).items():
                 scores, sources, targets = bilinear_top_k(left, right, k)
                 frames.append(
@@ -291,6 +256,7 @@ def collect_recall_states(
     Texts run one at a time, each cut at ``max_length`` tokens, until ``positions`` positions are collected;
     every position counts, the first included (the paper's notebook keeps them all).
     """
+    require(loaded.model, "mlp_projections")
     found: dict[str, list[torch.Tensor]] = {}
 
     def keep(name: str, tensor: torch.Tensor) -> None:

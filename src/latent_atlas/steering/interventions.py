@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from latent_atlas.errors import ModelAcquisitionError
+from latent_atlas.architectures import mlp_output, output_projection, projection_weight
 from latent_atlas.hooks import edit_residual
 from latent_atlas.models import ModelParts
 
@@ -164,7 +164,7 @@ class MlpShift(Intervention):
                 if self.site == "residual":
                     stack.enter_context(edit_residual(parts, block, edit))
                 else:
-                    stack.enter_context(_edit_output(parts.layers[block - 1].mlp, edit))
+                    stack.enter_context(_edit_output(mlp_output(parts.layers[block - 1]), edit))
             yield
 
     def change_norms(self, parts: ModelParts) -> dict[int, torch.Tensor]:
@@ -184,15 +184,6 @@ def _edit_output(module: nn.Module, edit: Any) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-def output_projection(block: nn.Module) -> nn.Module:
-    """The attention output projection of a block, whose input holds every head's output side by side."""
-    attention = getattr(block, "self_attn", None) or getattr(block, "attn", None)
-    for name in ("o_proj", "c_proj", "out_proj", "dense"):
-        if attention is not None and hasattr(attention, name):
-            return getattr(attention, name)
-    raise ModelAcquisitionError(f"no attention output projection found in {type(block).__name__}")
 
 
 @dataclass(frozen=True)
@@ -224,7 +215,7 @@ class HeadShift(Intervention):
         shifts: dict[int, torch.Tensor] = {}
         for head in self.heads:
             if head.layer not in shifts:
-                width = _projection_weight(output_projection(parts.layers[head.layer - 1])).shape[1]
+                width = projection_weight(output_projection(parts.layers[head.layer - 1])).shape[1]
                 shifts[head.layer] = torch.zeros(width)
             start = head.head * self.head_dim
             shifts[head.layer][start : start + self.head_dim] += head.std * head.direction.float().cpu()
@@ -265,11 +256,6 @@ class HeadShift(Intervention):
         """Norm per row of what the shift adds to ``resid.{layer}`` (through the output projection)."""
         norms = {}
         for layer, shift in self._layer_shifts(parts).items():
-            weight = _projection_weight(output_projection(parts.layers[layer - 1]))
+            weight = projection_weight(output_projection(parts.layers[layer - 1]))
             norms[layer] = self.coefficients.abs() * float((weight @ shift.to(weight)).norm().detach())
         return norms
-
-
-def _projection_weight(projection: nn.Module) -> torch.Tensor:
-    """A projection's weight in ``(out, in)`` layout (GPT-2's Conv1D stores ``(in, out)``)."""
-    return projection.weight.T if type(projection).__name__ == "Conv1D" else projection.weight

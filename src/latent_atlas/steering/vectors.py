@@ -86,17 +86,28 @@ def actadd_vector(
     block, TransformerLens's ``blocks.{layer}.hook_resid_pre`` = HF ``hidden_states[layer]``.
     """
     plus, minus = (encode_after(loaded.tokenizer, text, prefix) for text in (positive, negative))
+    for role, text, ids in (("positive", positive, plus), ("negative", negative, minus)):
+        if len(ids) == len(prefix):
+            raise ValueError(
+                f"the ActAdd {role} prompt {text!r} encodes to no tokens; set actadd.{role} in the steering data "
+                "to text the model's tokenizer reads"
+            )
     width = max(len(plus), len(minus))
-    if width == len(prefix):
-        raise ValueError("the ActAdd prompts are empty; set actadd.positive and actadd.negative in the data")
     plus, minus = (ids + [_space_id(loaded)] * (width - len(ids)) for ids in (plus, minus))
     difference = _states(loaded, plus, [layer])[layer] - _states(loaded, minus, [layer])[layer]
     return difference[len(prefix) :]
 
 
 def _encode(loaded: LoadedModel, text: str, prefix: Sequence[int] | None) -> list[int]:
-    """``text``'s ids after ``prefix``, or with the tokenizer's own special tokens when ``prefix`` is None."""
-    return loaded.tokenizer(text)["input_ids"] if prefix is None else encode_after(loaded.tokenizer, text, prefix)
+    """``text``'s ids after ``prefix``, or with the tokenizer's own special tokens when ``prefix`` is None.
+
+    Raises:
+        ValueError: naming the text, when it encodes to no tokens at all.
+    """
+    ids = loaded.tokenizer(text)["input_ids"] if prefix is None else encode_after(loaded.tokenizer, text, prefix)
+    if not ids:
+        raise ValueError(f"the steering text {text!r} encodes to no tokens; give it text the model's tokenizer reads")
+    return ids
 
 
 def last_token_states(
