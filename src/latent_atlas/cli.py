@@ -242,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LatentAtlasError as error:
         print(f"latent-atlas: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("latent-atlas: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -51,3 +51,12 @@ def test_neighbours_refuses_a_store_of_another_model(store_path, tiny_model_dirs
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "was made from another model than the one given (the store's: tiny" in err and "Delete" not in err
+
+
+def test_an_interrupted_command_exits_130_without_a_traceback(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("latent_atlas.config.check_config_files", interrupted)
+    assert main(["config"]) == 130
+    assert capsys.readouterr().err == "latent-atlas: interrupted\n"
