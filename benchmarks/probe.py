@@ -2,9 +2,10 @@
 
 Three ways to read the same texts, each timed from a fresh process (imports and the model load included):
 
-* ``one call per text, cold``: what the probe cost before it cached anything: every call loads the model and
-  recomputes the head's float64 pseudo-inverse (an empty cache folder per call);
-* ``one call per text, cached``: every call loads the model, the pseudo-inverse comes from the cache;
+* ``one call per text, every core, nothing cached``: what the probe cost before: every call loads the model
+  and recomputes the head's float64 pseudo-inverse (an empty cache folder per call), on torch's default threads;
+* ``one call per text, one thread, cached``: every call loads the model, the pseudo-inverse comes from the
+  cache, one thread (the command's default now);
 * ``one call, --texts-file``: one process loads the model and the lenses once and reads every text; the
   first text's time includes the process start, the model and the lenses, each further text is timed alone.
 
@@ -35,10 +36,10 @@ TEXTS = [
 ]
 
 
-def cli_call(model: str, text: str, layer: int, cache: Path) -> float:
+def cli_call(model: str, text: str, layer: int, cache: Path, threads: int = 1) -> float:
     """Seconds one ``latent-atlas probe`` process takes for one text (its output discarded)."""
     command = [sys.executable, "-m", "latent_atlas.cli", "probe", "--model", model, "--text", text]
-    command += ["--layer", str(layer), "--device", "cpu", "--json"]
+    command += ["--layer", str(layer), "--device", "cpu", "--json", "--threads", str(threads)]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "LATENT_ATLAS_CACHE": str(cache)})
     return time.perf_counter() - start
@@ -58,10 +59,13 @@ def one_call(model: str, texts: list[str], layer: int, cache: Path) -> list[floa
 
 def inner(model: str, texts: list[str], layer: int) -> None:
     """Run inside the timed process: what ``probe --texts-file`` does, timing each text after the first."""
+    import torch
+
     from latent_atlas.lenses.pipeline import build_lenses
     from latent_atlas.lenses.probe import model_pinvs, probe_points
     from latent_atlas.models import load_model
 
+    torch.set_num_threads(1)  # as the command does by default (--threads)
     loaded = load_model(model, device="cpu")
     lenses = build_lenses(loaded, {}, None, pinvs=model_pinvs(loaded))
     probe_points(loaded, lenses, texts[:1], [layer])
@@ -97,7 +101,8 @@ def main() -> None:
     texts = TEXTS[:count]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        cold = [cli_call(args.model, text, args.layer, root / f"cold-{i}") for i, text in enumerate(texts)]
+        every_core = os.cpu_count() or 1  # torch's default before the command set one thread
+        cold = [cli_call(args.model, text, args.layer, root / f"cold-{i}", every_core) for i, text in enumerate(texts)]
         cli_call(args.model, texts[0], args.layer, root / "warm")  # fills the cache, not timed
         warm = [cli_call(args.model, text, args.layer, root / "warm") for text in texts]
         together = one_call(args.model, texts, args.layer, root / "warm")
@@ -105,8 +110,8 @@ def main() -> None:
     print(f"latent-atlas probe, {args.model}, resid.{args.layer:02d}, {count} texts, {os.cpu_count()} CPUs (seconds);")
     print(f"load average at the end {load} (1 / 5 / 15 min): a busy machine inflates every row alike\n")
     print("| way | first text | each further text, median (range) |\n|---|---|---|")
-    print(row("one call per text, cold (as before)", cold))
-    print(row("one call per text, cached pseudo-inverse", warm))
+    print(row("one call per text, every core, nothing cached (as before)", cold))
+    print(row("one call per text, one thread, cached pseudo-inverse", warm))
     print(row("one call, --texts-file", together))
 
 
