@@ -26,6 +26,7 @@ from latent_atlas.lenses.projections import head_factors, mlp_vectors, project_h
 from latent_atlas.lenses.tuned import TunedLensTraining, sampled_batches, train_tuned_lens
 from latent_atlas.models import LoadedModel, acquire_model, load_model
 from latent_atlas.readers.elm.batching import head_logits
+from latent_atlas.readers.lora import label_logits
 from latent_atlas.steering.interventions import HeadDirection, HeadShift, MlpShift, ResidualAddition, output_projection
 from latent_atlas.steering.vectors import (
     actadd_vector,
@@ -499,6 +500,9 @@ def check_readers(loaded: LoadedModel, arch: str, stores: Callable[[str], Path])
     torch.testing.assert_close(embedded, expected, atol=1e-4, rtol=1e-5)
     states = loaded.parts.body(input_ids=ids, use_cache=False).last_hidden_state
     torch.testing.assert_close(head_logits(loaded, states), expected, atol=1e-4, rtol=1e-5)
+    labels = [1, 2, 3]  # the LoRA baseline's label-word logits are the model's logits of those words
+    found = label_logits(loaded, [ids[0].tolist()], labels, pad_id=0)
+    torch.testing.assert_close(found, expected[:, -1, labels].float(), atol=1e-4, rtol=1e-5)
 
 
 CHECKS: dict[str, Callable[[LoadedModel, str, Callable[[str], Path]], None]] = {

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn import functional
 
+from latent_atlas.architectures import LogitTransform
 from latent_atlas.errors import ConfigError
 from latent_atlas.lenses import SemanticBasisLens, Unembed
 from latent_atlas.readers.baselines import (
@@ -204,6 +205,25 @@ def test_knn_prompting_k1_on_the_training_set_returns_its_labels():
     y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(2))
     split = _split(x, y, x.clone(), y.clone(), 3)
     assert torch.equal(knn_prompting(split, head, k=1, vocab_chunk=7), y)
+
+
+def test_knn_prompting_reads_the_model_s_soft_capped_distribution() -> None:
+    """With Gemma 2's soft-cap the features are softmax(c·tanh(z / c)), not softmax(z)."""
+    generator = torch.Generator().manual_seed(3)
+    head, bias = 10 * torch.randn(30, 6, generator=generator), torch.randn(30, generator=generator)
+    train_x, test_x = 2 * torch.randn(12, 6, generator=generator), 2 * torch.randn(9, 6, generator=generator)
+    cap = 5.0
+
+    def capped(x: torch.Tensor) -> torch.Tensor:
+        z = x.double() @ head.double().T + bias.double()
+        return functional.log_softmax(cap * torch.tanh(z / cap), dim=-1)
+
+    log_a, log_t = capped(train_x), capped(test_x)
+    direct = (log_a.exp()[None] * (log_a[None] - log_t[:, None])).sum(-1)
+    transform = LogitTransform(softcap=cap)
+    found = kl_to_anchors(train_x, test_x, head, bias=bias, transform=transform, vocab_chunk=8)
+    torch.testing.assert_close(found, direct)
+    assert (found - kl_to_anchors(train_x, test_x, head, bias=bias, vocab_chunk=8)).abs().max() > 0.1
 
 
 def test_knn_prompting_matches_a_direct_kl_and_breaks_ties_by_the_nearest():

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from latent_atlas.architectures import LogitTransform
 from latent_atlas.readers.clustering import LabelledSplit, label_token_ids
 
 # --------------------------------------------------------------------------------------------------
@@ -32,6 +33,8 @@ def zero_shot_from_states(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The model's own next-token preference among the label words after the text, ``(n,)`` class indices.
+
+    The model's post-head transform (scale, soft-cap) is monotone, so it cannot change the preference and is left out.
 
     Args:
         test_x: post-final-norm states ``(n, d)``: of the texts' last tokens, or of their templated queries'
@@ -54,11 +57,13 @@ def knn_prompting(
     k: int,
     *,
     bias: torch.Tensor | None = None,
+    transform: LogitTransform | None = None,
     vocab_chunk: int = 8192,
 ) -> torch.Tensor:
     """The kNN prompting baseline (Xu et al. 2023): nearest training "anchors" by KL of next-token distributions.
 
-    Each example's feature is its next-token distribution p = softmax(r W_U^T + b) over the whole vocabulary.
+    Each example's feature is its next-token distribution p = softmax(T(r W_U^T + b)) over the whole vocabulary,
+    T the model's own post-head transform (``transform``: Gemma 2's soft-cap, Cohere's scale; none for most).
     The distance of a test example t to an anchor a is KL(p_a ‖ p_t) = Σ_v p_a(v) (log p_a(v) − log p_t(v)),
     the anchor first, as in the paper and its code (``utils/anchor.py`` of BenfengXu/KNNPrompting). The test
     example takes the majority class of its k nearest anchors; a tie goes to the tied class whose member is
@@ -74,7 +79,9 @@ def knn_prompting(
     """
     if not 1 <= k <= split.train_x.shape[0]:
         raise ValueError(f"k must lie in 1..{split.train_x.shape[0]} (the number of anchors), got {k}")
-    distances = kl_to_anchors(split.train_x, split.test_x, lm_head_weight, bias=bias, vocab_chunk=vocab_chunk)
+    distances = kl_to_anchors(
+        split.train_x, split.test_x, lm_head_weight, bias=bias, transform=transform, vocab_chunk=vocab_chunk
+    )
     order = distances.topk(k, dim=1, largest=False).indices  # (n_test, k), nearest first
     neighbour_classes = split.train_y[order.cpu()]
     votes = torch.zeros(len(order), split.n_classes, dtype=torch.long)
@@ -90,40 +97,51 @@ def kl_to_anchors(
     lm_head_weight: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
+    transform: LogitTransform | None = None,
     vocab_chunk: int = 8192,
 ) -> torch.Tensor:
     """KL(p_anchor ‖ p_test) of next-token distributions, shape ``(n_test, n_anchor)``, float64.
 
     Written as Σ p_a log p_a − log p_t · p_a, accumulated over vocabulary chunks after a first pass that
-    finds each example's log-normaliser.
+    finds each example's log-normaliser. ``transform`` (elementwise, so chunk by chunk) is applied to the logits.
     """
     device = lm_head_weight.device
     anchors, tests = anchor_x.to(device, torch.float64), test_x.to(device, torch.float64)
     chunks = [
-        (lm_head_weight[i : i + vocab_chunk].double(), None if bias is None else bias[i : i + vocab_chunk].double())
+        (
+            lm_head_weight[i : i + vocab_chunk].double(),
+            None if bias is None else bias[i : i + vocab_chunk].double(),
+            transform,
+        )
         for i in range(0, lm_head_weight.shape[0], vocab_chunk)
     ]
     with torch.no_grad():
         anchor_norm, test_norm = (_log_normaliser(states, chunks) for states in (anchors, tests))
         neg_entropy = torch.zeros(len(anchors), dtype=torch.float64, device=device)
         cross = torch.zeros(len(tests), len(anchors), dtype=torch.float64, device=device)
-        for weight, chunk_bias in chunks:
-            log_p_anchor = _chunk_logits(anchors, weight, chunk_bias) - anchor_norm[:, None]
-            log_p_test = _chunk_logits(tests, weight, chunk_bias) - test_norm[:, None]
+        for chunk in chunks:
+            log_p_anchor = _chunk_logits(anchors, *chunk) - anchor_norm[:, None]
+            log_p_test = _chunk_logits(tests, *chunk) - test_norm[:, None]
             p_anchor = log_p_anchor.exp()
             neg_entropy += (p_anchor * log_p_anchor).sum(dim=1)
             cross += log_p_test @ p_anchor.T
     return neg_entropy[None, :] - cross
 
 
-def _chunk_logits(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+Chunk = tuple[torch.Tensor, torch.Tensor | None, LogitTransform | None]
+
+
+def _chunk_logits(
+    states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform | None
+) -> torch.Tensor:
     logits = states @ weight.T
-    return logits if bias is None else logits + bias
+    logits = logits if bias is None else logits + bias
+    return logits if transform is None else transform(logits)
 
 
-def _log_normaliser(states: torch.Tensor, chunks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+def _log_normaliser(states: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor:
     """The log-sum-exp over the whole vocabulary of each state's logits, one chunk at a time."""
-    parts = [_chunk_logits(states, weight, bias).logsumexp(dim=1) for weight, bias in chunks]
+    parts = [_chunk_logits(states, *chunk).logsumexp(dim=1) for chunk in chunks]
     return torch.stack(parts, dim=1).logsumexp(dim=1)
 
 

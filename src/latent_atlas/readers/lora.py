@@ -118,7 +118,8 @@ def label_logits(
     """The label words' logits at each query's last token, ``(n, n_classes)`` (differentiable).
 
     Queries are right-padded into one batch with an attention mask; the body's output (post final norm)
-    at each query's last real token goes through the label words' rows of the LM head (and its bias).
+    at each query's last real token goes through the label words' rows of the LM head (and its bias), then
+    the model's own post-head transform, so they equal the model's logits of those words.
     """
     device = loaded.device
     lengths = torch.tensor([len(query) for query in queries], device=device)
@@ -133,7 +134,9 @@ def label_logits(
     head = loaded.parts.lm_head
     logits = last @ head.weight[rows].T.to(last.dtype)
     bias = getattr(head, "bias", None)
-    return (logits if bias is None else logits + bias[rows].to(last.dtype)).float()
+    logits = logits if bias is None else logits + bias[rows].to(last.dtype)
+    transform = getattr(head, "transform", None)  # the model's post-head scale / soft-cap, elementwise
+    return (logits if transform is None else transform(logits)).float()
 
 
 def train_and_predict(

@@ -73,6 +73,7 @@ def compare_readers(
     head = loaded.parts.lm_head.weight.detach().float().cpu()
     bias = getattr(loaded.parts.lm_head, "bias", None)
     head_bias = bias.detach().float().cpu() if bias is not None else None
+    head_transform = getattr(loaded.parts.lm_head, "transform", None)  # the model's post-head scale / soft-cap
     bases = clustering.semantic_bases(head)
     label_bases = bases[token_ids]
     log.info(
@@ -102,7 +103,8 @@ def compare_readers(
         record("semantic_bases", read, None, clustering.predict_with_bases(None, split.test_x, label_bases))
         zero_shot = baselines.zero_shot_from_states(split.test_x, head, token_ids, bias=head_bias)
         record("zero_shot", read, None, zero_shot)
-        record("knn_prompting", read, None, baselines.knn_prompting(split, head, options.knn_k, bias=head_bias))
+        knn = baselines.knn_prompting(split, head, options.knn_k, bias=head_bias, transform=head_transform)
+        record("knn_prompting", read, None, knn)
         record("linear_probe", read, None, baselines.linear_probe(split, options.probe_weight_decay))
     prompts = _prompted(loaded, corpus, raw, settings)
     for seed in options.seeds:
