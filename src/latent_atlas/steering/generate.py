@@ -2,8 +2,9 @@
 
 One batch is one prompt continued under every strength of a sweep (rows differ only in their
 coefficient), so no row is padded and positions line up, as position-indexed interventions need
-(METHODS §0.4). Several prompts may share a batch too (one row each, left-padded, positions counted from
-each row's first real token) under an intervention that does not index positions. Sampling draws each row
+(METHODS §0.4). Several prompts may share a batch too, one row each: prompts of one length unpadded, under any
+intervention (a sweep batches prompts x samples x strengths so); prompts of several lengths left-padded, positions
+counted from each row's first real token, under an intervention that does not index positions. Sampling draws each row
 from its own generator, seeded by the caller independently of the batch, so a batched sweep and the same
 settings run one by one give the same tokens.
 
@@ -60,6 +61,23 @@ def _choose(logits: torch.Tensor, decoding: Decoding, generators: Sequence[torch
     return order.gather(1, torch.tensor(draws)[:, None])[:, 0].to(logits.device)
 
 
+@dataclass(frozen=True)
+class PerRow:
+    """A :class:`StateCapture` context label that differs by batch row (one value per row)."""
+
+    values: tuple[Any, ...]
+
+
+def _label_column(name: str, value: Any, n_rows: int, n_new: int) -> pl.Expr | pl.Series:
+    """A context label as a column: one literal, or a :class:`PerRow`'s values (each repeated ``n_new`` times)."""
+    if not isinstance(value, PerRow):
+        return pl.lit(value)
+    if len(value.values) != n_rows:
+        raise ValueError(f"{len(value.values)} values of {name!r} for {n_rows} rows")
+    dtype = pl.select(pl.lit(value.values[0])).dtypes[0]  # typed as a literal label would be
+    return pl.Series(name, np.repeat(np.asarray(value.values), n_new)).cast(dtype)
+
+
 @dataclass
 class StateCapture:
     """Residual states of generated tokens at ``layers``, gathered over :func:`generate` calls.
@@ -67,7 +85,8 @@ class StateCapture:
     Each call adds one record per (row, new token): the row's coefficient, the token, the model's own top-1
     next token read from that state's position (for greedy decoding the next generated token), whether the
     token lies after the row's first EOS, and whatever ``context`` holds at the time (the caller's labels:
-    prompt, decoding, sample, steered layer). ``states[layer]`` holds one float32 ``(n_new, d)`` block per call.
+    prompt, decoding, sample, steered layer; a :class:`PerRow` label gives each row its own).
+    ``states[layer]`` holds one float32 ``(n_new, d)`` block per call.
     """
 
     layers: tuple[int, ...]
@@ -114,7 +133,8 @@ class StateCapture:
                 "after_eos": after_eos.reshape(-1).numpy(),
             }
         )
-        self.records.append(record.with_columns(**{key: pl.lit(value) for key, value in self.context.items()}))
+        labels = {key: _label_column(key, value, n_rows, n_new) for key, value in self.context.items()}
+        self.records.append(record.with_columns(**labels))
 
     def table(self) -> pl.DataFrame:
         """Every record, in the order of the stored states (``state`` = the row index into them)."""
@@ -160,8 +180,9 @@ def generate(
 ) -> torch.Tensor:
     """Continue ``prompt`` (text, or token ids) ``n_rows`` times under ``intervention`` (one coefficient per row).
 
-    ``prompt`` may also be one list of token ids per row (``n_rows`` of them, left-padded into one batch; not
-    with a position-indexed intervention). ``capture`` keeps the new tokens' states (:class:`StateCapture`).
+    ``prompt`` may also be one list of token ids per row (``n_rows`` of them: of one length, any intervention;
+    of several, left-padded into one batch, not with a position-indexed intervention). ``capture`` keeps the
+    new tokens' states (:class:`StateCapture`).
     Returns the new token ids, ``(n_rows, max_new_tokens)`` (generation does not stop at EOS; callers cut).
     """
     if isinstance(prompt, str):

@@ -1,10 +1,11 @@
 """What the steering rules call: one sweep per method, evaluated into long tables.
 
-Every generation method (ActAdd, mean difference, in-context vectors) is swept over layers x strengths,
-each prompt continued under all strengths of a layer in one batch, greedy and sampled. Each row of the
-table is one continuation with its sentiment (VADER compound, from -1 to 1), its perplexity under the
-unsteered model, and its setting's off-target damage (KL from the unsteered next-token distribution on
-neutral text) and intervention norm relative to the typical norm of the layers it edits.
+Every generation method (ActAdd, mean difference, in-context vectors) is swept over layers x strengths, the
+prompts of one length continued under all samples and strengths of a layer in one batch (no padding, so every
+row's tokens are those of its setting run alone), greedy and sampled. Each row of the table is one continuation
+with its sentiment (VADER compound, from -1 to 1), its perplexity under the unsteered model, and its setting's
+off-target damage (KL from the unsteered next-token distribution on neutral text) and intervention norm
+relative to the typical norm of the layers it edits.
 
 Precision: the sweeps and ITI may run in bfloat16 (``steering.model_dtype: auto`` on a CUDA device). That is
 safe because every comparison a table makes is within one run, hence one dtype: strength 0 is the unsteered
@@ -32,6 +33,7 @@ from latent_atlas.provenance import provenance_record, sha256_file
 from latent_atlas.steering.data import Statements, SteeringData
 from latent_atlas.steering.generate import (
     Decoding,
+    PerRow,
     StateCapture,
     continuation_log_probs,
     cut_at_eos,
@@ -67,6 +69,7 @@ class SweepSettings:
     decodings: tuple[Decoding, ...] = (Decoding("greedy"), Decoding("sampled"))
     samples: int = 1
     seed: int = 0
+    batch_size: int = 64  # rows (prompts of one length x samples x strengths) per generation batch
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> "SweepSettings":
@@ -75,7 +78,10 @@ class SweepSettings:
             Decoding(name, section.get("temperature", 1.0), section.get("top_p", 0.9))
             for name in section.get("decodings", ["greedy", "sampled"])
         )
-        return cls(section.get("max_new_tokens", 20), decodings, section.get("samples", 1), section.get("seed", 0))
+        batch_size = section.get("batch_size", 64)
+        return cls(
+            section.get("max_new_tokens", 20), decodings, section.get("samples", 1), section.get("seed", 0), batch_size
+        )
 
 
 def steering_provenance(
@@ -131,6 +137,69 @@ def relative_norm(changes: Mapping[int, torch.Tensor], norms: Mapping[int, float
     return torch.stack(ratios).mean(0).numpy()
 
 
+SweepRow = tuple[int, int, int]  # (prompt, sample, strength): indexes into a sweep's prompts and coefficients
+
+
+def sweep_batches(lengths: Sequence[int], samples: int, strengths: int, batch_size: int) -> list[list[SweepRow]]:
+    """A sweep's rows in batches: prompts of one length together (no padding), at most ``batch_size`` rows each.
+
+    Lengths are taken in order of first appearance; within one, rows run prompt by prompt, sample, strength.
+    """
+    groups: dict[int, list[int]] = {}
+    for prompt, length in enumerate(lengths):
+        groups.setdefault(length, []).append(prompt)
+    batches = []
+    for group in groups.values():
+        rows = [(prompt, sample, c) for prompt in group for sample in range(samples) for c in range(strengths)]
+        batches += [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    return batches
+
+
+def generate_rows(
+    loaded: LoadedModel,
+    intervention: Intervention,
+    coefficients: Sequence[float],
+    prompt_ids: Sequence[Sequence[int]],
+    rows: Sequence[SweepRow],
+    decoding: Decoding,
+    settings: "SweepSettings",
+    capture: StateCapture | None = None,
+) -> torch.Tensor:
+    """Continue one batch of :func:`sweep_batches` rows (prompts of one length), each with its own seed and strength.
+
+    A row's seed is that of its (prompt, sample), whatever batch it is in, so its tokens are those of the same
+    setting run alone. ``capture`` labels each row's states with its prompt, decoding and sample.
+    """
+    prompts = [prompt_ids[prompt] for prompt, _, _ in rows]
+    seeds = [_row_seed(settings.seed, prompt, sample) for prompt, sample, _ in rows]
+    if capture is not None:
+        labels = {"prompt_id": PerRow(tuple(p for p, _, _ in rows)), "decoding": decoding.name}
+        capture.context.update(**labels, sample=PerRow(tuple(s for _, s, _ in rows)))
+    batch = intervention.with_coefficients([coefficients[c] for _, _, c in rows])
+    return generate(loaded, prompts, batch, len(rows), settings.max_new_tokens, decoding, seeds, capture)
+
+
+def _sweep_results(
+    loaded: LoadedModel,
+    intervention: Intervention,
+    coefficients: Sequence[float],
+    prompt_ids: Sequence[Sequence[int]],
+    settings: SweepSettings,
+    capture: StateCapture | None,
+) -> dict[tuple[str, int, int, int], tuple[list[int], torch.Tensor]]:
+    """Per (decoding, prompt, sample, strength): the continuation cut at EOS and its tokens' log-probabilities."""
+    done = {}
+    for decoding in settings.decodings:
+        samples = settings.samples if decoding.sampled else 1
+        for rows in sweep_batches([len(ids) for ids in prompt_ids], samples, len(coefficients), settings.batch_size):
+            tokens = generate_rows(loaded, intervention, coefficients, prompt_ids, rows, decoding, settings, capture)
+            continuations = cut_at_eos(tokens, loaded.tokenizer.eos_token_id)
+            scores = continuation_log_probs(loaded, [prompt_ids[p] for p, _, _ in rows], continuations)
+            for row, continuation, score in zip(rows, continuations, scores, strict=True):
+                done[(decoding.name, *row)] = continuation, score
+    return done
+
+
 def continuations_table(
     loaded: LoadedModel,
     intervention: Intervention,
@@ -141,29 +210,23 @@ def continuations_table(
     prefix: Sequence[int] | None = None,
     capture: StateCapture | None = None,
 ) -> pl.DataFrame:
-    """Continue every prompt under every strength (one batch per prompt, decoding and sample).
+    """Continue every prompt under every strength, prompts of one length x samples x strengths per batch.
 
     ``prefix``: token ids put before every prompt in place of the tokenizer's own special tokens (ActAdd's
     start token); ``None`` tokenises prompts with the tokenizer's defaults. ``capture`` keeps the generated
-    tokens' states, labelled with prompt, decoding and sample.
+    tokens' states, labelled with prompt, decoding and sample. Rows come in the order prompt, decoding, sample,
+    strength; each row's tokens are those of its setting run alone (:func:`generate_rows`).
     """
     sentiment = sentiment or _Sentiment()
+    tokenizer = loaded.tokenizer
+    prompt_ids = [tokenizer(t)["input_ids"] if prefix is None else encode_after(tokenizer, t, prefix) for t in prompts]
+    done = _sweep_results(loaded, intervention, coefficients, prompt_ids, settings, capture)
     tables = []
     for prompt_index, prompt in enumerate(prompts):
-        if prefix is None:
-            prompt_ids = loaded.tokenizer(prompt)["input_ids"]
-        else:
-            prompt_ids = encode_after(loaded.tokenizer, prompt, prefix)
         for decoding in settings.decodings:
             for sample in range(settings.samples if decoding.sampled else 1):
-                seeds = [_row_seed(settings.seed, prompt_index, sample)] * len(coefficients)
-                if capture is not None:
-                    capture.context.update(prompt_id=prompt_index, decoding=decoding.name, sample=sample)
-                n_new = settings.max_new_tokens
-                tokens = generate(loaded, prompt_ids, intervention, len(coefficients), n_new, decoding, seeds, capture)
-                rows = cut_at_eos(tokens, loaded.tokenizer.eos_token_id)
-                scores = continuation_log_probs(loaded, prompt_ids, rows)
-                texts = [loaded.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+                results = [done[decoding.name, prompt_index, sample, c] for c in range(len(coefficients))]
+                texts = [loaded.tokenizer.decode(tokens, skip_special_tokens=True) for tokens, _ in results]
                 tables.append(
                     pl.DataFrame(
                         {
@@ -172,10 +235,10 @@ def continuations_table(
                             "prompt_id": prompt_index,
                             "prompt": prompt,
                             "sample": sample,
-                            "seed": seeds,
+                            "seed": [_row_seed(settings.seed, prompt_index, sample)] * len(coefficients),
                             "continuation": texts,
                             "sentiment": [sentiment(text) for text in texts],
-                            "perplexity": [perplexity(score) for score in scores],
+                            "perplexity": [perplexity(score) for _, score in results],
                         }
                     )
                 )
