@@ -5,6 +5,7 @@ import math
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from latent_atlas.geometry.relations import band_means, depth_band, pearson, read_benchmarks, relate, spearman
 
@@ -181,6 +182,15 @@ def test_relate_levels_points_and_model_counts():
     assert (top["n"] == 2).all()
     assert top["spearman"].is_nan().all()
     assert top["pearson"].is_nan().all()
+
+
+def test_relate_intervals_do_not_depend_on_the_order_of_the_input_rows():
+    """The bootstrap draws index points: the same points in another row order must give the same interval."""
+    geometry, performance = _tables(["m0", "m1", "m2"])
+    table = relate(geometry, performance)
+    shuffled = relate(geometry.sample(fraction=1.0, shuffle=True, seed=7), performance.reverse())
+    assert_frame_equal(table, shuffled, check_exact=False, rel_tol=1e-12, abs_tol=1e-12)  # float sums: rounding only
+    assert table["ci_low"].is_not_nan().sum() > 0
 
 
 def _expected_band_mean(geometry: pl.DataFrame, model: str, register: str, metric: str, band: str) -> float:

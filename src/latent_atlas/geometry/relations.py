@@ -92,7 +92,12 @@ def relate(geometry: pl.DataFrame, performance: pl.DataFrame, benchmarks: pl.Dat
 
 
 def _correlation_row(level: str, model: str, key: tuple[object, ...], group: pl.DataFrame) -> dict[str, object]:
-    """One row of the relations table: the correlation over the finite points of a group."""
+    """One row of the relations table: the correlation over the finite points of a group.
+
+    Points are taken in (model, register) order, so that the bootstrap's draws, and with them the interval, do not
+    depend on the order in which the tables were grouped (polars' ``group_by`` order is not stable between runs).
+    """
+    group = group.sort("model", "register")
     x, y = group["value"].to_numpy(), group["score"].to_numpy()
     finite = np.isfinite(x) & np.isfinite(y)
     processing, metric, band, measure = key
