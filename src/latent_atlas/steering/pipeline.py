@@ -1,11 +1,11 @@
 """What the steering rules call: one sweep per method, evaluated into long tables.
 
 Every generation method (ActAdd, mean difference, in-context vectors) is swept over layers x strengths, the
-prompts of one length continued under all samples and strengths of a layer in one batch (no padding, so every
-row's tokens are those of its setting run alone), greedy and sampled. Each row of the table is one continuation
-with its sentiment (VADER compound, from -1 to 1), its perplexity under the unsteered model, and its setting's
-off-target damage (KL from the unsteered next-token distribution on neutral text) and intervention norm
-relative to the typical norm of the layers it edits.
+prompts of one length continued under all samples and strengths of a layer in one batch (no padding; a row's
+tokens are those of its setting run alone, bar a rare sampled draw flipped by batch-dependent float rounding),
+greedy and sampled. Each row of the table is one continuation with its sentiment (VADER compound, from -1 to 1),
+its perplexity under the unsteered model, and its setting's off-target damage (KL from the unsteered next-token
+distribution on neutral text) and intervention norm relative to the typical norm of the layers it edits.
 
 Precision: the sweeps and ITI may run in bfloat16 (``steering.model_dtype: auto`` on a CUDA device). That is
 safe because every comparison a table makes is within one run, hence one dtype: strength 0 is the unsteered
@@ -168,7 +168,8 @@ def generate_rows(
     """Continue one batch of :func:`sweep_batches` rows (prompts of one length), each with its own seed and strength.
 
     A row's seed is that of its (prompt, sample), whatever batch it is in, so its tokens are those of the same
-    setting run alone. ``capture`` labels each row's states with its prompt, decoding and sample.
+    setting run alone, unless float rounding that depends on the batch's size flips a near-tie (docs/benchmarks.md).
+    ``capture`` labels each row's states with its prompt, decoding and sample.
     """
     prompts = [prompt_ids[prompt] for prompt, _, _ in rows]
     seeds = [_row_seed(settings.seed, prompt, sample) for prompt, sample, _ in rows]
