@@ -212,6 +212,7 @@ def test_default_dag_on_the_real_models(tmp_path_factory):
     assert "debian.performance.png" in html and "differ only in" in html  # the training family's figures
     assert "smollm2-135m.clustering.png" in html and "so the model does not grade itself" in html  # readers
     assert "smollm2-135m.registers.claims.png" in html and "A claim that fails is a result" in html  # claims
+    assert "smollm2-135m.registers.html" in html and "one self-contained page" in html  # the atlas
 
     _check_claims(root)
     _check_reruns(args, root)
