@@ -9,7 +9,7 @@ grouped and multi-query heads). :data:`FAMILIES` declares, per tested family, wh
 agree, and that each declared cell really runs on a tiny model of the family.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,13 +135,21 @@ def _containers(body: nn.Module) -> list[nn.Module]:
     return [body, decoder] if isinstance(decoder, nn.Module) else [body]
 
 
-def find_module(body: nn.Module, names: Sequence[str], what: str, model: nn.Module) -> nn.Module:
-    """The first of ``names`` found on the body (or its decoder), or an error naming the architecture."""
-    for container in _containers(body):
+def _first_module(containers: Iterable[nn.Module], names: Sequence[str]) -> nn.Module | None:
+    """The first attribute among ``names`` that is a module, searching each container in turn; None if none is."""
+    for container in containers:
         for name in names:
             found = getattr(container, name, None)
             if isinstance(found, nn.Module):
                 return found
+    return None
+
+
+def find_module(body: nn.Module, names: Sequence[str], what: str, model: nn.Module) -> nn.Module:
+    """The first of ``names`` found on the body (or its decoder), or an error naming the architecture."""
+    found = _first_module(_containers(body), names)
+    if found is not None:
+        return found
     raise ModelAcquisitionError(
         f"cannot find the {what} of {architecture_name(model)} (looked for {', '.join(names)}); this "
         "architecture is not supported yet: add its module names to latent_atlas.architectures (docs/models.md)"
@@ -325,10 +333,9 @@ _OUTPUT_ATTRS = ("o_proj", "c_proj", "out_proj", "dense")
 
 def attention_module(block: nn.Module) -> nn.Module:
     """A block's attention module."""
-    for name in _ATTENTION_ATTRS:
-        found = getattr(block, name, None)
-        if isinstance(found, nn.Module):
-            return found
+    found = _first_module([block], _ATTENTION_ATTRS)
+    if found is not None:
+        return found
     raise ModelAcquisitionError(
         f"no attention module found in {type(block).__name__} (looked for {', '.join(_ATTENTION_ATTRS)})"
     )
