@@ -158,7 +158,7 @@ def weighted_pca_variances(states: np.ndarray, weights: np.ndarray) -> np.ndarra
     return variances
 
 
-_GROUP_MOMENTS_BYTES = 256 * 2**20  # per-group second moments are kept while they fit in this
+_GROUP_MOMENTS_BYTES = 2**30  # per-group second moments are kept while they fit in this (272 documents x d=576: 0.7 GB)
 MIN_BOOTSTRAP_GROUPS = 5  # below this, a resample of whole groups says little (3 groups: 10 distinct resamples)
 
 
