@@ -23,6 +23,7 @@ import torch
 from latent_atlas.addresses import resid_address
 from latent_atlas.errors import ConfigError
 from latent_atlas.lenses.base import Lens, Unembed
+from latent_atlas.lenses.streaming import DEFAULT_WIDTH, Blocks, KeptBlocks, Reference, RowStats, row_stats
 from latent_atlas.stats import (
     DEFAULT_CONFIDENCE,
     DEFAULT_REPLICATES,
@@ -85,12 +86,14 @@ def evaluate_lenses_by_document(
     layers: Sequence[int],
     tokens: EvaluationTokens,
     chunk_size: int = 512,
+    vocab_block: int = DEFAULT_WIDTH,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Every lens at every layer, kept per document: (sums, ranks).
 
     ``sums``: one row per (lens, layer, metric, doc) with the metric's ``sum`` over that document's evaluated
     tokens and their ``count``. ``ranks``: one row per (lens, layer) with the final top-1 token's rank under the
-    lens at every token (a list), for the median.
+    lens at every token (a list), for the median. Tokens are taken ``chunk_size`` at a time, and each lens's
+    logits ``vocab_block`` vocabulary columns at a time (:mod:`latent_atlas.lenses.streaming`).
     """
     missing = [layer for layer in layers if layer not in store.layers]
     if missing:
@@ -108,17 +111,21 @@ def evaluate_lenses_by_document(
         rows = tokens.rows[start : start + chunk_size]
         chunk_docs = doc_index[start : start + chunk_size]
         next_ids = torch.from_numpy(tokens.next_ids[start : start + chunk_size]).long()
-        final = FinalDistribution.from_logits(unembed.lm_head(torch.from_numpy(store.read("ln_final", rows))))
+        final = FinalDistribution.of(unembed, torch.from_numpy(store.read("ln_final", rows)), vocab_block)
         for layer in layers:
             states = torch.from_numpy(store.read(layer, rows))
             logit = (
-                _token_metrics(logit_lens.logits(states, layer), final, next_ids) if logit_lens is not None else None
+                _token_metrics(Blocks.of(logit_lens, states, layer, vocab_block), final, next_ids)
+                if logit_lens is not None
+                else None
             )
             for name, lens in lenses.items():
                 if not lens.reads(layer):
                     continue
                 metrics, top1 = (
-                    logit if lens is logit_lens else _token_metrics(lens.logits(states, layer), final, next_ids)
+                    logit
+                    if lens is logit_lens
+                    else _token_metrics(Blocks.of(lens, states, layer, vocab_block), final, next_ids)
                 )
                 if logit is not None:
                     metrics = metrics | {"agreement_with_logit": _agreement(top1, logit[1])}
@@ -239,9 +246,10 @@ def evaluate_lenses(
     layers: Sequence[int],
     tokens: EvaluationTokens,
     chunk_size: int = 512,
+    vocab_block: int = DEFAULT_WIDTH,
 ) -> pl.DataFrame:
     """Evaluate every lens at every layer; returns one row per (lens, layer, metric) (:func:`curves_from_documents`)."""
-    documents, ranks = evaluate_lenses_by_document(store, unembed, lenses, layers, tokens, chunk_size)
+    documents, ranks = evaluate_lenses_by_document(store, unembed, lenses, layers, tokens, chunk_size, vocab_block)
     return curves_from_documents(documents, ranks)
 
 
@@ -252,34 +260,31 @@ def _record(lens: str, layer: int, metric: str, value: float, n_tokens: int) -> 
 
 
 def _token_metrics(
-    logits: torch.Tensor, final: "FinalDistribution", next_ids: torch.Tensor
+    blocks: Blocks, final: "FinalDistribution", next_ids: torch.Tensor
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], torch.Tensor]:
     """Per-token values of each metric over one chunk (with the mask of the tokens they belong to), and the top-1.
 
-    One log-sum-exp per row serves every metric: with ``m`` the row's largest logit, ``s = z - m`` and
-    ``L = log sum exp s``, ``log p = s - L``, so CE is ``L - s[next]``, the entropy ``L - E_p[s]`` and KL
-    ``-H(p_final) - E_final[s] + L``; ranks compare ``s``. ``logits`` (the lens's fresh output) is overwritten
-    with ``s``; one more V-sized temporary holds first the rank mask, then ``exp s``.
+    One streamed log-sum-exp per row serves every metric (:func:`~latent_atlas.lenses.streaming.row_stats`): with
+    ``m`` the row's largest logit, ``s = z - m`` and ``L = log sum exp s``, ``log p = s - L``, so CE is
+    ``L - s[next]``, the entropy ``L - E_p[s]``, KL ``-H(p_final) - E_final[s] + L``, and the rank of the final
+    top-1 token counts the logits above its own.
     """
-    softmax = _Softmax.of(logits)
-    shifted, scratch = softmax.shifted, softmax.scratch
-    rank = torch.gt(shifted, shifted.gather(-1, final.top1[:, None]), out=scratch).sum(-1)
-    softmax.exponentiate()
-    entropy = softmax.log_total - _rowdot(scratch, shifted) / softmax.total
-    kl = final.neg_entropy - softmax.expected_log_prob(final.probs, final.mass)
+    stats = row_stats(blocks, final.reference, next_ids, final.top1)
+    entropy = stats.log_total - stats.weighted / stats.total
+    kl = final.neg_entropy - (stats.cross - stats.log_total * final.mass)
     has_next = next_ids >= 0
-    ce = (softmax.log_total - shifted.gather(-1, next_ids.clamp(min=0)[:, None]).squeeze(-1))[has_next]
-    surprisal = final.softmax.log_total - final.softmax.shifted.gather(-1, softmax.top1[:, None]).squeeze(-1)
-    every = np.ones(len(shifted), dtype=bool)
+    ce = (stats.log_total - (stats.at_next - stats.top))[has_next]
+    surprisal = final.stats.log_total - (final.logits.at(stats.top1) - final.stats.top)
+    every = np.ones(blocks.rows, dtype=bool)
     metrics = {
         "kl_to_final": (_values(kl), every),
         "entropy": (_values(entropy), every),
-        "top1_agreement": _agreement(softmax.top1, final.top1),
+        "top1_agreement": _agreement(stats.top1, final.top1),
         "surprisal": (_values(surprisal), every),
         "ce_next_token": (_values(ce), has_next.numpy()),
-        "final_top1_rank": (rank.long().numpy(), every),
+        "final_top1_rank": (stats.above.numpy(), every),
     }
-    return metrics, softmax.top1
+    return metrics, stats.top1
 
 
 def _values(tensor: torch.Tensor) -> np.ndarray:
@@ -292,60 +297,42 @@ def _agreement(top1: torch.Tensor, other: torch.Tensor) -> tuple[np.ndarray, np.
     return _values(top1 == other), np.ones(len(top1), dtype=bool)
 
 
-def _rowdot(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products of two ``(n, V)`` matrices, without materialising their product."""
-    return torch.bmm(left[:, None, :], right[:, :, None]).view(-1)
-
-
-@dataclass
-class _Softmax:
-    """Row statistics of logits: ``shifted = z - max z`` (in place), the arg-max, ``exp(shifted)``'s row sums."""
-
-    shifted: torch.Tensor
-    top1: torch.Tensor
-    scratch: torch.Tensor  # of shifted's shape; exp(shifted) after exponentiate()
-    total: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, logits: torch.Tensor) -> "_Softmax":
-        """Shift ``logits`` by their row maxima (in place when float32), keep the arg-max (first on ties)."""
-        z = logits.float()
-        top, top1 = z.max(-1)
-        return cls(z.sub_(top[:, None]), top1, torch.empty_like(z))
-
-    def exponentiate(self) -> None:
-        """Write ``exp(shifted)`` into the scratch tensor and keep its row sums."""
-        torch.exp(self.shifted, out=self.scratch)
-        self.total = self.scratch.sum(-1)
-
-    @property
-    def log_total(self) -> torch.Tensor:
-        """``log sum exp shifted`` per row: ``log p = shifted - log_total``."""
-        return self.total.log()
-
-    def expected_log_prob(self, probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-        """``sum_v probs_v log p_v`` per row, for any distribution ``probs`` (of total ``mass``) over the rows."""
-        return _rowdot(probs, self.shifted) - self.log_total * mass
-
-
 @dataclass(frozen=True)
 class FinalDistribution:
-    """The model's own next-token distribution for a chunk of tokens, computed once for every lens."""
+    """The model's own next-token distribution for a chunk of tokens, computed once for every lens.
 
-    softmax: _Softmax
-    probs: torch.Tensor
-    mass: torch.Tensor  # row sums of probs (1 up to rounding)
+    Its logits are kept in vocabulary blocks; ``stats.cross`` is ``sum p (z - m)`` by the lenses' own arithmetic,
+    so a lens whose logits are the model's has KL exactly 0.
+    """
+
+    logits: KeptBlocks
+    stats: RowStats
+    reference: Reference  # the probabilities, block by block
+    mass: torch.Tensor  # row sums of the probabilities (1 up to rounding)
     neg_entropy: torch.Tensor
-    top1: torch.Tensor
+
+    @property
+    def top1(self) -> torch.Tensor:
+        """The model's top-1 token at each row (the first on ties)."""
+        return self.stats.top1
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor) -> "FinalDistribution":
-        """Probabilities, sum p log p and arg-max of the final logits (overwritten), by the lenses' formulas.
+    def of(cls, unembed: Unembed, final_states: torch.Tensor, width: int = DEFAULT_WIDTH) -> "FinalDistribution":
+        """From post-final-norm states ``(n, d)``: logits through the model's head, then p, sum p log p, arg-max."""
+        readout = unembed.readout()
+        if readout is None:
+            blocks = Blocks(None, logits=unembed.lm_head(final_states).float(), width=width)
+        else:
+            blocks = Blocks(readout, final_states.float(), width=width)
+        return cls.from_blocks(blocks.kept())
 
-        The same arithmetic as :func:`_token_metrics`, so a lens whose logits are the model's has KL exactly 0.
-        """
-        softmax = _Softmax.of(logits)
-        softmax.exponentiate()
-        probs = softmax.scratch / softmax.total[:, None]
-        mass = probs.sum(-1)
-        return cls(softmax, probs, mass, softmax.expected_log_prob(probs, mass), softmax.top1)
+    @classmethod
+    def from_blocks(cls, logits: KeptBlocks) -> "FinalDistribution":
+        """The distribution of kept logits: two passes, the second with p as the reference."""
+        first = row_stats(logits)
+        shift, total = first.top[:, None], first.total[:, None]
+        probs = [torch.sub(block, shift).exp_().div_(total) for _, block in logits]
+        reference = Reference(probs, torch.stack([block.sum(1) for block in probs], 1))
+        stats = row_stats(logits, reference)
+        mass = reference.masses.sum(1)
+        return cls(logits, stats, reference, mass, stats.cross - stats.log_total * mass)

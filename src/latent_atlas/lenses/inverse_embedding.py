@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from latent_atlas.lenses.base import Lens
+from latent_atlas.lenses.base import Lens, Readout
 from latent_atlas.linalg import PseudoInverse, pinv_svd
 
 Variant = Literal["transpose", "pinv"]
@@ -52,5 +52,12 @@ class InverseEmbeddingLens(Lens):
 
     def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Scores of every input token for states rescaled to the mean embedding norm."""
-        rescaled = h * (self.scale / h.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        return rescaled @ self.reader
+        return self.readout(layer).logits(self.hidden(h, layer))
+
+    def readout(self, layer: int) -> Readout:
+        """``R`` read column by column (``R^T`` is the readout's ``(V, d)`` weight)."""
+        return Readout(self.reader.T)
+
+    def hidden(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The state rescaled to the mean embedding norm."""
+        return h * (self.scale / h.norm(dim=-1, keepdim=True).clamp_min(1e-12))

@@ -2,7 +2,7 @@
 
 import torch
 
-from latent_atlas.lenses.base import Lens, Unembed
+from latent_atlas.lenses.base import Lens, Readout, Unembed
 
 
 class LogitLens(Lens):
@@ -17,3 +17,11 @@ class LogitLens(Lens):
     def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Final norm + LM head, whatever the layer."""
         return self.unembed(h)
+
+    def readout(self, layer: int) -> Readout | None:
+        """The model's head, the same at every layer."""
+        return self.unembed.readout()
+
+    def hidden(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The state through the final norm."""
+        return self.unembed.final_norm(h)

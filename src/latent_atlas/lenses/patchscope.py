@@ -19,7 +19,7 @@ import torch
 
 from latent_atlas.errors import ConfigError
 from latent_atlas.hooks import capture_residuals, edit_residual
-from latent_atlas.lenses.base import Lens
+from latent_atlas.lenses.base import Lens, Readout, head_readout
 from latent_atlas.models import LoadedModel, ModelParts
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
@@ -117,6 +117,18 @@ def patched_last_logits(
 ) -> torch.Tensor:
     """Next-token logits at the last position of a target prompt whose ``resid.{layer}`` there is each state.
 
+    The model's head (with its own post-head transform) read on :func:`patched_last_states`: ``(N, V)`` float32.
+    """
+    hidden = patched_last_states(loaded, target_ids, layer, states, batch_size)
+    return loaded.parts.lm_head(hidden).float().cpu()
+
+
+@torch.no_grad()
+def patched_last_states(
+    loaded: LoadedModel, target_ids: torch.Tensor, layer: int, states: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """The post-final-norm state at the last position of a target prompt whose ``resid.{layer}`` there is each state.
+
     Patching the last position never reaches earlier ones (attention is causal), and below ``layer`` the last
     token's computation is the same for every state. So the prompt's prefix is run once for its KV cache,
     and each batch runs the last token alone, as one row up to ``resid.{layer}``, where the row is replaced
@@ -131,11 +143,11 @@ def patched_last_logits(
         batch_size: rows run at once.
 
     Returns:
-        Logits of shape ``(N, V)`` (float32).
+        States of shape ``(N, d)`` (float32, on the model's device): what the model's head reads.
     """
-    device = loaded.device
+    device, body = loaded.device, loaded.parts.body
     target_ids = target_ids.to(device)
-    cache_argument = "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
+    cache_argument = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
     prefix_cache = None
     if len(target_ids) > 1:
         prefix = loaded.model(input_ids=target_ids[None, :-1], use_cache=True)
@@ -155,11 +167,9 @@ def patched_last_logits(
             return batch[:, None, :].to(single.dtype)
 
         with edit_residual(loaded.parts, layer, widen):
-            logits = loaded.model(
-                input_ids=target_ids[-1:].view(1, 1), use_cache=True, **{cache_argument: cache}
-            ).logits
-        outputs.append(logits[:, -1].float().cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0, loaded.manifest["vocab_size"])
+            hidden = body(input_ids=target_ids[-1:].view(1, 1), use_cache=True, **{cache_argument: cache})
+        outputs.append(hidden.last_hidden_state[:, -1].float())
+    return torch.cat(outputs) if outputs else torch.empty(0, loaded.d_model, device=device)
 
 
 class IdentityPatchscope(Lens):
@@ -185,3 +195,13 @@ class IdentityPatchscope(Lens):
         flat = h.reshape(-1, h.shape[-1])
         logits = patched_last_logits(self.loaded, self.target_ids, layer, flat, self.batch_size)
         return logits.reshape(*h.shape[:-1], logits.shape[-1])
+
+    def readout(self, layer: int) -> Readout | None:
+        """The model's head with its post-head transform (None for a head that is not a linear layer)."""
+        return head_readout(self.loaded.parts.lm_head)
+
+    def hidden(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The patched prompt's last post-final-norm state, ``(..., d)``, for states ``(..., d)``."""
+        flat = h.reshape(-1, h.shape[-1])
+        hidden = patched_last_states(self.loaded, self.target_ids, layer, flat, self.batch_size)
+        return hidden.reshape(*h.shape[:-1], hidden.shape[-1])

@@ -13,7 +13,7 @@ logit lens's; rankings do not depend on it.
 import torch
 from torch.nn import functional
 
-from latent_atlas.lenses.base import Lens, Unembed
+from latent_atlas.lenses.base import Lens, Readout, Unembed
 from latent_atlas.linalg import PseudoInverse, pinv_svd
 
 
@@ -50,5 +50,12 @@ class SemanticBasisLens(Lens):
 
     def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Cosine of the normed state to every basis, divided by the temperature."""
-        normed = functional.normalize(self.unembed.final_norm(h), dim=-1)
-        return normed @ self.unit_bases.T / self.temperature
+        return self.readout(layer).logits(self.hidden(h, layer))
+
+    def readout(self, layer: int) -> Readout:
+        """The unit bases, divided by the temperature."""
+        return Readout(self.unit_bases, temperature=self.temperature)
+
+    def hidden(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The unit vector of the state through the final norm."""
+        return functional.normalize(self.unembed.final_norm(h), dim=-1)

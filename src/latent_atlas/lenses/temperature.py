@@ -20,7 +20,7 @@ import polars as pl
 import torch
 from torch.nn import functional
 
-from latent_atlas.lenses.base import Lens, Unembed
+from latent_atlas.lenses.base import Lens, Readout, Unembed
 from latent_atlas.lenses.evaluate import EvaluationTokens
 from latent_atlas.store import ActivationStore
 
@@ -127,6 +127,15 @@ class TemperatureScaledLens(Lens):
     def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """The wrapped lens's logits divided by the layer's factor, shape ``(..., V)``."""
         return self.inner.logits(h, layer) / self.factors[layer]
+
+    def readout(self, layer: int) -> Readout | None:
+        """The wrapped lens's readout with the layer's factor in its temperature."""
+        readout = self.inner.readout(layer)
+        return None if readout is None else readout.scaled(self.factors[layer])
+
+    def hidden(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The wrapped lens's hidden-side map."""
+        return self.inner.hidden(h, layer)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional
 
 from latent_atlas.errors import LatentAtlasError
-from latent_atlas.lenses.base import Lens, Unembed
+from latent_atlas.lenses.base import Lens, Readout, Unembed
 from latent_atlas.provenance import atomic_output
 
 
@@ -59,6 +59,14 @@ class TunedLens(Lens):
     def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """The unembedding of the translated state."""
         return self.unembed(self.transform(h, layer))
+
+    def readout(self, layer: int) -> Readout | None:
+        """The model's head, the same at every layer."""
+        return self.unembed.readout()
+
+    def hidden(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The translated state through the final norm."""
+        return self.unembed.final_norm(self.transform(h, layer))
 
     def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
         """Write the translators and their config (with the unembedding's fingerprint) to one file, atomically."""
