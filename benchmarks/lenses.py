@@ -3,9 +3,11 @@
 1. Decoding throughput: (positions x layers) per second of the per-layer evaluation with every lens
    (logits, log-softmax, KL, CE, entropy, ranks), against a plain ``h @ W_U^T`` + top-k over the same
    positions and layers (the least any decoder does), interleaved over rounds.
-2. Tuned-lens training: translators trained from the activation store (states read once, no forward
-   passes) against the published recipe's way of running the model for every step, on the very same
-   documents per step; wall time and the resulting held-out KL of each.
+2. Tuned-lens training at every layer (``--train-layers``): translators trained from the activation store
+   (states read once, no forward passes) against the published recipe's way of running the model for every
+   step, on the very same documents per step, interleaved over rounds; seconds per step and the held-out KL
+   each reaches after the same steps. Both train with the same loss (``latent_atlas.lenses.tuned.fused_kl``),
+   whose vocabulary projection and its gradient at every layer bound the ratio (docs/benchmarks.md).
 3. With a CUDA device: the logit lens's decoding (final norm, W_U, log-softmax, KL to the stored final
    state's distribution, top-10) on it in float32 and bfloat16, against the same decoding on the CPU in
    float32 in this run, with how far each moves the KL. The pipeline's lenses stay in float32 on the CPU
@@ -13,13 +15,13 @@
    Without a CUDA device, it says so.
 
 Usage (after `make run` has built the model and store):
-    .venv/bin/python benchmarks/lenses.py [--tokens 512] [--rounds 3] [--steps 20]
+    .venv/bin/python benchmarks/lenses.py [--tokens 512] [--rounds 3] [--steps 6] [--train-layers all]
 """
 
 import argparse
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import polars as pl
@@ -183,32 +185,40 @@ def model_batches(
 
 
 def training(loaded: LoadedModel, store: ActivationStore, args: argparse.Namespace) -> None:
-    """Print tuned-lens training time and held-out KL, from the store and from forward passes."""
-    layers = [layer for layer in select_layers({"every": 10}, loaded.n_layers) if layer < loaded.n_layers]
+    """Print tuned-lens training time and held-out KL, from the store and from forward passes, interleaved."""
+    layers = [layer for layer in select_layers(args.train_layers, loaded.n_layers) if layer < loaded.n_layers]
     settings = TunedLensTraining(steps=args.steps, tokens_per_step=args.tokens_per_step)
     schedule = step_documents(store, args.steps, args.tokens_per_step, seed=0)
-    heldout = evaluation_tokens(store, "heldout", args.tokens, skip_first_position=True)
-    results = {}
-    for name in ("from the store", "re-running the model"):
-        unembed = Unembed.from_parts(loaded.parts)
+    unembed = Unembed.from_parts(loaded.parts)
+
+    def train(batches: Callable[[], Iterable[TrainingBatch]]) -> TunedLens:
         lens = TunedLens(unembed, loaded.n_layers, loaded.d_model)
-        begin = time.perf_counter()
-        batches = (
-            stored_batches(store, schedule, layers)
-            if name == "from the store"
-            else model_batches(loaded, store, schedule, layers)
-        )
-        train_tuned_lens(lens, batches, layers, settings)
-        seconds = time.perf_counter() - begin
-        table = evaluate_lenses(store, unembed, {"tuned": lens}, layers, heldout)
+        train_tuned_lens(lens, batches(), layers, settings)
+        return lens
+
+    methods = {
+        "from the store": lambda: train(lambda: stored_batches(store, schedule, layers)),
+        "re-running the model": lambda: train(lambda: model_batches(loaded, store, schedule, layers)),
+    }
+    samples = interleaved(methods, args.rounds)
+    heldout = evaluation_tokens(store, "heldout", args.tokens, skip_first_position=True)
+    base = samples["re-running the model"]
+    tokens = sum(int(store.docs()["token_count"][doc]) for step in schedule for doc in step)
+    print(f"\n## Tuned-lens training: {args.steps} steps, {tokens} tokens in all, {len(layers)} layers ", end="")
+    print(f"({layers[0]}..{layers[-1]}), {torch.get_num_threads()} threads, median (range) of {args.rounds} ", end="")
+    print("interleaved rounds; held-out KL of the last round's lens, mean over the layers\n")
+    print("| method | s / step | x faster than re-running | held-out KL (mean over layers) |")
+    print("|---|---|---|---|")
+    for name, values in samples.items():
+        table = evaluate_lenses(store, unembed, {"tuned": values[-1].output}, layers, heldout)
         kl = table.filter(pl.col("metric") == "kl_to_final")["value"].mean()
-        results[name] = (seconds, kl)
-    base = results["re-running the model"][0]
-    print(f"\n## Tuned-lens training: {args.steps} steps x ~{args.tokens_per_step} tokens, layers {layers}\n")
-    print("| method | seconds | s / step | x faster than re-running | held-out KL (mean over layers) |")
-    print("|---|---|---|---|---|")
-    for name, (seconds, kl) in results.items():
-        print(f"| {name} | {seconds:.1f} | {seconds / args.steps:.2f} | {base / seconds:.2f} | {kl:.4f} |")
+        per_step = Spread.of([sample.seconds / args.steps for sample in values])
+        print(f"| {name} | {per_step.format()} | {ratio(values, base).format()} | {kl:.5f} |")
+
+
+def _layers(text: str) -> str | dict[str, int]:
+    """``all`` or ``every:k`` as :func:`~latent_atlas.config.select_layers` takes them."""
+    return {"every": int(text.split(":")[1])} if text.startswith("every:") else text
 
 
 def main() -> None:
@@ -218,7 +228,8 @@ def main() -> None:
     parser.add_argument("--store", default="results/activations/smollm2-135m/registers.h5")
     parser.add_argument("--tokens", type=int, default=512, help="held-out positions decoded")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20, help="tuned-lens training steps")
+    parser.add_argument("--steps", type=int, default=6, help="tuned-lens training steps")
+    parser.add_argument("--train-layers", type=_layers, default="all", help="tuned-lens layers: all, or every:k")
     parser.add_argument("--tokens-per-step", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parts", nargs="+", default=["decoding", "training", "gpu"], help="which tables to print")

@@ -1,4 +1,4 @@
-"""Lens metrics streamed over vocabulary blocks against a float64 log-softmax over the whole vocabulary."""
+"""Lens metrics streamed over vocabulary blocks, and the tuned lens's fused KL, against float64 references."""
 
 import numpy as np
 import polars as pl
@@ -234,3 +234,28 @@ def test_evaluation_is_the_same_at_every_block_width(small_store, vocab_block):
                     assert value[metric] == pytest.approx(float(reference), rel=1e-5, abs=1e-5), (name, layer, metric)
         logit_last = table.filter((pl.col("lens") == "logit") & (pl.col("layer") == loaded.n_layers))
         assert dict(zip(logit_last["metric"], logit_last["value"], strict=True))["kl_to_final"] < 1e-9
+
+
+@pytest.mark.parametrize(
+    ("softcap", "temperature", "slab"), [(None, 1.0, 4), (3.0, 1.0, 16), (None, 0.4, 5), (3.0, 0.4, 1)]
+)
+def test_fused_kl_and_its_gradient_equal_float64_autograd(softcap: float | None, temperature: float, slab: int):
+    """The tuned lens's loss: value and gradient against a float64 log-softmax differentiated by autograd."""
+    from latent_atlas.lenses.tuned import TargetDistribution, fused_kl
+
+    readout = _readout(softcap=softcap, temperature=temperature)
+    hidden, q, _, _ = _inputs()
+    target = TargetDistribution(q, q.sum(1), (q * q.log()).sum(1))
+    hidden64 = hidden.double().requires_grad_()
+    weight, bias = readout.weight.double(), readout.bias.double()
+    raw = (hidden64 @ weight.T + bias) * 1.5
+    logits = (raw if softcap is None else torch.tanh(raw / softcap) * softcap) / temperature
+    expected = (q.double() * (q.double().log() - logits.log_softmax(-1))).sum(-1).mean()
+    expected.backward()
+    found_input = hidden.clone().requires_grad_()
+    found = fused_kl(found_input, readout, target, slab)
+    (found * 2.0).backward()  # the upstream gradient scales the saved one
+    torch.testing.assert_close(found.double(), expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(found_input.grad.double(), 2.0 * hidden64.grad, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_kl(hidden, readout, target, slab), found.detach())

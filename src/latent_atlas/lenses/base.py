@@ -42,13 +42,17 @@ class Readout:
 
         ``out`` (2-D, contiguous, of the result's shape) receives the product, for a caller that reuses a buffer.
         """
-        flat = hidden.reshape(-1, hidden.shape[-1])
+        product = self.product(hidden.reshape(-1, hidden.shape[-1]), start, stop, out)
+        return self.finish(product).view(*hidden.shape[:-1], -1)
+
+    def product(
+        self, hidden: torch.Tensor, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The matrix part alone, ``hidden @ weight[start:stop].T + bias[start:stop]`` for ``hidden`` ``(n, d)``."""
         weight = self.weight[start:stop]
         if self.bias is None:
-            product = torch.mm(flat, weight.T, out=out)
-        else:
-            product = torch.addmm(self.bias[start:stop], flat, weight.T, out=out)
-        return self._finish(product).view(*hidden.shape[:-1], -1)
+            return torch.mm(hidden, weight.T, out=out)
+        return torch.addmm(self.bias[start:stop], hidden, weight.T, out=out)
 
     def logits_at(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The logit of token ``ids[i]`` for each hidden vector ``hidden[i]`` (``(n, d)``, ``(n,)``): ``(n,)``.
@@ -60,12 +64,20 @@ class Readout:
         bias = None if self.bias is None else self.bias[ids]
         weight = self.weight[ids]
         product = torch.mm(hidden, weight.T) if bias is None else torch.addmm(bias, hidden, weight.T)
-        return self._finish(product).diagonal()
+        return self.finish(product).diagonal()
 
-    def _finish(self, product: torch.Tensor) -> torch.Tensor:
-        """The elementwise part: the model's transform, then the temperature."""
+    def finish(self, product: torch.Tensor) -> torch.Tensor:
+        """The elementwise part: the model's transform, then the temperature (in place where it can)."""
         logits = self.transform(product)
         return logits.div_(self.temperature) if self.temperature != 1.0 else logits
+
+    def slope(self, logits: torch.Tensor) -> torch.Tensor | float:
+        """The derivative of the logits by the product, elementwise, from the logits (a number where constant)."""
+        rate = self.transform.scale / self.transform.divisor / self.temperature
+        cap = self.transform.softcap
+        if cap is None:
+            return rate
+        return (logits * (self.temperature / cap)).square_().neg_().add_(1.0).mul_(rate)  # tanh' = 1 - tanh^2
 
 
 def head_readout(head: nn.Module) -> Readout | None:

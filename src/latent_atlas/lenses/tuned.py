@@ -127,6 +127,86 @@ def kl_to_target(target_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.
 
 
 @dataclass(frozen=True)
+class TargetDistribution:
+    """The model's final distribution p for a batch of tokens: computed once per batch, shared by every layer."""
+
+    probs: torch.Tensor  # (n, V)
+    mass: torch.Tensor  # (n,): sum_v p_v (1 up to rounding)
+    neg_entropy: torch.Tensor  # (n,): sum_v p_v log p_v
+
+    @classmethod
+    def of(cls, unembed: Unembed, final_states: torch.Tensor) -> "TargetDistribution":
+        """From post-final-norm states ``(n, d)`` through the model's head."""
+        log_probs = functional.log_softmax(unembed.lm_head(final_states).float(), dim=-1)
+        probs = log_probs.exp()
+        return cls(probs, probs.sum(-1), (probs * log_probs).sum(-1))
+
+    def rows(self, start: int, stop: int) -> "TargetDistribution":
+        """The rows ``start:stop``."""
+        return TargetDistribution(self.probs[start:stop], self.mass[start:stop], self.neg_entropy[start:stop])
+
+
+def lens_kl(lens: Lens, states: torch.Tensor, layer: int, target: TargetDistribution) -> torch.Tensor:
+    """Mean over rows of KL(p || lens), differentiable: :func:`fused_kl` where the lens has a readout."""
+    readout = lens.readout(layer)
+    if readout is None:
+        log_probs = functional.log_softmax(lens.logits(states, layer).float(), dim=-1)
+        return (target.neg_entropy - (target.probs * log_probs).sum(-1)).mean()
+    return fused_kl(lens.hidden(states, layer), readout, target)
+
+
+def fused_kl(hidden: torch.Tensor, readout: Readout, target: TargetDistribution, slab: int = 16) -> torch.Tensor:
+    """Mean over rows of KL(p || softmax(readout(hidden))), with its gradient taken in the same pass.
+
+    With z the logits, ``KL = sum p log p - sum p z + mass * logsumexp z`` and ``dKL/dz = mass * softmax(z) - p``:
+    the product ``hidden @ W^T`` is computed once; then ``slab`` rows at a time (in cache) the log-sum-exp, the
+    KL and the gradient overwrite it in place; one product with ``W`` gives the gradient of ``hidden``. Autograd
+    keeps only that ``(n, d)`` gradient, none of the ``(n, V)`` intermediates of a log-softmax.
+    """
+    return _FusedKL.apply(hidden, readout, target, slab)
+
+
+class _FusedKL(torch.autograd.Function):
+    """:func:`fused_kl`: the gradient of ``hidden`` is computed in the forward and scaled in the backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, readout: Readout, target: TargetDistribution, slab: int
+    ) -> torch.Tensor:
+        """The mean KL; saves ``d mean KL / d hidden`` when it is needed."""
+        want_grad = ctx.needs_input_grad[0]
+        product = readout.product(hidden.float())
+        kl = torch.empty(len(product))
+        for start in range(0, len(product), slab):
+            rows = slice(start, start + slab)
+            kl[rows] = _slab_kl(product[rows], readout, target.rows(start, start + slab), want_grad)
+        if want_grad:
+            ctx.save_for_backward(product.mm(readout.weight).div_(len(product)))  # product now holds dKL/dz
+        return kl.mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        """The saved gradient times the upstream one."""
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None
+
+
+def _slab_kl(product: torch.Tensor, readout: Readout, target: TargetDistribution, want_grad: bool) -> torch.Tensor:
+    """KL of a few rows of raw products ``(r, V)``; with ``want_grad``, dKL/d product is written over them."""
+    logits = readout.finish(product)  # the product itself, unless the model transforms its logits
+    slope = readout.slope(logits) if want_grad else 1.0
+    top = logits.amax(1, keepdim=True)
+    shifted = logits.sub_(top)
+    exp = torch.exp(shifted)
+    total = exp.sum(1)
+    kl = target.neg_entropy - (target.probs * shifted).sum(1) + total.log() * target.mass
+    if want_grad:
+        grad = exp.mul_((target.mass / total)[:, None]).sub_(target.probs)
+        torch.mul(grad, slope, out=product)
+    return kl
+
+
+@dataclass(frozen=True)
 class TrainingBatch:
     """One optimiser step's data: states of each trained layer and the post-norm states of the same tokens."""
 
@@ -168,10 +248,10 @@ def held_out_kl(lens: TunedLens, batch: TrainingBatch, layers: Sequence[int], ro
     """Mean over ``layers`` of the lens's KL to the model's final distribution on a held-out batch."""
     total = 0.0
     for start in range(0, batch.final.shape[0], rows):
-        target = functional.log_softmax(lens.unembed.lm_head(batch.final[start : start + rows]).float(), dim=-1)
+        target = TargetDistribution.of(lens.unembed, batch.final[start : start + rows])
         for layer in layers:
-            kl = kl_to_target(target, lens.logits(batch.states[layer][start : start + rows], layer))
-            total += float(kl) * target.shape[0]
+            kl = lens_kl(lens, batch.states[layer][start : start + rows], layer, target)
+            total += float(kl) * len(target.mass)
     return total / (batch.final.shape[0] * max(len(layers), 1))
 
 
@@ -235,11 +315,11 @@ def train_tuned_lens(
     losses = []
     for step, batch in enumerate(batches):
         with torch.no_grad():
-            target = functional.log_softmax(lens.unembed.lm_head(batch.final).float(), dim=-1)
+            target = TargetDistribution.of(lens.unembed, batch.final)  # once per batch, shared by every layer
         optimiser.zero_grad(set_to_none=True)
         step_loss = 0.0
         for layer in layers:  # one backward per layer bounds memory to one layer's logits
-            loss = kl_to_target(target, lens.logits(batch.states[layer], layer))
+            loss = lens_kl(lens, batch.states[layer], layer, target)
             loss.backward()
             step_loss += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(parameters, settings.clip_grad_norm)
