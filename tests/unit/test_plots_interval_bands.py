@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 from matplotlib.collections import PolyCollection
 
-from latent_atlas.neighbourhood.pipeline import stability_summary
+from latent_atlas.neighbourhood.stability import stability_summary
 from latent_atlas.stats import bootstrap_mean
 
 FAMILIES = ("isotropic", "rogue")

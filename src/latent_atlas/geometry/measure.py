@@ -34,7 +34,8 @@ from latent_atlas.config import select_layers
 from latent_atlas.errors import ConfigError, StoreError
 from latent_atlas.geometry.flow import FittedFlow, FlowSettings, fit_flow
 from latent_atlas.geometry.metrics import (
-    AFFINE_POST_PROCESSINGS,
+    POST_PROCESSINGS,
+    WITH_MASSIVE,
     Anisotropy,
     MomentAccumulator,
     Moments,
@@ -62,11 +63,9 @@ from latent_atlas.stats import percentile_interval
 from latent_atlas.store import ActivationStore
 
 log = logging.getLogger(__name__)
-POST_PROCESSINGS = (*AFFINE_POST_PROCESSINGS, "flow")
 ALL_REGISTERS = "all"
 _SENTENCE_END = re.compile(r"[.!?]['\"”’)\]]*\s*$")
 _BLOCK_ROWS = 8192
-WITH_MASSIVE = "_with_massive"  # suffix of the spectrum-based metrics computed with the massive tokens kept
 METRIC_SCHEMA = {
     "layer": pl.Int64,
     "register": pl.String,

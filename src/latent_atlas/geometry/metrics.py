@@ -126,6 +126,7 @@ def effective_rank(states: np.ndarray, centre: bool = True) -> float:
 
 
 SPECTRUM_METRICS = ("isoscore", "effective_rank")
+WITH_MASSIVE = "_with_massive"  # suffix of the spectrum-based metrics computed with the massive tokens kept
 
 
 def spectrum_metrics(variances: np.ndarray) -> dict[str, float]:
@@ -393,6 +394,7 @@ class PostProcessing:
 
 
 AFFINE_POST_PROCESSINGS = ("none", "centre", "standardise", "whiten", "all_but_the_top")
+POST_PROCESSINGS = (*AFFINE_POST_PROCESSINGS, "flow")  # the flow is fitted in geometry.flow (torch)
 
 
 def fit_post_processing(states: np.ndarray, name: str, top: int = 3, epsilon: float = 1e-9) -> PostProcessing:

@@ -6,5 +6,7 @@
   spherical interpolation;
 - :mod:`~latent_atlas.neighbourhood.decode`: decode many states with lenses or the model itself and
   compare them with a reference;
-- :mod:`~latent_atlas.neighbourhood.pipeline`: the tables the workflow writes.
+- :mod:`~latent_atlas.neighbourhood.pipeline`: the tables the workflow writes;
+- :mod:`~latent_atlas.neighbourhood.stability`: a point's stability curves with intervals (torch-free, for
+  the figures).
 """

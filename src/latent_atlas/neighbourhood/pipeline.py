@@ -32,11 +32,7 @@ from latent_atlas.neighbourhood.knn import (
 )
 from latent_atlas.neighbourhood.sampling import FAMILIES, INTERPOLATIONS, family_bases, interpolate, path_positions
 from latent_atlas.neighbourhood.sampling import sample_around as sample_states
-from latent_atlas.stats import DEFAULT_REPLICATES, summarise
 from latent_atlas.store import ActivationStore
-
-STABILITY_METRICS = ("top1_retained", "jaccard_topk", "kl_to_reference", "nn_distance")
-DIRECTION_UNIT = "direction"
 
 
 @dataclass(frozen=True)
@@ -325,34 +321,6 @@ def _finish(
     }
     table = table.with_columns(**{key: pl.lit(value) for key, value in identity.items()})
     return table.select(*identity, *[c for c in table.columns if c not in identity]).sort("state", "decoder")
-
-
-def stability_summary(
-    table: pl.DataFrame,
-    metrics: Sequence[str] = STABILITY_METRICS,
-    replicates: int = DEFAULT_REPLICATES,
-    seed: int = 0,
-) -> pl.DataFrame:
-    """Each stability metric's mean over sampled directions, with its 95 % percentile bootstrap over directions.
-
-    One row per (layer, decoder, family, radius, metric) of a point's ``sample`` rows: ``value`` (the mean over
-    directions), ``ci_low``, ``ci_high``, ``n`` (directions) and ``unit`` (``'direction'``). A direction is a
-    ``sample`` index within its (layer, family): the same direction is evaluated at every radius, so it is the
-    independent unit, and every group is resampled with the same seed so the curves of one family draw the
-    same directions at every radius (their bands move together, as a paired design's should). The model
-    decoder reads only the first ``model_samples`` directions, so its ``n`` is smaller. Metrics the table
-    lacks are left out.
-    """
-    keys = ["layer", "decoder", "family", "radius"]
-    samples = table.filter(pl.col("kind") == "sample")
-    if samples.select([*keys, "sample"]).is_duplicated().any():
-        raise ValueError("stability_summary: several rows per (layer, decoder, family, radius, sample)")
-    present = [metric for metric in metrics if metric in samples.columns]
-    rows = samples.select([*keys, "sample", *present]).unpivot(
-        index=[*keys, "sample"], on=present, variable_name="metric", value_name="value"
-    )
-    rows = rows.with_columns(pl.col("value").cast(pl.Float64))
-    return summarise(rows, "value", [*keys, "metric"], "sample", unit=DIRECTION_UNIT, replicates=replicates, seed=seed)
 
 
 def data_neighbours(

@@ -17,8 +17,7 @@ import polars as pl
 import seaborn as sns
 
 from latent_atlas.addresses import resid_address
-from latent_atlas.geometry.measure import POST_PROCESSINGS, WITH_MASSIVE
-from latent_atlas.geometry.metrics import SPECTRUM_METRICS
+from latent_atlas.geometry.metrics import POST_PROCESSINGS, SPECTRUM_METRICS, WITH_MASSIVE
 from latent_atlas.geometry.relations import band_means
 from latent_atlas.plots import apply_style, draw_interval, save_figure
 

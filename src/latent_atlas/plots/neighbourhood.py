@@ -9,7 +9,7 @@ import seaborn as sns
 from matplotlib.gridspec import GridSpec
 
 from latent_atlas.addresses import resid_address
-from latent_atlas.neighbourhood.pipeline import stability_summary
+from latent_atlas.neighbourhood.stability import stability_summary
 from latent_atlas.plots import PALETTE, apply_style, draw_interval, save_figure
 
 DECODER_ORDER = ("logit", "tuned", "semantic_basis", "inverse_embedding_transpose", "inverse_embedding_pinv", "model")

@@ -24,7 +24,6 @@ import numpy as np
 import polars as pl
 
 from latent_atlas.errors import ConfigError
-from latent_atlas.evaluation import score_documents, summarise_performance
 from latent_atlas.stats import DEFAULT_REPLICATES, bootstrap_statistic
 
 DOCUMENT_UNIT = "document"
@@ -142,6 +141,8 @@ def evaluate_documents(
     The summary is :func:`latent_atlas.evaluation.summarise_performance`'s (``split`` in front); the
     document rows are ``split, doc_id, register, tokens, bytes, nll, bits_per_byte``.
     """
+    from latent_atlas.evaluation import score_documents, summarise_performance  # torch: not for the summaries
+
     scores = score_documents(loaded.model, loaded.tokenizer, documents["text"].to_list(), max_length)
     labels = documents["label"].to_list()
     summary = summarise_performance(scores, labels).select(pl.lit(split, pl.String).alias("split"), pl.all())
