@@ -7,7 +7,7 @@ import torch
 
 from latent_atlas.architectures import LogitTransform, ScaledHead
 from latent_atlas.lenses import InverseEmbeddingLens, LogitLens, SemanticBasisLens, TunedLens, Unembed
-from latent_atlas.lenses.base import Readout
+from latent_atlas.lenses.base import Lens, Readout
 from latent_atlas.lenses.evaluate import FinalDistribution, _token_metrics, evaluate_lenses, evaluation_tokens
 from latent_atlas.lenses.patchscope import IdentityPatchscope
 from latent_atlas.lenses.streaming import Blocks, KeptBlocks, Reference, row_stats
@@ -127,6 +127,19 @@ def test_a_readout_block_is_the_full_logits_columns():
     assert readout.logits(hidden[0]).shape == (V,) and readout.logits(hidden.view(3, 3, D)).shape == (3, 3, V)
 
 
+class _Opaque(Lens):
+    """A lens read only through its logits (no readout): the evaluation materialises them."""
+
+    name = "opaque"
+
+    def __init__(self, inner: Lens) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.inner.logits(h, layer)
+
+
 def _every_lens(loaded) -> dict:
     unembed = Unembed.from_parts(loaded.parts)
     tuned = TunedLens(unembed, loaded.n_layers, loaded.d_model)
@@ -146,6 +159,7 @@ def _every_lens(loaded) -> dict:
             InverseEmbeddingLens(embedding, "pinv"), {layer: 2.0 for layer in range(loaded.n_layers + 1)}
         ),
         "patchscope_identity": IdentityPatchscope(loaded, batch_size=64),
+        "opaque": _Opaque(tuned),
     }
 
 
@@ -153,6 +167,8 @@ def test_every_lens_factors_into_its_hidden_map_and_readout(tiny_loaded):
     h = torch.randn(5, tiny_loaded.d_model) * 3
     with torch.no_grad():
         for name, lens in _every_lens(tiny_loaded).items():
+            if lens.readout(0) is None:
+                continue
             for layer in (0, 1, tiny_loaded.n_layers):
                 factored = lens.readout(layer).logits(lens.hidden(h, layer))
                 torch.testing.assert_close(factored, lens.logits(h, layer), atol=1e-5, rtol=1e-5, msg=name)
@@ -259,3 +275,23 @@ def test_fused_kl_and_its_gradient_equal_float64_autograd(softcap: float | None,
     torch.testing.assert_close(found_input.grad.double(), 2.0 * hidden64.grad, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(fused_kl(hidden, readout, target, slab), found.detach())
+
+
+def test_a_lens_without_readout_trains_on_the_same_loss(tiny_loaded):
+    """lens_kl falls back to the lens's logits where there is no readout: the same value and gradient."""
+    from latent_atlas.lenses.tuned import TargetDistribution, lens_kl
+
+    unembed = Unembed.from_parts(tiny_loaded.parts)
+    tuned = TunedLens(unembed, tiny_loaded.n_layers, tiny_loaded.d_model)
+    states, final = torch.randn(6, tiny_loaded.d_model) * 3, torch.randn(6, tiny_loaded.d_model)
+    with torch.no_grad():
+        target = TargetDistribution.of(unembed, final)
+    losses, grads = [], []
+    for lens in (tuned, _Opaque(tuned)):
+        tuned.translators[1].zero_grad()
+        loss = lens_kl(lens, states, 1, target)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(tuned.translators[1].weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
