@@ -295,3 +295,23 @@ def test_a_lens_without_readout_trains_on_the_same_loss(tiny_loaded):
         grads.append(tuned.translators[1].weight.grad.clone())
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_block_passes_run_on_one_thread_and_restore_the_callers_count():
+    from latent_atlas.lenses.streaming import single_threaded
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen = []
+        readout = _readout()
+        blocks = Blocks(readout, _inputs()[0], width=16)
+        blocks.block = lambda start, keep=False: (seen.append(torch.get_num_threads()), Blocks.block(blocks, start))[1]
+        row_stats(blocks)
+        assert seen and set(seen) == {2} and torch.get_num_threads() == 2  # products: the caller's threads
+        with pytest.raises(RuntimeError), single_threaded():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -8,9 +8,15 @@ distribution q, the logits at given tokens, and the number of logits above a thr
 ``m = max_b m_b``: ``log sum exp(z - m) = log sum_b e^(m_b - m) S_b``, and so on (:func:`row_stats`). Shifting
 each block by its own maximum keeps every sum as precise as one shift by the row's maximum, or more (the sums
 are of terms <= 1, and of ``z - m_b`` near each block's top).
+
+Threads. A block's product uses the caller's intra-op threads; its passes (~1 M elements each, in cache, well
+under a millisecond on one core) run on one thread (:func:`single_threaded`). Split across threads, each pass is
+a parallel region that waits for every thread, and where the cores are shared (two jobs of a run, a background
+job) a descheduled thread made each one take ~8 ms instead of 0.05-0.9 ms, a dozen of them per block.
 """
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -168,24 +174,42 @@ def row_stats(
     above = torch.zeros(n) if threshold is not None else None
     leader = _Leader(n)
     maxima, totals, weighted, crosses = [], [], [], []
-    for index, (start, z) in enumerate(blocks):
-        top = z.amax(1)
-        leader.update(z, top, start)
-        if threshold is not None:
-            above += torch.gt(z, threshold, out=scratch.exp(z)).sum(1)  # a float mask: sums far faster than bool
-            _gather_into(at_rank, z, start, rank_ids)
-        if next_ids is not None:
-            _gather_into(at_next, z, start, next_ids)
-        shifted = torch.sub(z, top[:, None], out=z if blocks.overwritable else scratch.shifted(z))
-        if reference is not None:
-            crosses.append(_rowdot(reference.blocks[index], shifted, scratch.exp(z)))
-        exp = torch.exp(shifted, out=scratch.exp(z))
-        totals.append(exp.sum(1))
-        weighted.append(torch.mul(exp, shifted, out=shifted).sum(1))
-        maxima.append(top)
+    for index, (start, z) in enumerate(blocks):  # the block's product: the caller's threads
+        with single_threaded():  # its passes: one thread (module docstring)
+            top = z.amax(1)
+            leader.update(z, top, start)
+            if threshold is not None:
+                above += torch.gt(z, threshold, out=scratch.exp(z)).sum(1)  # a float mask sums far faster than bool
+                _gather_into(at_rank, z, start, rank_ids)
+            if next_ids is not None:
+                _gather_into(at_next, z, start, next_ids)
+            shifted = torch.sub(z, top[:, None], out=z if blocks.overwritable else scratch.shifted(z))
+            if reference is not None:
+                crosses.append(_rowdot(reference.blocks[index], shifted, scratch.exp(z)))
+            exp = torch.exp(shifted, out=scratch.exp(z))
+            totals.append(exp.sum(1))
+            weighted.append(torch.mul(exp, shifted, out=shifted).sum(1))
+            maxima.append(top)
     if threshold is not None:
         above = _recount(blocks, above.long(), threshold[:, 0], at_rank, rank_ids)
     return _merge(maxima, leader.top1, totals, weighted, crosses, reference, at_next, above)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch's CPU ops on one intra-op thread inside the block, restoring the caller's count after it.
+
+    The count is process-wide: other Python threads running torch ops meanwhile would run on one thread too.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass

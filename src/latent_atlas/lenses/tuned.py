@@ -27,6 +27,7 @@ from torch.nn import functional
 
 from latent_atlas.errors import LatentAtlasError
 from latent_atlas.lenses.base import Lens, Readout, Unembed
+from latent_atlas.lenses.streaming import single_threaded
 from latent_atlas.provenance import atomic_output
 
 
@@ -159,9 +160,10 @@ def fused_kl(hidden: torch.Tensor, readout: Readout, target: TargetDistribution,
     """Mean over rows of KL(p || softmax(readout(hidden))), with its gradient taken in the same pass.
 
     With z the logits, ``KL = sum p log p - sum p z + mass * logsumexp z`` and ``dKL/dz = mass * softmax(z) - p``:
-    the product ``hidden @ W^T`` is computed once; then ``slab`` rows at a time (in cache) the log-sum-exp, the
-    KL and the gradient overwrite it in place; one product with ``W`` gives the gradient of ``hidden``. Autograd
-    keeps only that ``(n, d)`` gradient, none of the ``(n, V)`` intermediates of a log-softmax.
+    the product ``hidden @ W^T`` is computed once; then ``slab`` rows at a time (in cache, on one thread: see
+    :mod:`latent_atlas.lenses.streaming`) the log-sum-exp, the KL and the gradient overwrite it in place; one
+    product with ``W`` gives the gradient of ``hidden``. Autograd keeps only that ``(n, d)`` gradient, none of
+    the ``(n, V)`` intermediates of a log-softmax.
     """
     return _FusedKL.apply(hidden, readout, target, slab)
 
@@ -177,9 +179,10 @@ class _FusedKL(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         product = readout.product(hidden.float())
         kl = torch.empty(len(product))
-        for start in range(0, len(product), slab):
-            rows = slice(start, start + slab)
-            kl[rows] = _slab_kl(product[rows], readout, target.rows(start, start + slab), want_grad)
+        with single_threaded():  # in-cache passes on one thread; the products use the caller's threads
+            for start in range(0, len(product), slab):
+                rows = slice(start, start + slab)
+                kl[rows] = _slab_kl(product[rows], readout, target.rows(start, start + slab), want_grad)
         if want_grad:
             ctx.save_for_backward(product.mm(readout.weight).div_(len(product)))  # product now holds dKL/dz
         return kl.mean()
