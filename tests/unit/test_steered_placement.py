@@ -114,3 +114,47 @@ def test_summary_resamples_prompts_and_the_figure_is_drawn(placed_setup, tmp_pat
     assert set(summary["value"]) == {"distance_ratio", "logit_agrees"}
     plot_steered_states(summary, tmp_path / "f.pdf", tmp_path / "f.png", "test")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_the_cap_draws_at_most_that_many_states_per_setting_and_the_same_ones_each_time():
+    from latent_atlas.neighbourhood.steered import subsample_states
+
+    sizes = {(1, "greedy", 0.0): 30, (1, "sampled", 0.0): 3, (2, "greedy", 4.0): 12}
+    rows = [(layer, decoding, c) for (layer, decoding, c), size in sizes.items() for _ in range(size)]
+    records = pl.DataFrame(rows, schema=["layer", "decoding", "coefficient"], orient="row").with_row_index("state")
+    capped = subsample_states(records, "actadd", 5, seed=0)
+    groups = capped.group_by(["layer", "decoding", "coefficient"]).len()
+    counts = {(layer, decoding, c): n for layer, decoding, c, n in groups.iter_rows()}
+    assert counts == {(1, "greedy", 0.0): 5, (1, "sampled", 0.0): 3, (2, "greedy", 4.0): 5}
+    assert capped.join(records, on="state").filter(pl.col("layer") != pl.col("layer_right")).is_empty()
+    assert capped["state"].to_list() == subsample_states(records, "actadd", 5, seed=0)["state"].to_list()
+    assert subsample_states(records, "actadd", None, seed=0).equals(records)
+    draws = {tuple(subsample_states(records, method, 5, seed=0)["state"]) for method in ("actadd", "icv", "x", "y")}
+    assert len(draws) > 1  # each method draws its own states
+
+
+def test_a_state_whose_nearest_stored_state_has_a_twin_gets_no_ratio(tiny_model_dirs, tmp_path):
+    from latent_atlas.extract import ExtractionSettings, extract_activations
+    from latent_atlas.models import load_model
+    from tests.conftest import STORE_ATTRS
+    from tests.unit.test_lenses import _random_corpus
+
+    loaded = load_model(tiny_model_dirs["llama"], device="cpu")
+    corpus = _random_corpus(6)
+    twin = corpus.slice(1, 1).with_columns(doc_id=pl.lit("twin"))  # the same text twice: identical stored states
+    extract_activations(
+        loaded, pl.concat([corpus, twin]), tmp_path / "s.h5", ExtractionSettings(device="cpu"), STORE_ATTRS, False
+    )
+    with ActivationStore(tmp_path / "s.h5") as store:
+        docs, tokens = store.docs()["doc_id"].to_list(), store.tokens()
+        row, other = (
+            int(tokens.filter(pl.col("doc") == docs.index(doc_id), pl.col("pos") == 3)["row"][0])
+            for doc_id in ("twin", "r2")
+        )
+        planted = store.read(LAYER, np.array([row, other, other])).astype(np.float32)
+        records = _records(3, [0, 1, 2], [0.0, 0.0, 0.0], np.zeros(3, dtype=np.int64)).with_columns(after_eos=False)
+        table = place_states(loaded, store, "actadd", records, {LAYER: planted}, {}, NeighbourhoodSettings())
+    assert table["local_spacing"][0] == 0.0 and table["distance_ratio"][0] is None
+    assert table["local_spacing"][1] > 0 and table["distance_ratio"][1] == pytest.approx(0.0, abs=1e-6)
+    summary = summarise_placement(table, replicates=50).filter(pl.col("value") == "distance_ratio")
+    assert summary["states"][0] == 2 and summary["n"][0] == 2 and np.isfinite(summary["estimate"][0])

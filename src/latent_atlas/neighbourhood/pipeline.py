@@ -55,6 +55,7 @@ class NeighbourhoodSettings:
     layers: tuple[int, ...] | None = None
     block_rows: int = DEFAULT_BLOCK_ROWS
     skip_first_position: bool = True
+    steered_states: int | None = None
     seed: int = 0
 
     @classmethod

@@ -7,10 +7,16 @@ nearest stored state of the same layer, set against the local spacing of the dat
 stored state to its own nearest other stored state. A ratio near 1 is a state among the data; well above 1,
 off it. Lenses read each state: their top-1 token, and whether it is the model's own next token.
 
+Where the nearest stored state has an identical twin among the stored states (a repeated document or opening),
+the local spacing there is zero and the ratio undefined: it is left null, and the summary's means leave it out.
+``NeighbourhoodSettings.steered_states`` caps the states placed per (method, steered layer, decoding, strength)
+at a uniform draw (seeded), so that the cost of a sweep's placement does not grow with its samples and length.
+
 Intervals resample prompts: every sample and every generated token of one prompt goes in or out together.
 """
 
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +41,25 @@ def local_spacing(at: _Layer, rows: np.ndarray, decode: Any) -> np.ndarray:
     unique, inverse = np.unique(rows, return_inverse=True)
     placed = at.data_position(at.store.read(at.layer, unique), decode, own_rows=unique)
     return placed["nn_distance"][inverse]
+
+
+def distance_ratios(nn_distance: np.ndarray, spacing: np.ndarray) -> pl.Series:
+    """``nn_distance / spacing``, null where the local spacing is zero (the ratio is undefined there)."""
+    ratio = np.divide(nn_distance, spacing, out=np.full(len(spacing), np.nan), where=spacing > 0)
+    return pl.Series("distance_ratio", ratio).fill_nan(None)
+
+
+def subsample_states(records: pl.DataFrame, method: str, limit: int | None, seed: int) -> pl.DataFrame:
+    """At most ``limit`` records per (steered layer, decoding, strength), drawn uniformly (all when ``None``).
+
+    The draw depends on ``seed`` and ``method`` only, not on the order methods are placed in.
+    """
+    if limit is None:
+        return records
+    rng = np.random.default_rng([seed, zlib.crc32(method.encode())])
+    draw = pl.Series("_draw", rng.random(records.height))
+    rank = pl.col("_draw").rank("ordinal").over(["layer", "decoding", "coefficient"])
+    return records.with_columns(draw).filter(rank <= limit).drop("_draw")
 
 
 def _lens_columns(
@@ -66,9 +91,10 @@ def place_states(
     """One row per (kept generated state, captured layer the store holds): placement and lens readings.
 
     ``records`` and ``states`` are what :func:`latent_atlas.steering.generate.read_states` returns; states after
-    a row's first EOS are left out. The steered layer is ``steered_layer``; the captured one ``layer``.
+    a row's first EOS are left out, and at most ``settings.steered_states`` of the rest are placed per (steered
+    layer, decoding, strength). The steered layer is ``steered_layer``; the captured one ``layer``.
     """
-    kept = records.filter(~pl.col("after_eos"))
+    kept = subsample_states(records.filter(~pl.col("after_eos")), method, settings.steered_states, settings.seed)
     index = kept["state"].to_numpy()
     decode = loaded.tokenizer.decode
     tables = []
@@ -87,7 +113,7 @@ def place_states(
                 pl.Series("nn_distance", placed["nn_distance"]),
                 pl.Series("nn_context", placed["nn_context"]),
                 pl.Series("local_spacing", spacing),
-                pl.Series("distance_ratio", placed["nn_distance"] / spacing),
+                distance_ratios(placed["nn_distance"], spacing),
                 **{name: pl.Series(name, values) for name, values in lens_columns.items()},
             )
         )
