@@ -12,6 +12,7 @@ from latent_atlas.provenance import write_parquet_with_provenance
 from latent_atlas.readers.elm import load_adapter
 from latent_atlas.readers.pipeline import elm_data, evaluate_elm, reader_provenance, summarise_controls
 from latent_atlas.readers.settings import ElmSettings
+from latent_atlas.readers.uncertainty import elm_controls
 from latent_atlas.store import ActivationStore
 
 with job_log(snakemake.log[0]) as log:
@@ -31,5 +32,6 @@ with job_log(snakemake.log[0]) as log:
     scores, paths = evaluate_elm(loaded, adapter, data, settings, judge)
     with pl.Config(tbl_cols=-1, tbl_width_chars=160):
         log.info("held-out controls:\n%s", summarise_controls(scores))
+        log.info("paired by passage, control − own (the claim's statistic):\n%s", elm_controls(scores))
     write_parquet_with_provenance(scores.with_columns(model=pl.lit(model)), snakemake.output.scores, meta)
     write_parquet_with_provenance(paths.with_columns(model=pl.lit(model)), snakemake.output.paths, meta)

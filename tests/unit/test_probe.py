@@ -224,3 +224,17 @@ def test_logit_lens_reading_at_the_last_layer_is_the_models_next_token_distribut
     got = reading["lenses"]["logit"]["top"]
     assert [token for token, _ in got] == [llama.tokenizer.decode([int(i)]) for i in ids]
     np.testing.assert_allclose([p for _, p in got], probs.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_text_probe_records_the_token_it_reads_and_the_models_own_prediction_there(llama):
+    text = "the dog saw the cat"
+    probes = {"p": {"text": text, "layer": 2, "position": 2}, "v": {"midpoint": ["p", "p"]}}
+    reading = read_probe(llama, "p", probes, None, {"top_k": 3, "patchscope": {"max_new_tokens": 1}})
+    ids = llama.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        probs, top = torch.softmax(llama.model(input_ids=ids).logits[0, 2], -1).topk(3)
+    assert reading["token"] == llama.tokenizer.decode([int(ids[0, 2])])
+    assert reading["position"] == 2 and reading["n_tokens"] == ids.shape[1]
+    assert [token for token, _ in reading["model_prediction"]] == [llama.tokenizer.decode([int(i)]) for i in top]
+    np.testing.assert_allclose([p for _, p in reading["model_prediction"]], probs.numpy(), rtol=1e-5, atol=1e-6)
+    assert "token" not in read_probe(llama, "v", probes, None, {"top_k": 3, "patchscope": {"max_new_tokens": 1}})

@@ -214,21 +214,31 @@ def read_probe(
     tuned_path: str | os.PathLike[str] | None,
     settings: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Resolve a configured probe and read it with every lens and patchscope."""
-    from latent_atlas.lenses.probe import probe_vector, read_point
+    """Resolve a configured probe and read it with every lens and patchscope.
+
+    A text probe also records where it was read: ``token`` (the token at ``position`` of ``n_tokens``) and
+    ``model_prediction``, the model's own top-k next tokens there, which the lenses' readings are set against.
+    """
+    from latent_atlas.lenses.probe import probe_vector, read_point, read_text
 
     vector, layer = probe_vector(loaded, name, probes)
+    spec, k = probes[name], settings.get("top_k", 10)
+    context: dict[str, Any] = {}
+    if "text" in spec:
+        point = read_text(loaded, spec["text"], [], int(spec.get("position", -1)), k)
+        context = {"token": point.token, "position": point.position, "n_tokens": point.n_tokens}
+        context["model_prediction"] = point.prediction
     scope = settings.get("patchscope", {})
     reading = read_point(
         loaded,
         load_lenses(loaded, tuned_path, settings),
         vector,
         layer,
-        k=settings.get("top_k", 10),
+        k=k,
         targets=scope.get("targets", ("identity", "entity_description")),
         max_new_tokens=scope.get("max_new_tokens", 20),
     )
-    return {"probe": name, "spec": dict(probes[name]), **reading}
+    return {"probe": name, "spec": dict(spec), **context, **reading}
 
 
 def project_parameters(
