@@ -13,6 +13,7 @@ from latent_atlas.lenses.patchscope import IdentityPatchscope
 from latent_atlas.lenses.streaming import Blocks, KeptBlocks, Reference, row_stats
 from latent_atlas.lenses.temperature import TemperatureScaledLens
 from latent_atlas.store import ActivationStore
+from tests.unit.test_lenses import reference_lens_metrics
 
 V, D, N = 103, 12, 9
 WIDTHS = [1, 7, 16, 50, V, 4096]  # one column, widths that do not divide V, one block, wider than V
@@ -231,19 +232,11 @@ def test_evaluation_is_the_same_at_every_block_width(small_store, vocab_block):
         table = evaluate_lenses(store, unembed, lenses, layers, tokens, chunk_size=16, vocab_block=vocab_block)
         final = unembed.lm_head(torch.from_numpy(store.read("ln_final", tokens.rows))).double().log_softmax(-1)
         next_ids = torch.from_numpy(tokens.next_ids).long()
-        has_next = next_ids >= 0
         for name, lens in lenses.items():
             for layer in layers:
                 states = torch.from_numpy(store.read(layer, tokens.rows))
                 log_p = lens.logits(states, layer).double().log_softmax(-1)
-                expected = {
-                    "kl_to_final": (final.exp() * (final - log_p)).sum(-1).mean(),
-                    "entropy": -(log_p.exp() * log_p).sum(-1).mean(),
-                    "ce_next_token": -log_p[has_next].gather(-1, next_ids[has_next, None]).mean(),
-                    "surprisal": -final.gather(-1, log_p.argmax(-1, keepdim=True)).mean(),
-                    "top1_agreement": (log_p.argmax(-1) == final.argmax(-1)).double().mean(),
-                    "final_top1_rank": (log_p > log_p.gather(-1, final.argmax(-1, keepdim=True))).sum(-1).median(),
-                }
+                expected = reference_lens_metrics(final, log_p, next_ids)
                 rows = table.filter((pl.col("lens") == name) & (pl.col("layer") == layer))
                 value = dict(zip(rows["metric"], rows["value"], strict=True))
                 for metric, reference in expected.items():

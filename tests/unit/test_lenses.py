@@ -39,6 +39,20 @@ def _random_corpus(n_docs: int, seed: int = 0) -> pl.DataFrame:
     )
 
 
+def reference_lens_metrics(final: torch.Tensor, log_p: torch.Tensor, next_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every lens metric of METHODS §2, from whole float64 log-distributions (the model's and the lens's)."""
+    has_next = next_ids >= 0
+    rank = (log_p > log_p.gather(-1, final.argmax(-1, keepdim=True))).sum(-1).double()
+    return {
+        "kl_to_final": (final.exp() * (final - log_p)).sum(-1).mean(),
+        "entropy": -(log_p.exp() * log_p).sum(-1).mean(),
+        "ce_next_token": -log_p[has_next].gather(-1, next_ids[has_next, None]).mean(),
+        "surprisal": -final.gather(-1, log_p.argmax(-1, keepdim=True)).mean(),
+        "top1_agreement": (log_p.argmax(-1) == final.argmax(-1)).double().mean(),
+        "final_top1_rank": rank.median(),
+    }
+
+
 @pytest.fixture(scope="module")
 def llama_store(tiny_model_dirs, tmp_path_factory):
     loaded = load_model(tiny_model_dirs["llama"], device="cpu")
@@ -262,16 +276,7 @@ def test_evaluation_metrics_equal_a_float64_reference_for_every_lens(llama_store
         for name, lens in lenses.items():
             for layer in layers:
                 log_p = lens.logits(torch.from_numpy(store.read(layer, tokens.rows)), layer).double().log_softmax(-1)
-                rank = (log_p > log_p.gather(-1, final.argmax(-1, keepdim=True))).sum(-1).double()
-                has_next = next_ids >= 0
-                expected = {
-                    "kl_to_final": (final.exp() * (final - log_p)).sum(-1).mean(),
-                    "entropy": -(log_p.exp() * log_p).sum(-1).mean(),
-                    "ce_next_token": -log_p[has_next].gather(-1, next_ids[has_next, None]).mean(),
-                    "surprisal": -final.gather(-1, log_p.argmax(-1, keepdim=True)).mean(),
-                    "top1_agreement": (log_p.argmax(-1) == final.argmax(-1)).double().mean(),
-                    "final_top1_rank": rank.median(),
-                }
+                expected = reference_lens_metrics(final, log_p, next_ids)
                 rows = table.filter((pl.col("lens") == name) & (pl.col("layer") == layer))
                 value = dict(zip(rows["metric"], rows["value"], strict=True))
                 for metric, reference in expected.items():
