@@ -375,7 +375,13 @@ def get_steered_states_inputs(wildcards):
 
 STEERED_STATES_SETTINGS = {
     key: config["neighbourhood"][key]
-    for key in ("block_rows", "skip_first_position", "context_tokens", "steered_states", "seed")
+    for key in (
+        "block_rows",
+        "skip_first_position",
+        "context_tokens",
+        "steered_states",
+        "seed",
+    )
     if key in config["neighbourhood"]
 }
 
