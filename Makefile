@@ -73,6 +73,7 @@ benchmark: install
 	$(BIN)/python benchmarks/geometry.py --synthetic 300000 --threads 1
 	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/readers.py
+	$(BIN)/python benchmarks/probe.py --model results/models/smollm2-135m --texts 4 --layer 12
 
 clean:
 	rm -rf results .snakemake report.html
