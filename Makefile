@@ -65,11 +65,13 @@ findings: install
 
 # Every benchmark in its own process (each prints its tables: medians and range over interleaved rounds).
 # Those reading results/ need `make run` first; readers.py falls back to a tiny random model without it.
+# faiss-cpu (the `bench` extra) is the exact-kNN reference; knn.py skips its rows with a line without it.
 benchmark: install
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/extraction.py
 	$(BIN)/python benchmarks/lenses.py --tokens 256 --rounds 3
 	$(BIN)/python benchmarks/knn.py --queries 1 64 512 4096 --rounds 5
-	$(BIN)/python benchmarks/steering.py --rounds 3
+	$(BIN)/python benchmarks/steering.py --rounds 3 --tokens 8
 	$(BIN)/python benchmarks/geometry.py --synthetic 300000 --threads 1
 	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/readers.py
