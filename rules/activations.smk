@@ -16,6 +16,7 @@ if SHARDS == 1:
             store="results/activations/{model}/{corpus}.h5",
         log:
             "logs/activations/{model}/{corpus}.log",
+        priority: 1  # stores first: every analysis of a model waits on one (a late store leaves cores idle)
         conda:
             ENV
         threads: model_threads(8)  # torch threads; capped by --cores locally, set per cluster in its profile
@@ -42,6 +43,7 @@ else:
             "logs/activations/{model}/{corpus}.shards/{shard}.log",
         wildcard_constraints:
             shard=_alternatives([str(shard) for shard in range(SHARDS)]),
+        priority: 1
         conda:
             ENV
         threads: model_threads(8)  # as extract_activations: one model per job
@@ -64,6 +66,7 @@ else:
             store="results/activations/{model}/{corpus}.h5",
         log:
             "logs/activations/{model}/{corpus}.log",
+        priority: 1
         conda:
             ENV
         params:
