@@ -16,6 +16,7 @@ rule compare_readers:
         table="results/readers/{model}/clustering/{task}.parquet",
     log:
         "logs/readers/{model}/clustering/{task}.log",
+    priority: 2  # the longest jobs after extraction go first: longest-first packs 2 cores with least idle
     conda:
         ENV
     threads: 8  # templated states, in-context learning and LoRA run the model; capped by --cores locally
@@ -39,6 +40,7 @@ rule train_elm:
         losses="results/readers/{model}/elm/losses.parquet",
     log:
         "logs/readers/{model}/elm/train.log",
+    priority: 2
     conda:
         ENV
     threads: 8
@@ -62,6 +64,7 @@ rule evaluate_elm:
         paths="results/readers/{model}/elm/paths.parquet",
     log:
         "logs/readers/{model}/elm/evaluate.log",
+    priority: 2
     conda:
         ENV
     threads: 8
