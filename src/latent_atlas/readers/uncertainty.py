@@ -71,7 +71,8 @@ def accuracy_intervals(table: pl.DataFrame, *, replicates: int = DEFAULT_REPLICA
 def _item_means(rows: pl.DataFrame, method: str, read: str) -> pl.DataFrame:
     """Each item's correctness under one reader, averaged over its seeds."""
     part = rows.filter((pl.col("method") == method) & (pl.col("input") == read))
-    return part.group_by("doc_id").agg(pl.col("correct").mean()).with_columns(reader=pl.lit(f"{method}/{read}"))
+    means = part.group_by("doc_id", maintain_order=True).agg(pl.col("correct").mean())  # one order every run
+    return means.with_columns(reader=pl.lit(f"{method}/{read}"))
 
 
 def reader_difference(
