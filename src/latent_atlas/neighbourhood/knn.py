@@ -242,8 +242,8 @@ def _search_cached(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score the queries against the cached layer in cache-sized blocks; merge each block's top-k: (scores, rows)."""
     n = len(cached.rows)
-    step = min(n, max(k, 1024, _SCORE_BLOCK_VALUES // max(len(query), 1)))
-    buffer = torch.empty(len(query), step)  # one allocation: a fresh block each time costs ~15 % in page faults
+    step = max(k, 1024, _SCORE_BLOCK_VALUES // max(len(query), 1))
+    buffer = torch.empty(len(query), min(n, step))  # one allocation: a fresh block each costs ~15 % in page faults
     candidates, indices = [], []
     for start in range(0, n, step):
         stored = cached.states[start : start + step]
