@@ -30,6 +30,10 @@ class StoreError(LatentAtlasError):
     """An activation store is missing, foreign, truncated, incomplete or does not match its inputs."""
 
 
+class DiskSpaceError(LatentAtlasError):
+    """An output would not fit on its disk; the message says how much it needs and how to need less."""
+
+
 _WORKFLOW_OUTPUTS = tuple(
     re.compile(pattern)
     for pattern in (

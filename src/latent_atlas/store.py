@@ -29,7 +29,7 @@ import polars as pl
 
 from latent_atlas.addresses import LN_FINAL, parse_resid_address, resid_address, store_dataset
 from latent_atlas.errors import StoreError, rebuild_advice
-from latent_atlas.provenance import remove_stale_temporaries, temporary_sibling
+from latent_atlas.provenance import remove_stale_temporaries, require_free_space, temporary_sibling
 
 FORMAT = "latent-atlas-activations"
 FORMAT_VERSION = 1
@@ -97,9 +97,22 @@ class StoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.path)
         self.tmp.unlink(missing_ok=True)
+        if self._compression is None:
+            require_free_space(
+                self.path.parent,
+                self.states_nbytes,
+                f"an activation store of {self.n_tokens} tokens x {len(self.layers) + 1} addresses",
+                "store fewer layers (`extraction.layers`) or tokens (`extraction.token_fraction`), "
+                "float16 (`extraction.dtype`) or compressed states (`extraction.compression: lzf`)",
+            )
         self._file = h5py.File(self.tmp, "w", libver="latest")
         self._create_datasets()
         return self
+
+    @property
+    def states_nbytes(self) -> int:
+        """Bytes of the stored states: every layer's residual and ``ln_final``, uncompressed."""
+        return self.n_tokens * self.d_model * (len(self.layers) + 1) * np.dtype(self.dtype).itemsize
 
     def _create_datasets(self) -> None:
         """Preallocate every dataset (N is known before extraction starts)."""

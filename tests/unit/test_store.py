@@ -1,11 +1,13 @@
 """The activation store: round trip, reads, and clear errors for every kind of bad file."""
 
+from types import SimpleNamespace
+
 import h5py
 import numpy as np
 import polars as pl
 import pytest
 
-from latent_atlas.errors import StoreError
+from latent_atlas.errors import DiskSpaceError, StoreError
 from latent_atlas.store import ActivationStore, StoreWriter, chunk_rows
 
 D = 8
@@ -196,3 +198,24 @@ def test_writer_rejects_bad_input(tmp_path):
     ):
         writer.write_tokens(np.zeros(3), np.zeros(3), np.zeros(3))
     assert not (tmp_path / "s.h5").exists()
+
+
+def _disk_with_free_bytes(monkeypatch, free):
+    monkeypatch.setattr("latent_atlas.provenance.shutil.disk_usage", lambda path: SimpleNamespace(free=free))
+
+
+def test_a_store_that_would_not_fit_fails_before_writing(tmp_path, monkeypatch):
+    states_bytes = 10 * D * (len(LAYERS) + 1) * 4  # float32 rows of every layer and ln_final
+    _disk_with_free_bytes(monkeypatch, states_bytes - 1)
+    with pytest.raises(DiskSpaceError, match=r"needs about 0\.00 GB.*`extraction\.layers`.*`extraction\.dtype`"):
+        _write(tmp_path / "s.h5")
+    assert list(tmp_path.iterdir()) == []
+    _disk_with_free_bytes(monkeypatch, states_bytes)
+    _write(tmp_path / "s.h5")
+    assert ActivationStore(tmp_path / "s.h5").n_tokens == 10
+
+
+def test_a_compressed_store_is_not_sized_in_advance(tmp_path, monkeypatch):
+    _disk_with_free_bytes(monkeypatch, 0)
+    with StoreWriter(tmp_path / "s.h5", 4, D, LAYERS, "float16", {}, compression="gzip") as writer:
+        assert writer.states_nbytes == 4 * D * (len(LAYERS) + 1) * 2
