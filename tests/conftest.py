@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models (built in milliseconds) and a small corpus."""
 
+import contextlib
 from pathlib import Path
 
 import polars as pl
@@ -9,6 +10,28 @@ from latent_atlas.models import acquire_model, load_model
 from latent_atlas.testing import TINY_ARCHITECTURES, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Apply pyproject's temporary-directory retention when the session starts, not only when it ends.
+
+    pytest removes earlier sessions' directories at the end of a session; on a machine that kept several (each
+    end-to-end run writes ~2 GB), this session's end-to-end runs would meet a full disk before that. Directories
+    locked by a session still running are left alone. Uses pytest's own cleanup, and does nothing where its
+    internals differ or ``--basetemp`` names the directory.
+    """
+    with contextlib.suppress(ImportError, AttributeError):
+        from _pytest.pathlib import LOCK_TIMEOUT, cleanup_numbered_dir
+
+        factory = session.config._tmp_path_factory
+        if factory._given_basetemp is None:
+            basetemp = factory.getbasetemp()
+            cleanup_numbered_dir(
+                root=basetemp.parent,
+                prefix="pytest-",
+                keep=max(factory._retention_count, 1),
+                consider_lock_dead_if_created_before=basetemp.stat().st_mtime - LOCK_TIMEOUT,
+            )
 
 SENTENCES = [
     "the dog saw the cat and the cat saw the dog .",
