@@ -33,6 +33,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                 consider_lock_dead_if_created_before=basetemp.stat().st_mtime - LOCK_TIMEOUT,
             )
 
+
 SENTENCES = [
     "the dog saw the cat and the cat saw the dog .",
     "a small red house was by the river .",
