@@ -244,7 +244,9 @@ def acquire_model(
         out_dir,
         _saved_nbytes(model, _dtype(dtype)),
         f"model {name!r} in {dtype}",
-        f"save it in half the space with `models.{name}.dtype: bfloat16`",
+        f"save it in half the space with `models.{name}.dtype: bfloat16`"
+        if dtype == "float32"
+        else "run the workflow from a directory on a larger disk (`snakemake --directory DIR`)",
     )
     with atomic_output(out_dir) as tmp:
         _save_standard(model, tokenizer, tmp, _dtype(dtype))

@@ -258,3 +258,6 @@ def test_a_model_that_would_not_fit_fails_before_writing(tmp_path, monkeypatch):
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp-*"))
     monkeypatch.setattr("latent_atlas.provenance.shutil.disk_usage", lambda p: SimpleNamespace(free=weights_bytes))
     acquire_model("t", spec, tmp_path / "m", tmp_path / "dl")  # room for exactly what it saves: no refusal
+    monkeypatch.setattr("latent_atlas.provenance.shutil.disk_usage", lambda p: SimpleNamespace(free=0))
+    with pytest.raises(DiskSpaceError, match=r"model 't' in bfloat16.*larger disk \(`snakemake --directory DIR`\)"):
+        acquire_model("t", {**spec, "dtype": "bfloat16"}, tmp_path / "half", tmp_path / "dl")
