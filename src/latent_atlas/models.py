@@ -240,16 +240,17 @@ def acquire_model(
         raise ModelAcquisitionError(f"models.{name}.source is {source!r}; use one of {', '.join(SOURCES)}")
     model, tokenizer, origin = fetchers[source](name, spec, Path(resources_dir) / name)
     dtype = spec.get("dtype", "float32")
+    saved_dtype = _dtype(dtype)
     require_free_space(
         out_dir,
-        _saved_nbytes(model, _dtype(dtype)),
+        _saved_nbytes(model, saved_dtype),
         f"model {name!r} in {dtype}",
         f"save it in half the space with `models.{name}.dtype: bfloat16`"
         if dtype == "float32"
         else "run the workflow from a directory on a larger disk (`snakemake --directory DIR`)",
     )
     with atomic_output(out_dir) as tmp:
-        _save_standard(model, tokenizer, tmp, _dtype(dtype))
+        _save_standard(model, tokenizer, tmp, saved_dtype)
         manifest = describe_model(name, spec, model, tmp, origin, dtype)
         write_json(tmp / MANIFEST, manifest)
     return manifest
@@ -257,7 +258,7 @@ def acquire_model(
 
 def _saved_nbytes(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of ``model``'s weights saved in ``dtype`` (tied weights once, as safetensors saves them)."""
-    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
 def _save_standard(model: nn.Module, tokenizer: Any, out: Path, dtype: torch.dtype) -> None:
